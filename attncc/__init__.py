@@ -1,0 +1,14 @@
+"""attncc: an attention compiler for PyTorch.
+
+``attncc.compile(model, policy)`` finds every attention computation in an unmodified model, rewrites each into
+one attncc op (exact, or an optimized variant as the policy says) and reports what it did.
+"""
+
+from attncc.api import CompiledModule, compile
+from attncc.errors import AttnccError
+from attncc.policy import Policy
+from attncc.runtime.ops import attention
+
+__version__ = "0.1.0"
+
+__all__ = ["AttnccError", "CompiledModule", "Policy", "attention", "compile", "__version__"]

@@ -1,0 +1,189 @@
+"""Canonicalize: rewrite the many spellings of attention's pieces into one form the detector matches.
+
+- ``nn.Softmax`` / ``nn.Dropout`` / ``nn.Identity`` modules become ``F.softmax`` / ``F.dropout`` / nothing;
+- ``torch.baddbmm(bias, a, b, beta=, alpha=)`` becomes ``matmul(a, b) * alpha + bias * beta``;
+- a two-operand ``einsum`` that is a batched matrix product becomes permutes and ``torch.matmul``;
+- the written-out ("safe") softmax ``exp(x - max(x)) / sum(exp(x - max(x)))`` becomes ``F.softmax``.
+
+Casts, scale placement, mask spellings, GQA repeats and transposed layouts are read by the detector through
+``graph_ops`` predicates instead of being rewritten here: each has one predicate, so the matcher still sees one
+form. The pass is pure: it returns a new GraphModule and leaves its input untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attncc.passes.fake_eval import copy_meta, fill_val
+from attncc.passes.graph_ops import arg, is_call, ndim, tensor_val
+
+
+def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Return a canonicalized copy of ``gm`` (same submodules, new graph); every node keeps ``meta['val']``."""
+    graph = fx.Graph()
+    value_map: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, value_map)
+    graph.output(out)
+    for old, new in value_map.items():
+        new.meta = dict(old.meta)
+        if "val" not in new.meta and "example_value" in new.meta:
+            new.meta["val"] = new.meta["example_value"]
+    result = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            _lower_module(result, node)
+        elif node.op == "call_function" and node.target is torch.baddbmm:
+            _lower_baddbmm(node)
+        elif is_call(node, (torch.einsum,)):
+            _lower_einsum(node)
+    for node in list(graph.nodes):
+        if is_call(node, (torch.exp,), {"exp"}):
+            _fold_written_softmax(node)
+    graph.eliminate_dead_code()
+    graph.lint()
+    result.recompile()
+    return result
+
+
+def _insert(node: fx.Node, op: str, target, args, kwargs=None) -> fx.Node:
+    with node.graph.inserting_before(node):
+        new = node.graph.create_node(op, target, tuple(args), dict(kwargs or {}))
+    copy_meta(node, new)
+    fill_val(new)
+    return new
+
+
+def _replace(node: fx.Node, new: fx.Node) -> None:
+    node.replace_all_uses_with(new)
+    node.graph.erase_node(node)
+
+
+def _lower_module(gm: fx.GraphModule, node: fx.Node) -> None:
+    module = gm.get_submodule(node.target)
+    if isinstance(module, nn.Softmax) and module.dim is not None:
+        _replace(node, _insert(node, "call_function", F.softmax, (node.args[0],), {"dim": module.dim}))
+    elif isinstance(module, nn.Dropout):
+        _replace(node, _insert(node, "call_function", F.dropout, (node.args[0],),
+                               {"p": module.p, "training": module.training}))
+    elif isinstance(module, nn.Identity):
+        node.replace_all_uses_with(node.args[0])
+        node.graph.erase_node(node)
+
+
+def _lower_baddbmm(node: fx.Node) -> None:
+    bias, a, b = node.args[:3]
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    if isinstance(beta, fx.Node) or isinstance(alpha, fx.Node):
+        return
+    scores = _insert(node, "call_function", torch.matmul, (a, b))
+    if alpha != 1:
+        scores = _insert(node, "call_function", operator.mul, (scores, alpha))
+    if beta != 0:
+        term = bias if beta == 1 else _insert(node, "call_function", operator.mul, (bias, beta))
+        scores = _insert(node, "call_function", operator.add, (scores, term))
+    _replace(node, scores)
+
+
+def _parse_bmm_einsum(equation: str) -> Optional[tuple[str, str, str, str, str, str]]:
+    """For 'b h q d, b h k d -> b h q k'-like equations: (in1, in2, out, batch, free1+contract, contract+free2)."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    ins = lhs.split(",")
+    if len(ins) != 2:
+        return None
+    a, b = ins
+    if len(set(a)) != len(a) or len(set(b)) != len(b) or len(set(out)) != len(out):
+        return None
+    contract = [c for c in a if c in b and c not in out]
+    batch = [c for c in out if c in a and c in b]
+    free_a = [c for c in a if c not in b]
+    free_b = [c for c in b if c not in a]
+    if len(contract) != 1 or len(free_a) != 1 or len(free_b) != 1:
+        return None
+    if set(a) != set(batch + free_a + contract) or set(b) != set(batch + free_b + contract):
+        return None
+    if list(out) != batch + free_a + free_b:
+        return None
+    return a, b, out, "".join(batch), free_a[0] + contract[0], contract[0] + free_b[0]
+
+
+def _permute_to(node: fx.Node, x: fx.Node, have: str, want: str) -> fx.Node:
+    if have == want:
+        return x
+    perm = [have.index(c) for c in want]
+    if perm == list(range(len(want) - 2)) + [len(want) - 1, len(want) - 2]:
+        return _insert(node, "call_method", "transpose", (x, -2, -1))
+    return _insert(node, "call_method", "permute", (x, *perm))
+
+
+def _lower_einsum(node: fx.Node) -> None:
+    equation = node.args[0]
+    operands = node.args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if not isinstance(equation, str) or len(operands) != 2:
+        return
+    parsed = _parse_bmm_einsum(equation)
+    if parsed is None:
+        return
+    a_labels, b_labels, _out, batch, a_tail, b_tail = parsed
+    a = _permute_to(node, operands[0], a_labels, batch + a_tail)
+    b = _permute_to(node, operands[1], b_labels, batch + b_tail)
+    _replace(node, _insert(node, "call_function", torch.matmul, (a, b)))
+
+
+def _is_keepdim_reduction(node, fns, methods, src) -> Optional[int]:
+    """The reduced dim if node is a keepdim reduction (amax/max/sum) of src over one dim."""
+    if not is_call(node, fns, methods) or node.args[0] is not src:
+        return None
+    dim = arg(node, 1, "dim")
+    keepdim = arg(node, 2, "keepdim", False)
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    if not isinstance(dim, int) or keepdim is not True:
+        return None
+    return dim % ndim(src)
+
+
+def _row_max_dim(node, x) -> Optional[int]:
+    d = _is_keepdim_reduction(node, (torch.amax,), {"amax"}, x)
+    if d is not None:
+        return d
+    # x.max(dim, keepdim=True)[0]  /  .values
+    if node.op == "call_function" and node.target in (operator.getitem, getattr):
+        if node.args[1] in (0, "values"):
+            return _is_keepdim_reduction(node.args[0], (torch.max,), {"max"}, x)
+    return None
+
+
+def _fold_written_softmax(exp_node: fx.Node) -> None:
+    inner = exp_node.args[0]
+    x, dim = inner, None
+    if is_call(inner, (operator.sub, torch.sub), {"sub"}) and isinstance(inner.args[1], fx.Node):
+        dim = _row_max_dim(inner.args[1], inner.args[0])
+        if dim is not None:
+            x = inner.args[0]
+    sums = [u for u in exp_node.users if _is_keepdim_reduction(u, (torch.sum,), {"sum"}, exp_node) is not None]
+    if len(sums) != 1:
+        return
+    total = sums[0]
+    sum_dim = _is_keepdim_reduction(total, (torch.sum,), {"sum"}, exp_node)
+    if dim is not None and dim != sum_dim:
+        return
+    divs = [u for u in exp_node.users if is_call(u, (operator.truediv, torch.div), {"div"})
+            and u.args[0] is exp_node and u.args[1] is total]
+    if len(divs) != 1 or set(exp_node.users) != {total, divs[0]} or len(total.users) != 1:
+        return
+    div = divs[0]
+    if tensor_val(div) is None or tensor_val(x) is None or tensor_val(div).dtype != tensor_val(x).dtype:
+        return
+    _replace(div, _insert(div, "call_function", F.softmax, (x,), {"dim": sum_dim}))

@@ -1,0 +1,511 @@
+"""Detect: find every attention computation in a canonicalized graph and describe it as an AttentionSite.
+
+Two spellings are matched. ``scaled_dot_product_attention`` calls are read off their arguments. Everything
+else is anchored at a softmax: walking back from it through the score chain (casts, scale, biases, masks,
+softcapping, reshapes) must reach a matrix product ``A @ B`` (the scores), and walking forward through casts
+and dropout must reach a product with the values. What does not fit but clearly is attention is returned as a
+RejectedSite with the reason; a softmax that is not fed by a product (a router, a classifier) is ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from attncc.passes import graph_ops as g
+from attncc.site import AttentionSite, RejectedSite, ScoreStep
+
+INF = float("inf")
+
+
+class Decline(Exception):
+    """Raised inside the matcher when a softmax turns out to be attention that cannot be rewritten."""
+
+    def __init__(self, reason: str, node: Optional[fx.Node] = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.node = node
+
+
+def detect_sites(gm: fx.GraphModule, graph_index: int = 0) -> tuple[list[AttentionSite], list[RejectedSite]]:
+    """All attention sites of ``gm`` in program order, and the near-misses with their reasons.
+
+    ``gm`` must be canonicalized (``passes.canonicalize``) with ``meta['val']`` on every node.
+    """
+    sites: list[AttentionSite] = []
+    rejected: list[RejectedSite] = []
+    for node in gm.graph.nodes:
+        try:
+            if g.is_sdpa(node):
+                site = _sdpa_site(node)
+            elif g.is_softmax(node):
+                site = _explicit_site(node)
+            else:
+                continue
+        except Decline as decline:
+            anchor = decline.node or node
+            rejected.append(RejectedSite(_module_of(anchor), decline.reason, anchor, graph_index))
+            continue
+        if site is not None:
+            site.graph_index = graph_index
+            site.kind = "self" if _same_source(site.q, site.k) else "cross"
+            sites.append(site)
+    return sites, rejected
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _module_of(node: fx.Node) -> str:
+    return g.module_path(node)
+
+
+def const_value(x: Any) -> Optional[float]:
+    """A scalar we can read at compile time: a number, or a node building a one-element constant tensor."""
+    c = g.scalar_constant(x)
+    if c is not None or not isinstance(x, fx.Node):
+        return c
+    if x.op == "call_function" and x.target in (torch.full, torch.full_like) and len(x.args) >= 2:
+        return g.scalar_constant(x.args[1])
+    if x.op == "call_function" and x.target in (torch.tensor, torch.scalar_tensor, torch.as_tensor) and x.args:
+        return g.scalar_constant(x.args[0])
+    if x.op == "get_attr":
+        try:
+            t = _get_attr(x)
+        except AttributeError:
+            return None
+        if isinstance(t, torch.Tensor) and t.numel() == 1 and not isinstance(t, torch._subclasses.FakeTensor):
+            return float(t.item())
+    if g.is_cast(x):
+        return const_value(x.args[0])
+    return None
+
+
+def _get_attr(node: fx.Node):
+    obj = node.graph.owning_module
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_scalar_tensor_like(x: Any) -> bool:
+    """A tensor whose last two dims are 1: a per-batch/per-head multiplier that can move from scores to q."""
+    s = g.shape(x)
+    return s is not None and (len(s) < 2 or (s[-1] == 1 and s[-2] == 1))
+
+
+def _reaches_product(node: Any, depth: int = 8) -> bool:
+    """Whether node is, or is fed through score-chain-like ops by, a matrix product (bounded search)."""
+    if not isinstance(node, fx.Node) or depth < 0:
+        return False
+    if g.is_matmul(node):
+        return True
+    if node.op not in ("call_function", "call_method"):
+        return False
+    tensor_args = [a for a in node.args if isinstance(a, fx.Node) and g.tensor_val(a) is not None]
+    return any(_reaches_product(a, depth - 1) for a in tensor_args[:2])
+
+
+def _chain_arg(node: fx.Node, candidates) -> Optional[int]:
+    """Index among ``candidates`` (arg positions) of the operand carrying the scores; None if ambiguous."""
+    hits = [i for i in candidates if i < len(node.args) and _reaches_product(node.args[i])]
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) == 2:  # both sides come from products (e.g. scores + a bias made by a product): take the wider
+        shapes = [g.shape(node.args[i]) for i in hits]
+        if shapes[0] is not None and shapes[1] is not None and shapes[0] != shapes[1]:
+            return hits[0] if math.prod(map(_as_int, shapes[0])) >= math.prod(map(_as_int, shapes[1])) else hits[1]
+        return hits[0]
+    return None
+
+
+def _as_int(x) -> int:
+    try:
+        return int(x)
+    except Exception:
+        return 2**31
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if node.op == "call_module":
+        return f"module {node.target}"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+# ------------------------------------------------------------------------------------------ score chain
+
+
+@dataclass
+class _Scores:
+    product: fx.Node
+    steps: list[ScoreStep] = field(default_factory=list)  # program order
+    q_multipliers: list[tuple[str, fx.Node]] = field(default_factory=list)  # ('mul'|'div', tensor)
+
+
+def _walk_scores(x: fx.Node, softmax: fx.Node) -> Optional[_Scores]:
+    """Walk back from the softmax input to the product of q and k, recording what happens in between."""
+    steps: list[ScoreStep] = []
+    q_mults: list[tuple[str, fx.Node]] = []
+    cur, nxt = x, softmax
+    while True:
+        if len(cur.users) != 1:
+            if steps or g.is_matmul(cur):
+                raise Decline("the attention scores are used elsewhere besides the softmax", softmax)
+            return None
+        if g.is_matmul(cur):
+            steps.reverse()
+            q_mults.reverse()
+            return _Scores(cur, steps, q_mults)
+        nxt, cur = cur, _step_back(cur, steps, q_mults, softmax)
+        if cur is None:
+            return None
+
+
+def _step_back(node: fx.Node, steps: list[ScoreStep], q_mults, softmax: fx.Node) -> Optional[fx.Node]:
+    """Record the step ``node`` applies to the scores and return the node that carries the scores into it."""
+    if g.is_cast(node) or g.is_identity(node):
+        return node.args[0]
+    if g.is_call(node, g.MUL | g.DIV, {"mul", "div", "__mul__", "__truediv__"}):
+        is_div = g.is_call(node, g.DIV, {"div", "__truediv__"})
+        i = _chain_arg(node, (0, 1) if not is_div else (0,))
+        if i is None:
+            return _unsupported(node, softmax)
+        other = node.args[1 - i]
+        c = const_value(other)
+        if c is not None:
+            softcap = _softcap_inner(node.args[i], c) if not is_div else None
+            if softcap is not None:
+                steps.append(ScoreStep("softcap", value=c))
+                return softcap
+            steps.append(ScoreStep("scale", value=(1.0 / c) if is_div else c))
+            return node.args[i]
+        if _is_scalar_tensor_like(other):
+            q_mults.append(("div" if is_div else "mul", other))
+            steps.append(ScoreStep("qscale"))
+            return node.args[i]
+        return _unsupported(node, softmax, "the scores are multiplied by a full tensor")
+    if g.is_call(node, g.ADD | g.SUB, {"add", "sub", "__add__", "__sub__", "add_", "sub_"}):
+        is_sub = g.is_call(node, g.SUB, {"sub", "__sub__", "sub_"})
+        if len(node.args) < 2 or node.kwargs.get("alpha", 1) != 1:
+            return _unsupported(node, softmax)
+        i = _chain_arg(node, (0, 1) if not is_sub else (0,))
+        if i is None:
+            return _unsupported(node, softmax)
+        other = node.args[1 - i]
+        if not isinstance(other, fx.Node):
+            c = g.scalar_constant(other)
+            if c is None:
+                return _unsupported(node, softmax)
+            return node.args[i]  # adding a constant to every score does not change the softmax
+        steps.append(ScoreStep("add", node=other, value=-1.0 if is_sub else 1.0))
+        return node.args[i]
+    if g.is_call(node, (torch.masked_fill, torch.Tensor.masked_fill), {"masked_fill", "masked_fill_"}):
+        value = const_value(g.arg(node, 2, "value"))
+        if value is None:
+            return _unsupported(node, softmax, "masked_fill with a value that is not a compile-time constant")
+        steps.append(ScoreStep("fill", node=g.arg(node, 1, "mask"), value=value))
+        return node.args[0]
+    if g.is_call(node, (torch.where,), {"where"}) and len(node.args) == 3:
+        cond, a, b = node.args
+        if _reaches_product(a) and not _reaches_product(b):
+            value = const_value(b)
+            kind, chain = "keep", a
+        elif _reaches_product(b) and not _reaches_product(a):
+            value = const_value(a)
+            kind, chain = "fill", b
+        else:
+            return _unsupported(node, softmax)
+        if value is None:
+            return _unsupported(node, softmax, "torch.where with a fill value that is not a compile-time constant")
+        steps.append(ScoreStep(kind, node=cond, value=value))
+        return chain
+    if g.is_call(node, (torch.reshape,), g.VIEW_METHODS):
+        src = node.args[0]
+        before, after = g.shape(src), g.shape(node)
+        if before is None or after is None or len(before) < 2 or len(after) < 2 or before[-2:] != after[-2:]:
+            return _unsupported(node, softmax, "the scores are reshaped across their query/key axes")
+        steps.append(ScoreStep("reshape", node=node))
+        return src
+    return _unsupported(node, softmax)
+
+
+def _softcap_inner(x: fx.Node, cap: float) -> Optional[fx.Node]:
+    """If ``x`` is ``tanh(s / cap)`` (or ``tanh(s * (1/cap))``) with single users, return s."""
+    if not (g.is_call(x, (torch.tanh,), {"tanh"}) and len(x.users) == 1):
+        return None
+    inner = x.args[0]
+    if not isinstance(inner, fx.Node) or len(inner.users) != 1:
+        return None
+    if g.is_call(inner, g.DIV, {"div"}):
+        c = const_value(inner.args[1])
+        ok = c is not None and math.isclose(c, cap, rel_tol=1e-6)
+    elif g.is_call(inner, g.MUL, {"mul"}):
+        c = const_value(inner.args[1])
+        ok = c is not None and math.isclose(c * cap, 1.0, rel_tol=1e-6)
+    else:
+        return None
+    return inner.args[0] if ok else None
+
+
+def _unsupported(node: fx.Node, softmax: fx.Node, reason: Optional[str] = None) -> None:
+    """A score-chain op attncc does not carry: report it if it is clearly applied to attention scores."""
+    if any(_reaches_product(a, depth=6) for a in node.args if isinstance(a, fx.Node)):
+        raise Decline(reason or f"unsupported operation {_op_name(node)} between the scores and the softmax", softmax)
+    return None
+
+
+# ------------------------------------------------------------------------------------ operand peeling
+
+
+def _peel_mul_scale(x: fx.Node) -> tuple[fx.Node, float]:
+    """``x = y * c`` (or ``y / c``) with a constant c and no other user of x: return (y, c)."""
+    if isinstance(x, fx.Node) and len(x.users) == 1 and g.is_call(x, g.MUL | g.DIV, {"mul", "div"}):
+        is_div = g.is_call(x, g.DIV, {"div"})
+        for i in ((0,) if is_div else (0, 1)):
+            c = const_value(x.args[1 - i])
+            if c is not None and isinstance(x.args[i], fx.Node) and g.shape(x.args[i]) == g.shape(x):
+                return x.args[i], (1.0 / c if is_div else c)
+    return x, 1.0
+
+
+def peel_repeat_kv(x: fx.Node) -> fx.Node:
+    """``repeat_kv`` (``x[:, :, None].expand(B, Hkv, g, N, D).reshape(B, Hkv*g, N, D)``) or
+    ``repeat_interleave(g, dim=1)`` of a 4-D ``x``: return x, which the op reads as grouped heads (GQA)."""
+    if g.is_call(x, (torch.repeat_interleave,), {"repeat_interleave"}):
+        src, reps = x.args[0], g.arg(x, 1, "repeats")
+        dim = g.arg(x, 2, "dim")
+        if g.ndim(src) == 4 and isinstance(reps, int) and isinstance(dim, int) and dim % 4 == 1:
+            return src
+        return x
+    if not g.is_call(x, (torch.reshape,), g.VIEW_METHODS):
+        return x
+    expanded = x.args[0]
+    if not g.is_call(expanded, (), {"expand"}):
+        return x
+    inner = expanded.args[0]
+    src = None
+    if g.is_call(inner, (torch.unsqueeze,), {"unsqueeze"}) and g.arg(inner, 1, "dim") in (2, -3):
+        src = inner.args[0]
+    elif inner.op == "call_function" and inner.target is operator.getitem:
+        index = inner.args[1]
+        if isinstance(index, tuple) and len(index) >= 3 and index[2] is None and all(
+            i == slice(None) for i in index[:2]
+        ) and all(i == slice(None) or i is Ellipsis for i in index[3:]):
+            src = inner.args[0]
+    if src is None or g.ndim(src) != 4:
+        return x
+    s_src, s_out = g.shape(src), g.shape(x)
+    if s_out is None or len(s_out) != 4 or s_src[0] != s_out[0] or s_src[2:] != s_out[2:]:
+        return x
+    return src
+
+
+def _projection_source(x: Any, depth: int = 24) -> Any:
+    """The activation a q/k tensor was projected from (the input of the nearest linear/addmm/matmul)."""
+    cur = x
+    for _ in range(depth):
+        if not isinstance(cur, fx.Node) or cur.op in ("placeholder", "get_attr"):
+            return cur
+        if cur.op == "call_module":
+            return cur.args[0] if cur.args else cur
+        if g.is_call(cur, (torch._C._nn.linear, torch.nn.functional.linear)):
+            return cur.args[0]
+        if g.is_call(cur, (torch.addmm,)):
+            return cur.args[1]
+        if g.is_matmul(cur):
+            return cur.args[0]
+        if g.is_call(cur, (torch.cat, torch.concat, torch.concatenate)):
+            parts = cur.args[0]
+            cur = parts[-1] if isinstance(parts, (list, tuple)) and parts else None
+            continue
+        tensors = [a for a in cur.args if isinstance(a, fx.Node) and g.tensor_val(a) is not None]
+        if not tensors:
+            return cur
+        cur = tensors[0]
+    return cur
+
+
+def _same_source(q: fx.Node, k: fx.Node) -> bool:
+    sq, sk = _projection_source(q), _projection_source(k)
+    if sq is sk:
+        return True
+    both_inputs = all(isinstance(s, fx.Node) and s.op == "placeholder" for s in (sq, sk))
+    if both_inputs:  # q and k handed in from outside: only their lengths can tell
+        return g.same_size(g.shape(q)[-2], g.shape(k)[-2]) if g.shape(q) and g.shape(k) else False
+    return False
+
+
+# ------------------------------------------------------------------------------------------- sites
+
+
+def _describe(site: AttentionSite) -> AttentionSite:
+    """Fill sizes, layout and dtype of a site from its q/k/v values."""
+    q, k, v = g.tensor_val(site.q), g.tensor_val(site.k), g.tensor_val(site.v)
+    qs = list(q.shape)
+    ks = list(k.shape)
+    vs = list(v.shape)
+    if site.k_stored_transposed:
+        ks[-2], ks[-1] = ks[-1], ks[-2]
+    if site.v_stored_transposed:
+        vs[-2], vs[-1] = vs[-1], vs[-2]
+    if site.q_stored_transposed:
+        qs[-2], qs[-1] = qs[-1], qs[-2]
+
+    def dim(x):
+        return x if isinstance(x, int) else str(x)
+
+    site.q_len, site.head_dim = dim(qs[-2]), dim(qs[-1])
+    site.kv_len, site.value_dim = dim(ks[-2]), dim(vs[-1])
+    rank = len(qs)
+    if rank == 4:
+        site.layout, site.batch, site.q_heads, site.kv_heads = "bhnd", dim(qs[0]), dim(qs[1]), dim(ks[1])
+    elif rank == 3:
+        site.layout, site.batch, site.q_heads, site.kv_heads = "(bh)nd", dim(qs[0]), 1, 1
+    else:
+        site.layout = f"{rank}-d"
+        site.batch = dim(math.prod(qs[:-2])) if all(isinstance(s, int) for s in qs[:-2]) else "?"
+    site.dtype = q.dtype
+    return site
+
+
+def _sdpa_site(node: fx.Node) -> AttentionSite:
+    q, k, v = node.args[:3]
+    attn_mask = g.arg(node, 3, "attn_mask")
+    dropout_p = g.arg(node, 4, "dropout_p", 0.0)
+    is_causal = g.arg(node, 5, "is_causal", False)
+    scale = g.arg(node, 6, "scale", None)
+    for name, value in (("dropout_p", dropout_p), ("is_causal", is_causal), ("scale", scale)):
+        if isinstance(value, fx.Node):
+            raise Decline(f"scaled_dot_product_attention with a run-time {name}", node)
+    if scale is None:
+        scale = 1.0 / math.sqrt(_as_int(g.shape(q)[-1]))
+    site = AttentionSite(
+        module=_module_of(node), source="sdpa", q=q, k=peel_repeat_kv(k), v=peel_repeat_kv(v), output=node,
+        scale=float(scale), causal=bool(is_causal), dropout_p=float(dropout_p), sdpa_mask=attn_mask,
+    )
+    if attn_mask is not None:
+        mv = g.tensor_val(attn_mask)
+        site.mask_kind = "bool" if mv is not None and mv.dtype == torch.bool else "additive"
+    return _describe(site)
+
+
+def _explicit_site(softmax: fx.Node) -> Optional[AttentionSite]:
+    x = softmax.args[0]
+    if not isinstance(x, fx.Node) or g.tensor_val(x) is None:
+        return None
+    scores = _walk_scores(x, softmax)
+    if scores is None:
+        return None
+    rank = g.ndim(x)
+    dim = g.softmax_dim(softmax)
+    if not isinstance(dim, int):
+        raise Decline("softmax over a dimension only known at run time", softmax)
+    if dim % rank != rank - 1:
+        raise Decline(f"softmax is not over the key axis (dim={dim} of a rank-{rank} score tensor)", softmax)
+    product = scores.product
+    if g.shape(product)[:-2] != g.shape(x)[:-2] and not any(s.kind == "reshape" for s in scores.steps):
+        raise Decline("the scores change shape before the softmax", softmax)
+    if g.shape(product) != g.shape(x) and g.shape(product)[-2:] != g.shape(x)[-2:]:
+        raise Decline("the scores change shape before the softmax", softmax)
+    if any(s.kind == "reshape" for s in scores.steps) and g.shape(product) != g.shape(x):
+        raise Decline("the scores are reshaped and not restored before the softmax", softmax)
+
+    out, transposed, dropout_p = _walk_probabilities(softmax)
+    a, b = product.args[0], product.args[1]
+    v_node = out.args[1] if not transposed else out.args[0]
+
+    site = AttentionSite(module=_module_of(product), source="explicit", q=a, k=b, v=v_node, output=out,
+                         output_transposed=transposed, dropout_p=dropout_p)
+    _set_operands(site, a, b, v_node, transposed)
+    _set_score_steps(site, scores, softmax)
+    return _describe(site)
+
+
+def _walk_probabilities(softmax: fx.Node) -> tuple[fx.Node, bool, float]:
+    """Follow the probabilities to their product with v: (that product, channels-first?, dropout p)."""
+    cur, dropout_p = softmax, 0.0
+    while True:
+        users = list(cur.users)
+        if len(users) != 1:
+            raise Decline(
+                "the attention probabilities are used elsewhere (e.g. returned as attention weights)" if users
+                else "the attention probabilities are never used", softmax)
+        u = users[0]
+        if g.is_matmul(u) and u.args[0] is cur and u.args[1] is not cur:
+            return u, False, dropout_p
+        if g.transposed_last_two(u) is cur and len(u.users) == 1:
+            w = next(iter(u.users))
+            if g.is_matmul(w) and w.args[1] is u and w.args[0] is not u:
+                return w, True, dropout_p
+        if g.is_dropout(u):
+            p = g.dropout_probability(u)
+            if math.isnan(p):
+                raise Decline("dropout on the probabilities with a training flag known only at run time", softmax)
+            dropout_p = 1 - (1 - dropout_p) * (1 - p)
+            cur = u
+            continue
+        if g.is_cast(u) or g.is_identity(u):
+            cur = u
+            continue
+        raise Decline(f"operation {_op_name(u)} is applied to the attention probabilities", softmax)
+
+
+def _set_operands(site: AttentionSite, a: fx.Node, b: fx.Node, v: fx.Node, transposed: bool) -> None:
+    """Choose q/k/v nodes from ``scores = a @ b`` and the value product, folding scale muls and transposes."""
+    site.q_stored_transposed = site.k_stored_transposed = site.v_stored_transposed = False
+    q, cq = _peel_mul_scale(a)
+    src = g.transposed_last_two(q)
+    if src is not None and len(q.users) == 1:
+        q, site.q_stored_transposed = src, True
+    kt, ck = _peel_mul_scale(b)
+    k = g.transposed_last_two(kt)
+    if k is not None:
+        k2, ck2 = _peel_mul_scale(k)
+        k, ck = (k2, ck * ck2) if k2 is not k else (k, ck)
+    else:
+        k, site.k_stored_transposed = kt, True
+    site.scale *= cq * ck
+    if transposed:
+        vv = g.transposed_last_two(v)
+        if vv is not None:
+            v = vv
+        else:
+            site.v_stored_transposed = True
+    site.q, site.k, site.v = q, peel_repeat_kv(k), peel_repeat_kv(v)
+
+
+def _set_score_steps(site: AttentionSite, scores: _Scores, softmax: fx.Node) -> None:
+    """Fold leading scales into site.scale, find softcapping, keep the rest for the rewrite; reject odd orders."""
+    seen_mask = False
+    kept: list[ScoreStep] = []
+    for step in scores.steps:
+        if step.kind == "scale":
+            if seen_mask or site.softcap:
+                raise Decline("the scores are rescaled after a bias, mask or softcap", softmax)
+            site.scale *= step.value
+        elif step.kind == "qscale":
+            if seen_mask or site.softcap:
+                raise Decline("the scores are rescaled after a bias, mask or softcap", softmax)
+        elif step.kind == "softcap":
+            if seen_mask or site.softcap:
+                raise Decline("softcapping after a bias or mask is not supported", softmax)
+            site.softcap = step.value
+        else:
+            if step.kind in ("fill", "keep") and not (step.value == -INF or step.value <= -1e4):
+                raise Decline(f"masked with the value {step.value} (not a large negative number)", softmax)
+            seen_mask = seen_mask or step.kind != "reshape"
+            kept.append(step)
+    site.steps = kept
+    site.q_multipliers = scores.q_multipliers
+    kinds = {s.kind for s in kept}
+    has_bool = any(s.kind in ("fill", "keep") and s.value == -INF for s in kept)
+    has_add = "add" in kinds or any(s.kind in ("fill", "keep") and s.value != -INF for s in kept)
+    site.mask_kind = {(False, False): "none", (True, False): "bool", (False, True): "additive",
+                      (True, True): "bool+additive"}[(has_bool, has_add)]

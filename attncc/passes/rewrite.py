@@ -1,0 +1,148 @@
+"""Rewrite: replace each chosen attention site by one call of ``torch.ops.attncc.attention``.
+
+The pass copies the graph, builds the op's inputs next to the site (q/k/v in SDPA layout, the additive
+bias and bool mask the score chain applied), swaps the site's output for the op and removes what went dead.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from attncc.passes import graph_ops as g
+from attncc.passes.fake_eval import copy_meta, fill_val
+from attncc.runtime.ops import attention_op
+from attncc.site import AttentionSite
+
+ATTENTION_OP = torch.ops.attncc.attention.default
+
+
+def rewrite_sites(gm: fx.GraphModule, sites: list[AttentionSite]) -> fx.GraphModule:
+    """Return a copy of ``gm`` where every site whose ``variant`` is not 'none' is one attncc op call.
+
+    A site whose rewrite turns out not to reproduce the original output's shape is left as it was, with
+    ``variant='none'`` and the reason set.
+    """
+    graph = fx.Graph()
+    value_map: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, value_map)
+    graph.output(out)
+    for old, new in value_map.items():
+        new.meta = dict(old.meta)
+    result = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    for site in sites:
+        if site.variant == "none":
+            continue
+        _SiteRewriter(site, value_map).apply()
+    graph.eliminate_dead_code()
+    graph.lint()
+    result.recompile()
+    return result
+
+
+class _SiteRewriter:
+    """Emits the op call for one site; ``self.m`` maps nodes of the detector's graph to the copy."""
+
+    def __init__(self, site: AttentionSite, value_map: dict[fx.Node, fx.Node]):
+        self.site = site
+        self.value_map = value_map
+        self.anchor = value_map[site.output]
+        self.emitted: list[fx.Node] = []
+
+    def m(self, x):
+        return self.value_map[x] if isinstance(x, fx.Node) else x
+
+    def emit(self, op: str, target, *args, **kwargs) -> fx.Node:
+        graph = self.anchor.graph
+        with graph.inserting_before(self.anchor):
+            node = graph.create_node(op, target, args, kwargs)
+        copy_meta(self.anchor, node)
+        fill_val(node)
+        self.emitted.append(node)
+        return node
+
+    def transpose(self, x: fx.Node) -> fx.Node:
+        return self.emit("call_method", "transpose", x, -2, -1)
+
+    def apply(self) -> None:
+        site = self.site
+        q, k, v = self.m(site.q), self.m(site.k), self.m(site.v)
+        if site.q_stored_transposed:
+            q = self.transpose(q)
+        if site.k_stored_transposed:
+            k = self.transpose(k)
+        if site.v_stored_transposed:
+            v = self.transpose(v)
+        for how, factor in site.q_multipliers:
+            q = self.emit("call_function", operator.mul if how == "mul" else operator.truediv, q, self.m(factor))
+        bias, mask = self.score_terms()
+        kwargs = {}
+        if bias is not None:
+            kwargs["bias"] = bias
+        if mask is not None:
+            kwargs["mask"] = mask
+        kwargs["scale"] = site.scale
+        if site.causal:
+            kwargs["causal"] = True
+        if site.softcap:
+            kwargs["softcap"] = site.softcap
+        if site.dropout_p:
+            kwargs["dropout_p"] = site.dropout_p
+            kwargs["dropout_seed"] = self.emit("call_function", torch.randint, 0, 2**62, (), dtype=torch.int64)
+        out = self.emit("call_function", ATTENTION_OP, q, k, v, **kwargs)
+        if site.output_transposed:
+            out = self.transpose(out)
+        want = g.tensor_val(self.anchor)
+        have = g.tensor_val(out)
+        if tuple(have.shape) != tuple(want.shape):
+            self.undo(f"rewritten output shape {tuple(have.shape)} differs from the original {tuple(want.shape)}")
+            return
+        if have.dtype != want.dtype:
+            out = self.emit("call_method", "to", out, want.dtype)
+        self.anchor.replace_all_uses_with(out)
+
+    def undo(self, reason: str) -> None:
+        for node in reversed(self.emitted):
+            if not node.users:
+                node.graph.erase_node(node)
+        self.site.variant, self.site.reason = "none", reason
+
+    def score_terms(self) -> tuple[Optional[fx.Node], Optional[fx.Node]]:
+        """The additive bias and bool keep-mask equivalent to the site's score steps (or its SDPA mask)."""
+        site = self.site
+        if site.sdpa_mask is not None:
+            m = self.m(site.sdpa_mask)
+            return (None, m) if g.tensor_val(m).dtype == torch.bool else (m, None)
+        bias: Optional[fx.Node] = None
+        keep: Optional[fx.Node] = None
+        for step in site.steps:
+            if step.kind == "add":
+                term = self.m(step.node)
+                if step.value == -1.0:
+                    term = self.emit("call_function", operator.neg, term)
+                bias = term if bias is None else self.emit("call_function", operator.add, bias, term)
+            elif step.kind in ("fill", "keep"):
+                cond = self.m(step.node)
+                if g.tensor_val(cond).dtype != torch.bool:
+                    cond = self.emit("call_method", "bool", cond)
+                replaced = cond if step.kind == "fill" else self.emit("call_function", operator.invert, cond)
+                if step.value == float("-inf"):
+                    survive = self.emit("call_function", operator.invert, replaced)
+                    keep = survive if keep is None else self.emit("call_function", operator.and_, keep, survive)
+                else:
+                    base = bias if bias is not None else 0.0
+                    bias = self.emit("call_function", torch.where, replaced, step.value, base)
+            elif step.kind == "reshape":
+                view = self.m(step.node)
+                before = g.shape(view.args[0])
+                shape_args = view.args[1:]
+                if bias is not None:
+                    bias = self.emit("call_method", "reshape",
+                                     self.emit("call_method", "expand", bias, *before), *shape_args)
+                if keep is not None:
+                    keep = self.emit("call_method", "reshape",
+                                     self.emit("call_method", "expand", keep, *before), *shape_args)
+        return bias, keep

@@ -1,0 +1,102 @@
+"""The attncc custom op (``torch.ops.attncc.attention``) and the functional ``attncc.attention``.
+
+The op is a ``torch.library.custom_op`` with a fake implementation, so rewritten graphs survive
+``torch.compile`` (no graph break) and ``torch.export``; backward recomputes through the torch path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from attncc.errors import AttnccError
+from attncc.runtime.dispatch import selected_backend
+from attncc.variants import VARIANTS
+from attncc.variants.exact import exact_attention, expand_kv_heads
+
+
+@torch.library.custom_op("attncc::attention", mutates_args=())
+def attention_op(
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+    scale: float = 1.0, causal: bool = False, softcap: float = 0.0, dropout_p: float = 0.0,
+    dropout_seed: Optional[Tensor] = None,
+) -> Tensor:
+    """Exact attention (semantics in ``attncc.variants.exact``). Returns ``[*batch, Nq, Dv]`` in q's dtype."""
+    selected_backend()
+    out = exact_attention(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed)
+    # custom ops may not return a view of an input (SDPA can, for some degenerate shapes)
+    return out.clone() if out._base is not None else out
+
+
+@attention_op.register_fake
+def _attention_fake(q, k, v, bias=None, mask=None, scale=1.0, causal=False, softcap=0.0, dropout_p=0.0,
+                    dropout_seed=None):
+    q, k, v, _ = expand_kv_heads(q, k, v)
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed = inputs
+    ctx.save_for_backward(q, k, v, bias, mask, dropout_seed)
+    ctx.options = (scale, causal, softcap, dropout_p)
+
+
+def _backward(ctx, grad_out):
+    q, k, v, bias, mask, dropout_seed = ctx.saved_tensors
+    scale, causal, softcap, dropout_p = ctx.options
+    wants = [t is not None and t.is_floating_point() and need for t, need in zip(
+        (q, k, v, bias), ctx.needs_input_grad[:4])]
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip((q, k, v, bias), wants)]
+        out = exact_attention(*leaves[:3], leaves[3], mask, scale, causal, softcap, dropout_p, dropout_seed)
+        targets = [t for t, w in zip(leaves, wants) if w]
+        grads = iter(torch.autograd.grad(out, targets, grad_out)) if targets else iter(())
+    result = [next(grads) if w else None for w in wants]
+    return (*result, None, None, None, None, None, None)
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, variant: str = "exact", causal: bool = False, scale: Optional[float] = None,
+    bias: Optional[Tensor] = None, mask: Optional[Tensor] = None, softcap: float = 0.0, dropout_p: float = 0.0,
+) -> Tensor:
+    """Attention in SDPA layout, as one attncc op.
+
+    Args:
+        q: ``[B, Hq, Nq, Dqk]`` (any leading dims work: ``[*batch, Nq, Dqk]``).
+        k: ``[B, Hkv, Nk, Dqk]`` with ``Hq % Hkv == 0`` (GQA/MQA without copies in the graph).
+        v: ``[B, Hkv, Nk, Dv]``; Dv may differ from Dqk.
+        variant: the variant name (``"exact"``).
+        causal: mask keys after the query position (top-left aligned, as SDPA's is_causal).
+        scale: multiplier of ``q @ k^T``; default ``1/sqrt(Dqk)``.
+        bias: additive float, broadcastable to ``[B, Hq, Nq, Nk]``.
+        mask: bool, broadcastable to ``[B, Hq, Nq, Nk]``; True = attend.
+        softcap: when > 0, scores become ``softcap * tanh(scores / softcap)`` before bias and mask.
+        dropout_p: dropout on the probabilities (applied whenever > 0, as in SDPA).
+
+    Returns:
+        ``[B, Hq, Nq, Dv]``.
+
+    Example::
+
+        out = attncc.attention(q, k, v, causal=True)   # == F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    """
+    if variant not in VARIANTS:
+        raise AttnccError(f"unknown variant {variant!r}: valid variants are {', '.join(map(repr, VARIANTS))}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() < 2:
+            raise AttnccError(f"attention: {name} must have at least 2 dims [..., N, D], got shape {tuple(t.shape)}")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise AttnccError(
+            f"attention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    seed = None
+    if dropout_p > 0:
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    return attention_op(q, k, v, bias, mask, scale, causal, float(softcap), float(dropout_p), seed)

@@ -1,0 +1,106 @@
+"""AttentionSite: the one record a detected attention computation becomes.
+
+Passes hand each other nothing else about an attention. Node fields point into the canonicalized graph
+the detector ran on; the rewrite pass maps them onto its own copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+import torch.fx as fx
+
+Dim = Union[int, str]
+"""A size: an int where static, the symbol's name (e.g. ``"s0"``) where Dynamo captured it as dynamic."""
+
+
+@dataclass
+class ScoreStep:
+    """One operation between the score product ``q @ k^T`` and the softmax, in program order.
+
+    kind is one of ``scale`` (value: float), ``softcap`` (value: float), ``add`` (node: additive term),
+    ``fill`` (node: bool tensor, True where the score is replaced by value), ``keep`` (node: bool tensor,
+    True where the score survives; elsewhere value), ``reshape`` (value: the new shape, a tuple).
+    """
+
+    kind: str
+    value: Any = None
+    node: Optional[fx.Node] = None
+
+
+@dataclass
+class AttentionSite:
+    """One attention computation found in a graph.
+
+    Shapes follow SDPA: q is ``[*batch, Nq, Dqk]``, k is ``[*batch_kv, Nk, Dqk]``, v is ``[*batch_kv, Nk, Dv]``
+    and the output is ``[*batch, Nq, Dv]``; for 4-D tensors ``batch = (B, Hq)`` and ``batch_kv = (B, Hkv)``.
+    """
+
+    module: str
+    """Dotted path of the module the computation lives in (from nn_module_stack), '' for the root."""
+    source: str
+    """How the model spelled it: 'sdpa' or 'explicit'."""
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    output: fx.Node
+    """The node whose value the attention output replaces."""
+    q_stored_transposed: bool = False
+    """True when the q node holds ``q^T`` (``[*batch, Dqk, Nq]``, channels-first)."""
+    k_stored_transposed: bool = False
+    """True when the k node holds ``k^T`` (keys stored pre-transposed, ``[*batch_kv, Dqk, Nk]``)."""
+    v_stored_transposed: bool = False
+    """True when the v node holds ``v^T`` (``[*batch_kv, Dv, Nk]``, channels-first)."""
+    q_multipliers: list = field(default_factory=list)
+    """Per-head/per-batch tensor multipliers of the scores, moved onto q: ``[('mul'|'div', node)]``."""
+    output_transposed: bool = False
+    """True when the model computed ``out^T`` (channels-first: ``v @ attn^T``)."""
+    kind: str = "self"
+    """'self' when queries and keys are projected from the same activations, else 'cross'."""
+    layout: str = "bhnd"
+    """'bhnd' for 4-D, '(bh)nd' for 3-D, 'nd' for 2-D, or the rank for others."""
+    batch: Dim = 1
+    q_heads: Dim = 1
+    kv_heads: Dim = 1
+    q_len: Dim = 0
+    kv_len: Dim = 0
+    head_dim: Dim = 0
+    value_dim: Dim = 0
+    scale: float = 1.0
+    """Multiplier of ``q @ k^T`` before anything else."""
+    causal: bool = False
+    """Top-left aligned causal mask (SDPA ``is_causal``)."""
+    steps: list[ScoreStep] = field(default_factory=list)
+    """What the model does to the scaled scores before softmax (biases, masks, softcapping)."""
+    sdpa_mask: Optional[fx.Node] = None
+    """The attn_mask argument of an SDPA call, if any (bool: True = attend; float: added)."""
+    mask_kind: str = "none"
+    """'none', 'bool', 'additive' or 'bool+additive' (what the op receives)."""
+    softcap: float = 0.0
+    """``c * tanh(s / c)`` applied to the scaled scores when > 0 (Gemma 2)."""
+    dropout_p: float = 0.0
+    """Dropout on the probabilities, 0 in eval mode."""
+    dtype: Optional[torch.dtype] = None
+    dead: list[fx.Node] = field(default_factory=list)
+    """Nodes of the original computation the rewrite makes dead (removed by dead-code elimination)."""
+    graph_index: int = 0
+    """Which captured graph the site is in."""
+    index: int = 0
+    """Position of the site over the whole model, in program order."""
+    variant: str = "exact"
+    """What the policy chose for it; 'none' when left as it was."""
+    reason: str = ""
+    """Why that variant (or why not rewritten)."""
+
+
+
+@dataclass
+class RejectedSite:
+    """Something that looks like attention but is not rewritten, with the reason."""
+
+    module: str
+    reason: str
+    node: Optional[fx.Node] = None
+    graph_index: int = 0

@@ -1,0 +1,196 @@
+"""The exact variant: softmax attention with SDPA semantics, plus additive bias, bool mask and softcapping.
+
+Semantics, for q ``[*batch, Nq, Dqk]``, k ``[*batch_kv, Nk, Dqk]``, v ``[*batch_kv, Nk, Dv]``::
+
+    s = (q @ k^T) * scale
+    s = softcap * tanh(s / softcap)            if softcap > 0
+    s = s + bias                               if bias is given (broadcast to [*batch, Nq, Nk])
+    s = s.masked_fill(~mask, -inf)             if mask is given (bool, True = attend)
+    s = s.masked_fill(j > i, -inf)             if causal (top-left aligned, as SDPA's is_causal)
+    out = dropout(softmax(s, -1), dropout_p) @ v
+
+``batch_kv`` either broadcasts to ``batch`` or, for GQA, has ``Hkv`` heads where q has ``Hq = g * Hkv``;
+query head ``h`` then reads key/value head ``h // g`` (SDPA's ``enable_gqa``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import sympy
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ExactSpec:
+    """The exact variant has no parameters; it exists so every variant is named by a spec."""
+
+    name: str = "exact"
+
+    def supports(self, site) -> tuple[bool, str]:
+        """Every detected site can run exactly."""
+        return True, "exact softmax attention"
+
+    def cost(self, site) -> dict[str, sympy.Expr]:
+        """Attention FLOPs and bytes as sympy expressions of the site's sizes (2 FLOPs per multiply-add)."""
+        return dense_attention_cost(site)
+
+
+def _sym(value, name: str) -> sympy.Expr:
+    return sympy.Integer(value) if isinstance(value, int) else sympy.Symbol(str(value) or name, positive=True)
+
+
+def dense_attention_cost(site) -> dict[str, sympy.Expr]:
+    """FLOPs and bytes of dense attention: QK^T and PV products over all (query, key) pairs."""
+    b, h = _sym(site.batch, "B"), _sym(site.q_heads, "H")
+    nq, nk = _sym(site.q_len, "Nq"), _sym(site.kv_len, "Nk")
+    d, dv = _sym(site.head_dim, "D"), _sym(site.value_dim, "Dv")
+    hkv = _sym(site.kv_heads, "Hkv")
+    flops = 2 * b * h * nq * nk * (d + dv)
+    itemsize = site.dtype.itemsize if site.dtype is not None else 4
+    bytes_ = itemsize * b * (h * nq * (d + dv) + hkv * nk * (d + dv))
+    return {"flops": flops, "bytes": bytes_}
+
+
+def expand_kv_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """Bring k and v to q's batch dims: broadcast, or keep grouped heads for GQA.
+
+    Returns ``(q, k, v, gqa)``; with ``gqa`` True, k and v keep ``Hkv`` heads at dim -3 and q has a multiple.
+    """
+    bq, bk, bv = q.shape[:-2], k.shape[:-2], v.shape[:-2]
+    if bq == bk == bv:
+        return q, k, v, False
+    if (
+        len(bq) >= 1 and len(bq) == len(bk) == len(bv) and bk == bv and bk[-1] not in (1, bq[-1])
+        and bq[-1] % bk[-1] == 0
+    ):
+        outer = torch.broadcast_shapes(bq[:-1], bk[:-1])
+        q = q.expand(*outer, *q.shape[-3:])
+        k = k.expand(*outer, *k.shape[-3:])
+        v = v.expand(*outer, *v.shape[-3:])
+        return q, k, v, True
+    batch = torch.broadcast_shapes(bq, bk, bv)
+    return q.expand(*batch, *q.shape[-2:]), k.expand(*batch, *k.shape[-2:]), v.expand(*batch, *v.shape[-2:]), False
+
+
+def _repeat_gqa(q: Tensor, x: Tensor) -> Tensor:
+    groups = q.shape[-3] // x.shape[-3]
+    return x.repeat_interleave(groups, dim=-3)
+
+
+def causal_keep_mask(nq: int, nk: int, device) -> Tensor:
+    """``[Nq, Nk]`` bool, True where key j <= query i (top-left aligned)."""
+    return torch.ones(nq, nk, dtype=torch.bool, device=device).tril()
+
+
+def reference(
+    q: Tensor, k: Tensor, v: Tensor, *, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+    scale: Optional[float] = None, causal: bool = False, softcap: float = 0.0,
+) -> Tensor:
+    """The test oracle: plain float32 math with an explicit ``[*batch, Nq, Nk]`` score tensor (no dropout)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    q, k, v, gqa = expand_kv_heads(q, k, v)
+    if gqa:
+        k, v = _repeat_gqa(q, k), _repeat_gqa(q, v)
+    s = (q.float() @ k.float().transpose(-2, -1)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias.float()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    if causal:
+        s = s.masked_fill(~causal_keep_mask(s.shape[-2], s.shape[-1], s.device), float("-inf"))
+    return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype)
+
+
+def _dropout_keep(shape, p: float, seed: Tensor, device) -> Tensor:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    return torch.rand(shape, generator=generator, device=device) >= p
+
+
+def explicit_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], scale: float, causal: bool,
+    softcap: float, dropout_p: float, dropout_seed: Optional[Tensor], query_chunk: int = 1024,
+) -> Tensor:
+    """Exact attention by explicit scores, a block of queries at a time (differentiable).
+
+    Used where SDPA lacks the feature (softcapping, seeded dropout that backward must replay). Scores are
+    materialized ``query_chunk`` rows at a time, so memory is ``O(query_chunk * Nk)`` per head.
+    """
+    q, k, v, gqa = expand_kv_heads(q, k, v)
+    if gqa:
+        k, v = _repeat_gqa(q, k), _repeat_gqa(q, v)
+    nq, nk = q.shape[-2], k.shape[-2]
+    keep_all = None
+    if dropout_p > 0 and dropout_seed is not None:
+        keep_all = _dropout_keep((*q.shape[:-2], nq, nk), dropout_p, dropout_seed, q.device)
+    outs = []
+    for start in range(0, nq, query_chunk):
+        stop = min(nq, start + query_chunk)
+        s = (q[..., start:stop, :].float() @ k.float().transpose(-2, -1)) * scale  # [*, Bq, Nk]
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        if bias is not None:
+            s = s + _rows(bias, start, stop, nq).float()
+        if mask is not None:
+            s = s.masked_fill(~_rows(mask, start, stop, nq), float("-inf"))
+        if causal:
+            rows = torch.arange(start, stop, device=q.device)[:, None]
+            s = s.masked_fill(torch.arange(nk, device=q.device)[None, :] > rows, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        if keep_all is not None:
+            p = p * keep_all[..., start:stop, :] / (1.0 - dropout_p)
+        elif dropout_p > 0:
+            p = F.dropout(p, dropout_p, training=True)
+        outs.append(p.to(v.dtype) @ v)
+    return torch.cat(outs, dim=-2).to(q.dtype)
+
+
+def _rows(t: Tensor, start: int, stop: int, nq: int) -> Tensor:
+    """Rows [start, stop) of a tensor broadcastable to [..., Nq, Nk] (a size-1 row dim stays as is)."""
+    return t if t.dim() < 2 or t.shape[-2] == 1 else t[..., start:stop, :]
+
+
+def combined_sdpa_mask(q: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], causal: bool, nk: int):
+    """Fold bias, bool mask and causality into SDPA's single ``attn_mask`` (None when none applies)."""
+    if bias is None and mask is None:
+        return None
+    keep = mask
+    if causal:
+        c = causal_keep_mask(q.shape[-2], nk, q.device)
+        keep = c if keep is None else keep & c
+    if bias is None:
+        return keep
+    b = bias.to(q.dtype)
+    return b if keep is None else b.masked_fill(~keep, float("-inf"))
+
+
+def exact_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+    scale: Optional[float] = None, causal: bool = False, softcap: float = 0.0, dropout_p: float = 0.0,
+    dropout_seed: Optional[Tensor] = None,
+) -> Tensor:
+    """The efficient torch path: SDPA (fused, never an N x N tensor without a mask) wherever it applies.
+
+    Shapes as in the module docstring; returns ``[*batch, Nq, Dv]`` in q's dtype.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if softcap > 0 or (dropout_p > 0 and dropout_seed is not None):
+        return explicit_attention(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed)
+    q, k, v, gqa = expand_kv_heads(q, k, v)
+    attn_mask = combined_sdpa_mask(q, bias, mask, causal, k.shape[-2])
+    if gqa:
+        k, v = _repeat_gqa(q, k), _repeat_gqa(q, v)
+    if v.dtype != q.dtype:
+        v = v.to(q.dtype)
+    if k.dtype != q.dtype:
+        k = k.to(q.dtype)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal and attn_mask is None, scale=scale
+    )
