@@ -58,7 +58,6 @@ _HF_ARCH_OVERRIDES = {
     "swin": {"embed_dim": 32, "depths": [1, 1], "num_heads": [2, 4], "image_size": 32, "patch_size": 4, "window_size": 4},
 }
 _HF_KNOWN_EXAMPLES = ("llama", "mistral", "qwen2", "gemma2", "gpt2", "bert", "t5", "vit")
-_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 _DEFAULT_TEXT_LEN = 64
 
 
@@ -195,17 +194,17 @@ def _tiny_hf_config(AutoConfig, arch: str, *, seq_len: int):
     overrides = _HF_ARCH_OVERRIDES.get(arch, {})
     sizes = {k: v for k, v in _HF_TINY.items() if _is_int(getattr(default, k, None)) and _settable(default, k)}
     sizes.update({k: v for k, v in overrides.items() if hasattr(default, k) and _settable(default, k)})
-    # Position tables must cover the requested sequence (e.g. bert has 512 positions).
+    # Position tables must cover the requested sequence (e.g. bert has 512 positions);
+    # +2 because roberta-style models start counting positions after the pad id.
     max_pos = getattr(default, "max_position_embeddings", None)
-    if isinstance(max_pos, int) and max_pos < seq_len:
-        sizes["max_position_embeddings"] = seq_len
+    if _is_int(max_pos) and max_pos < seq_len + 2 and _settable(default, "max_position_embeddings"):
+        sizes["max_position_embeddings"] = seq_len + 2
     # Special token ids of the full-size vocab would fall outside the tiny one;
     # transformers warns about that, so move them inside.
     vocab = sizes.get("vocab_size")
     if vocab is not None:
-        for key in _TOKEN_ID_KEYS:
-            value = getattr(default, key, None)
-            if isinstance(value, int) and value >= vocab:
+        for key, value in default.to_dict().items():
+            if key.endswith("_token_id") and _is_int(value) and value >= vocab and _settable(default, key):
                 sizes[key] = vocab - 1
     try:
         # Passed to the constructor rather than set afterwards: some configs derive
@@ -343,7 +342,12 @@ def _millions(model: nn.Module) -> str:
 def _one_line(e: BaseException) -> str:
     """'Type: first line of the message', so AttnccError messages stay one line."""
     lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    if not lines:
+        return type(e).__name__
+    # First sentence only: transformers errors go on to long advice and links.
+    first = lines[0]
+    end = first.find(". ")
+    return f"{type(e).__name__}: {first[: end + 1] if end > 0 else first}"
 
 
 def _describe(value) -> str:

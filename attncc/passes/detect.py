@@ -325,7 +325,7 @@ def _projection_source(x: Any, depth: int = 24) -> Any:
             parts = cur.args[0]
             cur = parts[-1] if isinstance(parts, (list, tuple)) and parts else None
             continue
-        tensors = [a for a in cur.args if isinstance(a, fx.Node) and g.tensor_val(a) is not None]
+        tensors = [a for a in cur.args if isinstance(a, fx.Node) and isinstance(g.val(a), (torch.Tensor, tuple, list))]
         if not tensors:
             return cur
         cur = tensors[0]
