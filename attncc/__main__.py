@@ -1,0 +1,7 @@
+"""``python -m attncc`` runs the CLI."""
+
+import sys
+
+from attncc.cli import main
+
+sys.exit(main())
