@@ -40,7 +40,8 @@ def run_pipeline(gm: fx.GraphModule, policy: Policy, graph_index: int = 0, verif
     canonical = canonicalize(gm)
     sites, rejected = detect_sites(canonical, graph_index)
     plan_sites(sites, policy)
-    rewritten = rewrite_sites(canonical, sites) if policy.rewrites else canonical
+    # policy 'none' runs the captured graph exactly as it was; detection only reports
+    rewritten = rewrite_sites(canonical, sites) if policy.rewrites else gm
     if verify:
         verify_graph(rewritten)
     return PassResult(rewritten, sites, rejected)
