@@ -111,8 +111,10 @@ def _parse_bmm_einsum(equation: str) -> Optional[tuple[str, str, str, str, str, 
         return None
     if set(a) != set(batch + free_a + contract) or set(b) != set(batch + free_b + contract):
         return None
-    if list(out) != batch + free_a + free_b:
+    if sorted(out) != sorted(batch + free_a + free_b):
         return None
+    # the product comes out as batch + free_a + free_b; _lower_einsum permutes it to ``out`` when the equation
+    # orders its output differently (e.g. 'bhqk,bkhd->bqhd', attention written in [B, N, H, D] layout)
     return a, b, out, "".join(batch), free_a[0] + contract[0], contract[0] + free_b[0]
 
 
@@ -135,10 +137,11 @@ def _lower_einsum(node: fx.Node) -> None:
     parsed = _parse_bmm_einsum(equation)
     if parsed is None:
         return
-    a_labels, b_labels, _out, batch, a_tail, b_tail = parsed
+    a_labels, b_labels, out, batch, a_tail, b_tail = parsed
     a = _permute_to(node, operands[0], a_labels, batch + a_tail)
     b = _permute_to(node, operands[1], b_labels, batch + b_tail)
-    _replace(node, _insert(node, "call_function", torch.matmul, (a, b)))
+    product = _insert(node, "call_function", torch.matmul, (a, b))
+    _replace(node, _permute_to(node, product, batch + a_tail[0] + b_tail[1], out))
 
 
 def _is_keepdim_reduction(node, fns, methods, src) -> Optional[int]:

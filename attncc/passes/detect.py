@@ -53,7 +53,7 @@ def detect_sites(gm: fx.GraphModule, graph_index: int = 0) -> tuple[list[Attenti
             continue
         if site is not None:
             site.graph_index = graph_index
-            site.kind = "self" if _same_source(site.q, site.k) else "cross"
+            site.kind = "self" if _same_source(site) else "cross"
             sites.append(site)
     return sites, rejected
 
@@ -156,7 +156,9 @@ def _walk_scores(x: fx.Node, softmax: fx.Node) -> Optional[_Scores]:
     cur, nxt = x, softmax
     while True:
         if len(cur.users) != 1:
-            if steps or g.is_matmul(cur):
+            # also when the first node before the softmax (a scale or bias, no step recorded yet) is the one
+            # shared: it is still fed by the product, so this is attention whose scores escape
+            if steps or g.is_matmul(cur) or _reaches_product(cur):
                 raise Decline("the attention scores are used elsewhere besides the softmax", softmax)
             return None
         if g.is_matmul(cur):
@@ -332,13 +334,20 @@ def _projection_source(x: Any, depth: int = 24) -> Any:
     return cur
 
 
-def _same_source(q: fx.Node, k: fx.Node) -> bool:
+def _same_source(site: AttentionSite) -> bool:
+    q, k = site.q, site.k
     sq, sk = _projection_source(q), _projection_source(k)
     if sq is sk:
         return True
     both_inputs = all(isinstance(s, fx.Node) and s.op == "placeholder" for s in (sq, sk))
     if both_inputs:  # q and k handed in from outside: only their lengths can tell
-        return g.same_size(g.shape(q)[-2], g.shape(k)[-2]) if g.shape(q) and g.shape(k) else False
+        qs, ks = g.shape(q), g.shape(k)
+        if not qs or not ks or len(qs) < 2 or len(ks) < 2:
+            return False
+        # the sequence axis is the last one of a node that holds q^T / k^T (keys stored pre-transposed,
+        # channels-first layouts), not dim -2
+        return g.same_size(qs[-1] if site.q_stored_transposed else qs[-2],
+                           ks[-1] if site.k_stored_transposed else ks[-2])
     return False
 
 
@@ -434,9 +443,15 @@ def _walk_probabilities(softmax: fx.Node) -> tuple[fx.Node, bool, float]:
     while True:
         users = list(cur.users)
         if len(users) != 1:
-            raise Decline(
-                "the attention probabilities are used elsewhere (e.g. returned as attention weights)" if users
-                else "the attention probabilities are never used", softmax)
+            if not users:
+                raise Decline("the attention probabilities are never used", softmax)
+            # several users, none of them the product with v nor the graph output (e.g. renormalization
+            # p / p.sum(-1)): say which operations, as for a single such user below
+            if not any(g.is_matmul(w) or w.op == "output" for w in users):
+                names = ", ".join(sorted({_op_name(w) for w in users}))
+                raise Decline(f"operations {names} are applied to the attention probabilities", softmax)
+            raise Decline("the attention probabilities are used elsewhere (e.g. returned as attention weights)",
+                          softmax)
         u = users[0]
         if g.is_matmul(u) and u.args[0] is cur and u.args[1] is not cur:
             return u, False, dropout_p

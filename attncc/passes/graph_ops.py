@@ -108,6 +108,9 @@ def transposed_last_two(node: Any) -> Optional[fx.Node]:
         return None
     if node.op == "call_function" and node.target is getattr and node.args[1] == "mT":
         return node.args[0]
+    # Dynamo records the ``x.mT`` property as a call of the aten op itself (not getattr)
+    if node.op == "call_function" and node.target in (torch.ops.aten.mT, torch.ops.aten.mT.default):
+        return node.args[0]
     if node.op == "call_function" and node.target in (torch.transpose, torch.swapaxes, torch.swapdims):
         src, dims = node.args[0], node.args[1:3]
     elif node.op == "call_method" and node.target in ("transpose", "swapaxes", "swapdims"):

@@ -91,7 +91,14 @@ class _SiteRewriter:
             kwargs["softcap"] = site.softcap
         if site.dropout_p:
             kwargs["dropout_p"] = site.dropout_p
-            kwargs["dropout_seed"] = self.emit("call_function", torch.randint, 0, 2**62, (), dtype=torch.int64)
+            seed = self.emit("call_function", torch.randint, 0, 2**62, (), dtype=torch.int64)
+            # randint has no tensor inputs, so fill_val ran it for real; a real tensor next to fake ones makes the
+            # op's fake evaluation fail under Dynamo's FakeTensorMode: give the seed a fake value from q's mode
+            fake_mode = getattr(g.tensor_val(q), "fake_mode", None)
+            if fake_mode is not None:
+                with fake_mode:
+                    seed.meta["val"] = torch.randint(0, 2**62, (), dtype=torch.int64)
+            kwargs["dropout_seed"] = seed
         out = self.emit("call_function", ATTENTION_OP, q, k, v, **kwargs)
         if site.output_transposed:
             out = self.transpose(out)
@@ -103,6 +110,9 @@ class _SiteRewriter:
         if have.dtype != want.dtype:
             out = self.emit("call_method", "to", out, want.dtype)
         self.anchor.replace_all_uses_with(out)
+        # a later site may read this site's output as its q/k/v or mask (stacked attention without a projection
+        # in between): point the map at the op, since the original output node is now dead
+        self.value_map[self.site.output] = out
 
     def undo(self, reason: str) -> None:
         for node in reversed(self.emitted):
