@@ -22,20 +22,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attncc.passes.fake_eval import copy_meta, fill_val
+from attncc.passes.graph_copy import copy_graph_module
 from attncc.passes.graph_ops import arg, is_call, ndim, tensor_val
 
 
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Return a canonicalized copy of ``gm`` (same submodules, new graph); every node keeps ``meta['val']``."""
-    graph = fx.Graph()
-    value_map: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(gm.graph, value_map)
-    graph.output(out)
-    for old, new in value_map.items():
-        new.meta = dict(old.meta)
-        if "val" not in new.meta and "example_value" in new.meta:
-            new.meta["val"] = new.meta["example_value"]
-    result = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    result, _ = copy_graph_module(gm)
+    graph = result.graph
     for node in list(graph.nodes):
         if node.op == "call_module":
             _lower_module(result, node)

@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from attncc.passes import graph_ops as g
 from attncc.passes.fake_eval import copy_meta, fill_val
+from attncc.passes.graph_copy import copy_graph_module
 from attncc.runtime.ops import attention_op
 from attncc.site import AttentionSite
 
@@ -26,13 +27,8 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[AttentionSite]) -> fx.GraphMod
     A site whose rewrite turns out not to reproduce the original output's shape is left as it was, with
     ``variant='none'`` and the reason set.
     """
-    graph = fx.Graph()
-    value_map: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(gm.graph, value_map)
-    graph.output(out)
-    for old, new in value_map.items():
-        new.meta = dict(old.meta)
-    result = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    result, value_map = copy_graph_module(gm)
+    graph = result.graph
     for site in sites:
         if site.variant == "none":
             continue
