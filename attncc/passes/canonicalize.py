@@ -12,7 +12,6 @@ form. The pass is pure: it returns a new GraphModule and leaves its input untouc
 
 from __future__ import annotations
 
-import copy
 import operator
 from typing import Optional
 

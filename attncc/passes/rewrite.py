@@ -15,7 +15,7 @@ import torch.fx as fx
 from attncc.passes import graph_ops as g
 from attncc.passes.fake_eval import copy_meta, fill_val
 from attncc.passes.graph_copy import copy_graph_module
-from attncc.runtime.ops import attention_op
+from attncc.runtime.ops import attention_op  # noqa: F401  (importing registers torch.ops.attncc)
 from attncc.site import AttentionSite
 
 ATTENTION_OP = torch.ops.attncc.attention.default
