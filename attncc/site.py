@@ -83,8 +83,6 @@ class AttentionSite:
     dropout_p: float = 0.0
     """Dropout on the probabilities, 0 in eval mode."""
     dtype: Optional[torch.dtype] = None
-    dead: list[fx.Node] = field(default_factory=list)
-    """Nodes of the original computation the rewrite makes dead (removed by dead-code elimination)."""
     graph_index: int = 0
     """Which captured graph the site is in."""
     index: int = 0

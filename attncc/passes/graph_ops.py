@@ -27,7 +27,6 @@ SUB = {operator.sub, torch.sub, torch.Tensor.sub, operator.isub}
 CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
 IDENTITY_METHODS = {"contiguous", "clone"}
 VIEW_METHODS = {"view", "reshape"}
-VIEW_FUNCTIONS = {torch.reshape}
 
 
 def val(node: Any) -> Any:
@@ -176,10 +175,6 @@ def scalar_constant(x: Any) -> Optional[float]:
     if isinstance(x, (int, float)):
         return float(x)
     return None
-
-
-def nonlocal_users(node: fx.Node) -> list[fx.Node]:
-    return list(node.users)
 
 
 def module_path(node: fx.Node) -> str:
