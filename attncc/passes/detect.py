@@ -153,7 +153,7 @@ def _walk_scores(x: fx.Node, softmax: fx.Node) -> Optional[_Scores]:
     """Walk back from the softmax input to the product of q and k, recording what happens in between."""
     steps: list[ScoreStep] = []
     q_mults: list[tuple[str, fx.Node]] = []
-    cur, nxt = x, softmax
+    cur = x
     while True:
         if len(cur.users) != 1:
             # also when the first node before the softmax (a scale or bias, no step recorded yet) is the one
@@ -165,7 +165,7 @@ def _walk_scores(x: fx.Node, softmax: fx.Node) -> Optional[_Scores]:
             steps.reverse()
             q_mults.reverse()
             return _Scores(cur, steps, q_mults)
-        nxt, cur = cur, _step_back(cur, steps, q_mults, softmax)
+        cur = _step_back(cur, steps, q_mults, softmax)
         if cur is None:
             return None
 

@@ -7,8 +7,12 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
 
 
-def fill_val(node: fx.Node) -> None:
-    """Set ``node.meta['val']`` by evaluating node's call on its inputs' fake values (FakeTensors/SymInts)."""
+def fill_val(node: fx.Node, fallback_mode=None) -> None:
+    """Set ``node.meta['val']`` by evaluating node's call on its inputs' fake values (FakeTensors/SymInts).
+
+    A call with no fake inputs (``torch.randint(...)``) runs under ``fallback_mode``, so its value is fake too:
+    a real tensor next to fake ones breaks later fake evaluation under Dynamo.
+    """
     from torch._subclasses.fake_tensor import FakeTensor
 
     def to_val(a):
@@ -20,7 +24,7 @@ def fill_val(node: fx.Node) -> None:
     kwargs = tree_map(to_val, node.kwargs)
     # the mode the inputs' values live in (not the ambient tracing context's, which Dynamo may have replaced)
     fakes = [x for x in (*tree_flatten(args)[0], *tree_flatten(kwargs)[0]) if isinstance(x, FakeTensor)]
-    fake_mode = fakes[0].fake_mode if fakes else None
+    fake_mode = fakes[0].fake_mode if fakes else fallback_mode
     with fake_mode if fake_mode is not None else torch.no_grad():
         if node.op == "call_function":
             result = node.target(*args, **kwargs)

@@ -56,7 +56,7 @@ class _SiteRewriter:
         with graph.inserting_before(self.anchor):
             node = graph.create_node(op, target, args, kwargs)
         copy_meta(self.anchor, node)
-        fill_val(node)
+        fill_val(node, fallback_mode=getattr(g.tensor_val(self.anchor), "fake_mode", None))
         self.emitted.append(node)
         return node
 
@@ -87,14 +87,7 @@ class _SiteRewriter:
             kwargs["softcap"] = site.softcap
         if site.dropout_p:
             kwargs["dropout_p"] = site.dropout_p
-            seed = self.emit("call_function", torch.randint, 0, 2**62, (), dtype=torch.int64)
-            # randint has no tensor inputs, so fill_val ran it for real; a real tensor next to fake ones makes the
-            # op's fake evaluation fail under Dynamo's FakeTensorMode: give the seed a fake value from q's mode
-            fake_mode = getattr(g.tensor_val(q), "fake_mode", None)
-            if fake_mode is not None:
-                with fake_mode:
-                    seed.meta["val"] = torch.randint(0, 2**62, (), dtype=torch.int64)
-            kwargs["dropout_seed"] = seed
+            kwargs["dropout_seed"] = self.emit("call_function", torch.randint, 0, 2**62, (), dtype=torch.int64)
         out = self.emit("call_function", ATTENTION_OP, q, k, v, **kwargs)
         if site.output_transposed:
             out = self.transpose(out)
