@@ -11,7 +11,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from attncc.errors import AttnccError
-from attncc.frontend import CallArgs, dynamo_capture, try_symbolic_trace
+from attncc.frontend import CallArgs, dynamo_capture, placeholder_values, try_symbolic_trace
+from attncc.measure import run_measuring
 from attncc.passes import PassResult, run_pipeline
 from attncc.policy import Policy, PolicyLike, as_policy
 from attncc.report import RejectedReport, Report, SiteReport
@@ -36,14 +37,16 @@ class CompiledModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, policy: Policy, example_inputs: Any = None, frontend: str = "auto",
-                 backend: Union[str, Callable] = "eager", strict: bool = False):
+                 backend: Union[str, Callable] = "eager", strict: bool = False, measure_error: bool = True):
         super().__init__()
+        self.measure_error = measure_error
         self.model = model
         self.policy = policy
         self.frontend = frontend
         self.backend = backend
         self.strict = strict
-        self._fx_graphs: dict[tuple, fx.GraphModule] = {}
+        self._fx_graphs: dict[tuple, PassResult] = {}
+        self._fx_captures: dict[tuple, Capture] = {}
         self._dynamo: Optional[Callable] = None
         self._latest: Optional[Capture] = None
         self._pending: Optional[Capture] = None
@@ -57,11 +60,12 @@ class CompiledModule(nn.Module):
         with torch.no_grad():
             self._run(call)
 
-    def _fx_graph(self, call: CallArgs) -> Optional[fx.GraphModule]:
+    def _fx_graph(self, call: CallArgs) -> Optional[PassResult]:
         if self.frontend == "dynamo":
             return None
         key = (self.model.training, call.signature_key())
         if key in self._fx_graphs:
+            self._latest = self._fx_captures[key]
             return self._fx_graphs[key]
         if self._dynamo is not None and self.frontend == "auto":
             return None  # this model already needed Dynamo once; stay with it
@@ -72,9 +76,9 @@ class CompiledModule(nn.Module):
             return None
         capture = Capture("fx", [self._run_pipeline(traced, 0)])
         self._latest = capture
-        gm = capture.results[0].graph_module
-        self._fx_graphs[key] = gm
-        return gm
+        self._fx_graphs[key] = capture.results[0]
+        self._fx_captures[key] = capture
+        return capture.results[0]
 
     def _run_pipeline(self, gm: fx.GraphModule, index: int) -> PassResult:
         try:
@@ -94,15 +98,35 @@ class CompiledModule(nn.Module):
         self._pending.results.append(result)
         rewritten = result.graph_module
         if self.backend == "eager":
-            return rewritten.forward
-        from torch._dynamo import lookup_backend
+            compiled = rewritten.forward
+        else:
+            from torch._dynamo import lookup_backend
 
-        return lookup_backend(self.backend)(rewritten, example_inputs)
+            compiled = lookup_backend(self.backend)(rewritten, example_inputs)
+        return self._measuring_first_call(result, compiled)
+
+    def _measuring_first_call(self, result: PassResult, compiled: Callable) -> Callable:
+        """``compiled``, except that its first call runs the graph through the error-measuring interpreter."""
+        if not self.measure_error or not result.sites or result.graph_module is None:
+            return compiled
+
+        def run(*args):
+            if result.errors is None:
+                result.errors = {}  # measure once, even if this call fails
+                out, result.errors = run_measuring(result.graph_module, list(args))
+                return out
+            return compiled(*args)
+
+        return run
 
     def _run(self, call: CallArgs):
-        gm = self._fx_graph(call)
-        if gm is not None:
-            return gm(*call.args, **call.kwargs)
+        result = self._fx_graph(call)
+        if result is not None:
+            if self.measure_error and result.errors is None and result.sites:
+                result.errors = {}
+                out, result.errors = run_measuring(result.graph_module, placeholder_values(result.graph_module, call))
+                return out
+            return result.graph_module(*call.args, **call.kwargs)
         if self._dynamo is None:
             self._dynamo = dynamo_capture(self.model, self._on_dynamo_graph)
         self._pending = None
@@ -137,28 +161,33 @@ class CompiledModule(nn.Module):
             return Report(policy=str(self.policy), captured=False)
         sites, rejected = [], []
         for result in self._latest.results:
-            for site in result.sites:
+            for position, site in enumerate(result.sites):
                 site.index = len(sites)
-                sites.append(SiteReport.from_site(site))
+                error = result.errors.get(position) if result.errors else None
+                sites.append(SiteReport.from_site(site, error))
             rejected.extend(RejectedReport.from_rejected(r) for r in result.rejected)
         return Report(sites, rejected, frontend=self._latest.frontend, graphs=len(self._latest.results),
                       policy=str(self.policy))
 
 
 def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any = None, *, frontend: str = "auto",
-            backend: Union[str, Callable] = "eager", strict: bool = False) -> CompiledModule:
+            backend: Union[str, Callable] = "eager", strict: bool = False,
+            measure_error: bool = True) -> CompiledModule:
     """Find every attention in ``model`` and rewrite it as ``policy`` says.
 
     Args:
         model: any ``nn.Module``; it is not modified.
-        policy: ``"exact"`` (every site becomes the exact fused attncc op), ``"none"`` (detect and report
-            only), or an ``attncc.Policy``.
+        policy: a variant for every site that supports it (``"exact"``, ``"local(window=256, sinks=4)"``,
+            ``"neighborhood(kernel=7)"``, ``"topk(density=0.125)"``, ``"linear(feature_map='elu', window=64)"``),
+            ``"none"`` (detect and report only), a rules file (``"rules.yaml"``), or an ``attncc.Policy`` of rules.
         example_inputs: a tuple of positional arguments or a dict of keyword arguments; when None the model is
             captured at its first call.
         frontend: ``"auto"`` (fx.symbolic_trace, else Dynamo), ``"fx"`` or ``"dynamo"``.
         backend: with Dynamo capture, what runs the rewritten graphs: ``"eager"`` or any ``torch.compile``
             backend (``"inductor"``, ``"aot_eager"`` ...), so attncc composes with torch.compile.
         strict: raise on internal errors instead of running an affected graph unchanged (tests use this).
+        measure_error: at the first call of each captured graph (the example inputs, when given), also run
+            exact attention at every approximate site and report the error (relative L2, cosine).
 
     Example::
 
@@ -171,4 +200,4 @@ def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any 
     if frontend not in FRONTENDS:
         raise AttnccError(f"unknown frontend {frontend!r}: valid frontends are {', '.join(FRONTENDS)}")
     return CompiledModule(model, as_policy(policy), example_inputs, frontend=frontend, backend=backend,
-                          strict=strict)
+                          strict=strict, measure_error=measure_error)

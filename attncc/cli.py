@@ -75,7 +75,10 @@ def cli():
 
 @cli.command()
 @click.argument("model", metavar="MODEL")
-@click.option("--policy", "-p", default="exact", show_default=True, help="exact | none")
+@click.option("--policy", "-p", default="exact", show_default=True,
+              help="A variant for every site that supports it (exact, none, 'local(window=256, sinks=4)', "
+                   "'neighborhood(kernel=7)', 'topk(density=0.125)', \"linear(feature_map='elu', window=64)\", "
+                   "'block_sparse(pattern=bigbird(window=3, globals=1, random=2))') or a rules file (.yaml/.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--graph", is_flag=True, help="Also print the code of the rewritten graph(s).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Sequence length of text inputs.")

@@ -1,61 +1,281 @@
-"""Policy: what attncc does with each attention site it finds.
+"""Policy: which variant each attention site gets.
 
-Policies today: ``"exact"`` rewrites every site into the exact fused op, ``"none"`` only detects and reports.
-The rule grammar (selectors, approximate variants such as ``"local(window=256)"``) builds on this type.
+A policy is an ordered list of rules; the first rule whose selector matches a site decides its variant. A
+site no rule matches runs exactly. The common case is one string::
+
+    attncc.compile(model, "local(window=256, sinks=4)")   # every site local supports; the others stay exact
+    attncc.compile(model, "exact")                         # exact fused op everywhere
+    attncc.compile(model, "none")                          # detect and report only
+
+and the general one a list of rules (or a YAML/JSON file of them)::
+
+    attncc.Policy([
+        attncc.Rule(match="*.layers.*.self_attn", layers="0-3", variant="exact"),
+        attncc.Rule(kind="self", causal=True, variant="local(window=256, sinks=4)", min_len=2048),
+    ])
+
+A selector is any combination of ``match`` (fnmatch glob on the module path), ``layers`` (inclusive range of
+the first integer in the module path: ``"4-11"``, ``[4, 11]`` or ``7``), ``kind`` (``self``/``cross``) and
+``causal`` (true/false). ``min_len``: below this key length the site runs exact at run time (no recapture).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Union
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
 from attncc.errors import AttnccError
 
-KNOWN_POLICIES = ("exact", "none")
+RULE_FIELDS = ("variant", "match", "layers", "kind", "causal", "min_len")
+KINDS = ("self", "cross")
 
 
 @dataclass(frozen=True)
-class Policy:
-    """Which variant every site gets.
+class Rule:
+    """One policy rule: a selector and the variant for the sites it selects.
 
     Example::
 
-        attncc.compile(model, policy=attncc.Policy("exact"))
-        attncc.compile(model, policy="none")     # same as Policy("none")
+        Rule(match="*.self_attn", variant="local(window=256)", min_len=2048)
     """
 
     variant: str = "exact"
+    """Variant text (``"exact"``, ``"none"``, ``"local(window=256, sinks=4)"``, ...)."""
+    match: Optional[str] = None
+    """fnmatch glob on the site's module path, e.g. ``"*.layers.*.self_attn"``; None matches every module."""
+    layers: Optional[tuple[int, int]] = None
+    """Inclusive range of the layer index (the first integer in the module path)."""
+    kind: Optional[str] = None
+    """'self' or 'cross'; None matches both."""
+    causal: Optional[bool] = None
+    """True: causal sites only; False: bidirectional only; None: both."""
+    min_len: int = 0
+    """Run exact whenever the key length is below this (checked at run time)."""
+    label: str = field(default="", compare=False)
+    """How errors and the report name the rule ('rule 2')."""
 
     def __post_init__(self) -> None:
-        if self.variant not in KNOWN_POLICIES:
-            raise AttnccError(
-                f"unknown policy {self.variant!r}: valid policies are {', '.join(map(repr, KNOWN_POLICIES))}"
-            )
+        name = self.label or "rule"
+        if not isinstance(self.variant, str) or not self.variant.strip():
+            raise AttnccError(f"{name}: field 'variant' must be a variant string such as 'local(window=256)', "
+                              f"'exact' or 'none', got {self.variant!r}")
+        object.__setattr__(self, "variant", self.variant.strip())
+        if self.variant != "none":
+            from attncc.variants.parse import parse_variant
 
-    def choose(self, site) -> tuple[str, str]:
-        """The variant for ``site`` and the reason, e.g. ``("exact", "policy 'exact'")``."""
-        if self.variant == "none":
-            return "none", "policy 'none': detect and report only"
-        return self.variant, f"policy {self.variant!r}"
+            try:
+                parse_variant(self.variant)
+            except AttnccError as err:
+                raise AttnccError(f"{name}: field 'variant': {err}") from None
+        if self.match is not None and not isinstance(self.match, str):
+            raise AttnccError(f"{name}: field 'match' must be a glob string such as '*.self_attn', got {self.match!r}")
+        object.__setattr__(self, "layers", _layer_range(self.layers, name))
+        if self.kind is not None and self.kind not in KINDS:
+            raise AttnccError(f"{name}: field 'kind' must be one of {', '.join(map(repr, KINDS))}, got {self.kind!r}")
+        if self.causal is not None and not isinstance(self.causal, bool):
+            raise AttnccError(f"{name}: field 'causal' must be true or false, got {self.causal!r}")
+        if isinstance(self.min_len, bool) or not isinstance(self.min_len, int) or self.min_len < 0:
+            raise AttnccError(f"{name}: field 'min_len' must be an integer >= 0, got {self.min_len!r}")
+
+    def matches(self, site) -> bool:
+        """Whether this rule's selector selects ``site`` (an AttentionSite)."""
+        if self.match is not None and not fnmatch.fnmatchcase(site.module, self.match):
+            return False
+        if self.layers is not None:
+            layer = layer_index(site.module)
+            if layer is None or not self.layers[0] <= layer <= self.layers[1]:
+                return False
+        if self.kind is not None and site.kind != self.kind:
+            return False
+        if self.causal is not None and bool(site.causal) != self.causal:
+            return False
+        return True
+
+    def describe(self) -> str:
+        """The selector in words, e.g. ``match='*.self_attn', causal`` (``every site`` when empty)."""
+        parts = []
+        if self.match is not None:
+            parts.append(f"match={self.match!r}")
+        if self.layers is not None:
+            parts.append(f"layers {self.layers[0]}-{self.layers[1]}")
+        if self.kind is not None:
+            parts.append(self.kind)
+        if self.causal is not None:
+            parts.append("causal" if self.causal else "bidirectional")
+        return ", ".join(parts) or "every site"
+
+
+def layer_index(module: str) -> Optional[int]:
+    """The first integer component of a module path (``model.layers.3.self_attn`` -> 3), None if there is none."""
+    for part in module.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _layer_range(value, name: str) -> Optional[tuple[int, int]]:
+    bad = AttnccError(f"{name}: field 'layers' must be an index (7), a range '4-11' or a pair [4, 11], got {value!r}")
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, int):
+        lo = hi = value
+    elif isinstance(value, str):
+        found = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", value)
+        if not found:
+            raise bad
+        lo = int(found.group(1))
+        hi = int(found.group(2)) if found.group(2) is not None else lo
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in value
+    ):
+        lo, hi = value
+    else:
+        raise bad
+    if lo < 0 or hi < lo:
+        raise bad
+    return (lo, hi)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a policy says for one site: the variant text (or 'none'), the rule that said it and why."""
+
+    variant: str
+    reason: str
+    min_len: int = 0
+
+
+RuleLike = Union[Rule, dict, str]
+
+
+class Policy:
+    """An ordered list of rules; the first rule that matches a site decides its variant.
+
+    ``Policy("local(window=256)")`` is one rule for every site; ``Policy([Rule(...), {...}, ...])`` takes Rule
+    objects or dicts with the fields of Rule; ``Policy.from_file("rules.yaml")`` reads such a list (or a mapping
+    with a ``rules`` list) from YAML or JSON.
+    """
+
+    def __init__(self, rules: Union[RuleLike, Sequence[RuleLike]] = "exact"):
+        if isinstance(rules, (str, Rule, dict)):
+            rules = [rules]
+        if not isinstance(rules, (list, tuple)) or not rules:
+            raise AttnccError("a policy is a variant string, a Rule, or a non-empty list of rules")
+        self.rules: tuple[Rule, ...] = tuple(_as_rule(r, i + 1, len(rules)) for i, r in enumerate(rules))
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path]) -> "Policy":
+        """Read rules from a YAML or JSON file: a list of rule mappings, or ``{"rules": [...]}``."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise AttnccError(f"cannot read policy file {str(path)!r}: {err.strerror or err}") from None
+        data = _load_rules_text(text, path)
+        if isinstance(data, dict) and set(data) == {"rules"}:
+            data = data["rules"]
+        if isinstance(data, str):
+            data = [data]
+        if not isinstance(data, list) or not data:
+            raise AttnccError(f"policy file {str(path)!r}: expected a list of rules (or a mapping with 'rules')")
+        try:
+            return cls(data)
+        except AttnccError as err:
+            raise AttnccError(f"policy file {str(path)!r}: {err}") from None
+
+    def decide(self, site) -> Decision:
+        """The variant for ``site`` and why (first matching rule; exact when none matches)."""
+        for rule in self.rules:
+            if rule.matches(site):
+                why = f"{rule.label or 'rule'} ({rule.describe()})" if len(self.rules) > 1 else "policy"
+                return Decision(rule.variant, f"{why}: {rule.variant}", rule.min_len)
+        return Decision("exact", "no rule matched: exact")
 
     @property
     def rewrites(self) -> bool:
         """Whether this policy changes the graph at all."""
-        return self.variant != "none"
+        return any(rule.variant != "none" for rule in self.rules)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Policy) and self.rules == other.rules
+
+    def __hash__(self) -> int:
+        return hash(self.rules)
 
     def __str__(self) -> str:
-        return self.variant
+        if len(self.rules) == 1 and self.rules[0].describe() == "every site" and not self.rules[0].min_len:
+            return self.rules[0].variant
+        return "; ".join(
+            f"{r.describe()} -> {r.variant}" + (f" (min_len {r.min_len})" if r.min_len else "") for r in self.rules
+        )
+
+    def __repr__(self) -> str:
+        return f"Policy({str(self)!r})"
 
 
-PolicyLike = Union[str, Policy, None]
+def _as_rule(rule: RuleLike, number: int, count: int) -> Rule:
+    label = f"rule {number}" if count > 1 else "rule"
+    if isinstance(rule, Rule):
+        return rule if rule.label else Rule(**{f.name: getattr(rule, f.name) for f in fields(Rule) if f.name != "label"},
+                                            label=label)
+    if isinstance(rule, str):
+        if count == 1 and rule.strip() not in ("none",):
+            from attncc.variants.parse import parse_variant
+
+            try:
+                parse_variant(rule)
+            except AttnccError as err:
+                raise AttnccError(f"policy {rule!r}: {err} (or 'none')") from None
+        return Rule(variant=rule, label=label)
+    if isinstance(rule, dict):
+        unknown = [k for k in rule if k not in RULE_FIELDS]
+        if unknown:
+            raise AttnccError(
+                f"{label}: unknown field {unknown[0]!r}; valid fields are {', '.join(RULE_FIELDS)}"
+            )
+        if "variant" not in rule:
+            raise AttnccError(f"{label}: field 'variant' is required (e.g. variant: local(window=256))")
+        return Rule(**rule, label=label)
+    raise AttnccError(f"{label}: expected a Rule, a mapping or a variant string, got {type(rule).__name__}")
+
+
+def _load_rules_text(text: str, path: Path) -> Any:
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise AttnccError(f"policy file {str(path)!r} is not valid JSON: {err.msg} (line {err.lineno})") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise AttnccError(f"policy file {str(path)!r} is not valid YAML{where}") from None
+
+
+PolicyLike = Union[str, Policy, Rule, Sequence[RuleLike], None]
 
 
 def as_policy(policy: PolicyLike) -> Policy:
-    """Normalize what a user passes as ``policy`` (a string, a Policy or None for 'exact')."""
+    """Normalize what a user passes as ``policy``: a variant string, a path to a .yaml/.yml/.json rules file,
+    a Rule, a list of rules, a Policy, or None (exact)."""
     if policy is None:
         return Policy("exact")
     if isinstance(policy, Policy):
         return policy
-    if isinstance(policy, str):
-        return Policy(policy.strip())
-    raise AttnccError(f"policy must be a string or attncc.Policy, not {type(policy).__name__}")
+    if isinstance(policy, Path):
+        return Policy.from_file(policy)
+    if isinstance(policy, str) and policy.strip().lower().endswith((".yaml", ".yml", ".json")):
+        return Policy.from_file(policy.strip())
+    if isinstance(policy, (str, Rule, list, tuple)):
+        return Policy(policy)
+    raise AttnccError(f"policy must be a variant string, a rules file, a Rule list or attncc.Policy, "
+                      f"not {type(policy).__name__}")

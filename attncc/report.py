@@ -6,7 +6,11 @@ import io
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+import sympy
+
+from attncc.measure import SiteError
 from attncc.site import AttentionSite, RejectedSite
+from attncc.variants.exact import dense_attention_cost
 
 
 @dataclass
@@ -34,17 +38,60 @@ class SiteReport:
     dropout_p: float = 0.0
     dtype: str = ""
     graph: int = 0
+    min_len: int = 0
+    flops_before: Any = None
+    """Attention FLOPs of the model's own computation (every query-key pair), at the captured shapes: an int,
+    or the sympy expression as text where a size is dynamic."""
+    flops_after: Any = None
+    """Attention FLOPs of what attncc runs (the variant's cost; the exact spec's below ``min_len``)."""
+    rel_l2: Optional[float] = None
+    """Measured on the first call: ``||out - exact|| / ||exact||`` of the site's output (None: not measured)."""
+    cosine: Optional[float] = None
 
     @staticmethod
-    def from_site(site: AttentionSite) -> "SiteReport":
+    def from_site(site: AttentionSite, error: Optional[SiteError] = None) -> "SiteReport":
+        before, after = site_flops(site)
         return SiteReport(
             index=site.index, module=site.module, kind=site.kind, causal=site.causal, mask=site.mask_kind,
             q_heads=site.q_heads, kv_heads=site.kv_heads, q_len=site.q_len, kv_len=site.kv_len,
             head_dim=site.head_dim, value_dim=site.value_dim, variant=site.variant, reason=site.reason,
             source=site.source, layout=site.layout, batch=site.batch, scale=round(site.scale, 8),
             softcap=site.softcap, dropout_p=site.dropout_p, dtype=str(site.dtype).replace("torch.", ""),
-            graph=site.graph_index,
+            graph=site.graph_index, min_len=site.min_len, flops_before=before, flops_after=after,
+            rel_l2=None if error is None else error.rel_l2, cosine=None if error is None else error.cosine,
         )
+
+    @property
+    def saving(self) -> Optional[float]:
+        """flops_before / flops_after where both are numbers."""
+        if isinstance(self.flops_before, int) and isinstance(self.flops_after, int) and self.flops_after > 0:
+            return self.flops_before / self.flops_after
+        return None
+
+
+def site_flops(site: AttentionSite) -> tuple[Any, Any]:
+    """(before, after) attention FLOPs of a site: ints at static shapes, expression text where dynamic."""
+    before = _number(dense_attention_cost(site)["flops"])
+    spec = site.spec
+    if spec is None:
+        return before, before
+    if site.min_len and isinstance(site.kv_len, int) and site.kv_len < site.min_len:
+        spec = site.fallback
+    try:
+        after = _number(spec.cost(site)["flops"])
+    except Exception:  # a cost that cannot be evaluated at these sizes is left out, not guessed
+        after = None
+    return before, after
+
+
+def _number(expr) -> Any:
+    try:
+        expr = sympy.nsimplify(expr) if not isinstance(expr, sympy.Basic) else expr
+        if expr.is_number:
+            return int(sympy.ceiling(expr))
+        return str(sympy.simplify(expr))
+    except Exception:
+        return str(expr)
 
 
 @dataclass
@@ -83,12 +130,26 @@ class Report:
 
         table = Table(title=title or f"attention sites ({self.frontend}, {self.graphs} graph(s), policy "
                                      f"{self.policy!r})", title_justify="left")
-        for col in ("#", "module", "kind", "causal", "mask", "heads q/kv", "len q/kv", "dim qk/v", "variant"):
-            table.add_column(col, no_wrap=col not in ("module",))
+        numbers = ("GFLOP", "saved", "rel. error", "cosine")
+        for col in ("#", "module", "kind", "mask", "heads q/kv", "len q/kv", "variant", *numbers):
+            table.add_column(col, overflow="fold", justify="right" if col in numbers else "left")
         for s in self.sites:
-            table.add_row(str(s.index), s.module or "<root>", s.kind, "yes" if s.causal else "no", s.mask,
-                          f"{s.q_heads}/{s.kv_heads}", f"{s.q_len}/{s.kv_len}", f"{s.head_dim}/{s.value_dim}",
-                          s.variant)
+            table.add_row(str(s.index), s.module or "<root>", s.kind, s.mask,
+                          f"{s.q_heads}/{s.kv_heads}", f"{s.q_len}/{s.kv_len}",
+                          s.variant + (f" from {s.min_len} keys" if s.min_len else ""),
+                          f"{_gflop(s.flops_before)} -> {_gflop(s.flops_after)}",
+                          f"{s.saving:.1f}x" if s.saving is not None else "-", *_error_cells(s))
+        return table
+
+    def reasons_table(self):
+        """Why each site got its variant (the policy rule, or why a variant did not apply)."""
+        from rich.table import Table
+
+        table = Table(title="why", title_justify="left")
+        table.add_column("#")
+        table.add_column("reason")
+        for s in self.sites:
+            table.add_row(str(s.index), s.reason)
         return table
 
     def rejected_table(self):
@@ -101,7 +162,7 @@ class Report:
             table.add_row(r.module or "<root>", r.reason)
         return table
 
-    def render(self, width: int = 120) -> str:
+    def render(self, width: int = 150) -> str:
         from rich.console import Console
 
         buffer = io.StringIO()
@@ -110,9 +171,27 @@ class Report:
             console.print("nothing captured yet: call the compiled model once (or pass example_inputs)")
         else:
             console.print(self.table())
+            if any(s.reason for s in self.sites):
+                console.print(self.reasons_table())
             if self.rejected:
                 console.print(self.rejected_table())
         return buffer.getvalue()
 
     def __str__(self) -> str:
         return self.render()
+
+
+def _gflop(value: Any) -> str:
+    if isinstance(value, int):
+        return f"{value / 1e9:.3g}"
+    return "-" if value is None else str(value)
+
+
+def _error_cells(s: SiteReport) -> tuple[str, str]:
+    if s.variant in ("none",):
+        return "-", "-"
+    if s.rel_l2 is None:
+        return "not run", "-"
+    if s.rel_l2 == 0.0 and s.cosine == 1.0:
+        return "exact", "exact"
+    return f"{s.rel_l2:.2e}", f"{s.cosine:.5f}"

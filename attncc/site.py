@@ -87,8 +87,30 @@ class AttentionSite:
     """Which captured graph the site is in."""
     index: int = 0
     """Position of the site over the whole model, in program order."""
+    has_bias: bool = False
+    """True when an additive float term reaches the scores (relative-position bias, ALiBi, additive mask
+    that mask analysis could not turn into structure)."""
+    mask_residual: str = "none"
+    """The bool mask left after mask analysis took causal/band/segment structure out: 'none', 'padding'
+    (broadcastable to ``[B, 1, 1, Nk]``: per-key, same for every query) or 'dense'."""
+    band: Optional[tuple[int, int]] = None
+    """``(left, right)`` when the model's mask keeps only keys ``i - left <= j <= i + right`` (sliding window)."""
+    segments: bool = False
+    """True when the model's mask is block-diagonal by segment labels (documents, Swin shifted windows)."""
+    keep_nodes: list = field(default_factory=list)
+    """Bool masks (True = attend) left by mask analysis, ANDed into the op's mask; the structured part of the
+    model's masks is in ``causal`` / ``band`` instead."""
+    grid: Optional[tuple[int, ...]] = None
+    """Token grid ``(H, W)`` or ``(T, H, W)`` when the tokens are patches of an image/video (ViT), else None."""
+    grid_prefix: int = 0
+    """Tokens before the grid (class, register, distillation tokens)."""
     variant: str = "exact"
-    """What the policy chose for it; 'none' when left as it was."""
+    """What the policy chose for it ('exact', 'local(window=256)', ...); 'none' when left as it was."""
+    spec: Any = None
+    """The variant spec the op runs (set by planning; for exact sites with a sliding window, the exact band)."""
+    fallback: Any = None
+    """The exact spec the op runs instead when the key length is below ``min_len``."""
+    min_len: int = 0
     reason: str = ""
     """Why that variant (or why not rewritten)."""
 

@@ -1,4 +1,4 @@
-"""The pass pipeline: canonicalize -> detect -> plan (policy) -> rewrite (-> verify, in tests).
+"""The pass pipeline: canonicalize -> detect -> analyze masks -> plan (policy) -> rewrite (-> verify, in tests).
 
 Each pass is one file and pure: it returns a new graph or a list of sites and leaves its input untouched.
 """
@@ -6,17 +6,21 @@ Each pass is one file and pure: it returns a new graph or a list of sites and le
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch.fx as fx
 
+from attncc.measure import SiteError
 from attncc.passes.canonicalize import canonicalize
 from attncc.passes.detect import detect_sites
+from attncc.passes.masks import analyze_masks
+from attncc.passes.plan import plan_sites
 from attncc.passes.rewrite import rewrite_sites
 from attncc.passes.verify import verify_graph
 from attncc.policy import Policy
 from attncc.site import AttentionSite, RejectedSite
 
-PIPELINE = ("canonicalize", "detect", "plan", "rewrite")
+PIPELINE = ("canonicalize", "detect", "analyze_masks", "plan", "rewrite")
 
 
 @dataclass
@@ -26,20 +30,16 @@ class PassResult:
     graph_module: fx.GraphModule
     sites: list[AttentionSite] = field(default_factory=list)
     rejected: list[RejectedSite] = field(default_factory=list)
-
-
-def plan_sites(sites: list[AttentionSite], policy: Policy) -> list[AttentionSite]:
-    """Set ``variant`` and ``reason`` on each site as the policy says (in place; returns the list)."""
-    for site in sites:
-        site.variant, site.reason = policy.choose(site)
-    return sites
+    errors: Optional[dict[int, SiteError]] = None
+    """Measured error per site position, filled by the first run of the graph (None until then)."""
 
 
 def run_pipeline(gm: fx.GraphModule, policy: Policy, graph_index: int = 0, verify: bool = False) -> PassResult:
-    """canonicalize -> detect -> plan -> rewrite on one graph."""
+    """canonicalize -> detect -> analyze masks -> plan -> rewrite on one graph."""
     canonical = canonicalize(gm)
     sites, rejected = detect_sites(canonical, graph_index)
-    plan_sites(sites, policy)
+    analyze_masks(canonical, sites)
+    plan_sites(canonical, sites, policy)
     # policy 'none' runs the captured graph exactly as it was; detection only reports
     rewritten = rewrite_sites(canonical, sites) if policy.rewrites else gm
     if verify:
@@ -47,5 +47,5 @@ def run_pipeline(gm: fx.GraphModule, policy: Policy, graph_index: int = 0, verif
     return PassResult(rewritten, sites, rejected)
 
 
-__all__ = ["PIPELINE", "PassResult", "canonicalize", "detect_sites", "plan_sites", "rewrite_sites", "run_pipeline",
-           "verify_graph"]
+__all__ = ["PIPELINE", "PassResult", "analyze_masks", "canonicalize", "detect_sites", "plan_sites", "rewrite_sites",
+           "run_pipeline", "verify_graph"]

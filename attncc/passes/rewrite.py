@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from attncc.measure import SITE_META
 from attncc.passes import graph_ops as g
 from attncc.passes.fake_eval import copy_meta, fill_val
 from attncc.passes.graph_copy import copy_graph_module
@@ -29,10 +30,10 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[AttentionSite]) -> fx.GraphMod
     """
     result, value_map = copy_graph_module(gm)
     graph = result.graph
-    for site in sites:
+    for position, site in enumerate(sites):
         if site.variant == "none":
             continue
-        _SiteRewriter(site, value_map).apply()
+        _SiteRewriter(site, value_map, position).apply()
     graph.eliminate_dead_code()
     graph.lint()
     result.recompile()
@@ -42,8 +43,9 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[AttentionSite]) -> fx.GraphMod
 class _SiteRewriter:
     """Emits the op call for one site; ``self.m`` maps nodes of the detector's graph to the copy."""
 
-    def __init__(self, site: AttentionSite, value_map: dict[fx.Node, fx.Node]):
+    def __init__(self, site: AttentionSite, value_map: dict[fx.Node, fx.Node], position: int):
         self.site = site
+        self.position = position
         self.value_map = value_map
         self.anchor = value_map[site.output]
         self.emitted: list[fx.Node] = []
@@ -75,6 +77,9 @@ class _SiteRewriter:
         for how, factor in site.q_multipliers:
             q = self.emit("call_function", operator.mul if how == "mul" else operator.truediv, q, self.m(factor))
         bias, mask = self.score_terms()
+        for keep in site.keep_nodes:
+            keep = self.m(keep)
+            mask = keep if mask is None else self.emit("call_function", operator.and_, mask, keep)
         kwargs = {}
         if bias is not None:
             kwargs["bias"] = bias
@@ -88,7 +93,13 @@ class _SiteRewriter:
         if site.dropout_p:
             kwargs["dropout_p"] = site.dropout_p
             kwargs["dropout_seed"] = self.emit("call_function", torch.randint, 0, 2**62, (), dtype=torch.int64)
+        if site.spec is not None and str(site.spec) != "exact":
+            kwargs["variant"] = str(site.spec)
+        if site.min_len:
+            kwargs["fallback"] = str(site.fallback)
+            kwargs["min_len"] = site.min_len
         out = self.emit("call_function", ATTENTION_OP, q, k, v, **kwargs)
+        out.meta[SITE_META] = self.position
         if site.output_transposed:
             out = self.transpose(out)
         want = g.tensor_val(self.anchor)

@@ -13,49 +13,52 @@ import torch
 from torch import Tensor
 
 from attncc.errors import AttnccError
-from attncc.runtime.dispatch import selected_backend
-from attncc.variants import VARIANTS
-from attncc.variants.exact import exact_attention, expand_kv_heads
+from attncc.runtime.dispatch import run_attention
+from attncc.variants.exact import expand_kv_heads
+from attncc.variants.parse import parse_variant
 
 
 @torch.library.custom_op("attncc::attention", mutates_args=())
 def attention_op(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
     scale: float = 1.0, causal: bool = False, softcap: float = 0.0, dropout_p: float = 0.0,
-    dropout_seed: Optional[Tensor] = None,
+    dropout_seed: Optional[Tensor] = None, variant: str = "exact", fallback: str = "exact", min_len: int = 0,
 ) -> Tensor:
-    """Exact attention (semantics in ``attncc.variants.exact``). Returns ``[*batch, Nq, Dv]`` in q's dtype."""
-    selected_backend()
-    out = exact_attention(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed)
+    """One attention site: ``variant`` is the variant's canonical text (``"exact"``, ``"local(window=256)"``,
+    semantics in ``attncc.variants``), run as ``fallback`` while the key length is below ``min_len``.
+    Returns ``[*batch, Nq, Dv]`` in q's dtype."""
+    out = run_attention(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed, variant, fallback,
+                        min_len)
     # custom ops may not return a view of an input (SDPA can, for some degenerate shapes)
     return out.clone() if out._base is not None else out
 
 
 @attention_op.register_fake
 def _attention_fake(q, k, v, bias=None, mask=None, scale=1.0, causal=False, softcap=0.0, dropout_p=0.0,
-                    dropout_seed=None):
+                    dropout_seed=None, variant="exact", fallback="exact", min_len=0):
     q, k, v, _ = expand_kv_heads(q, k, v)
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed = inputs
+    q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed, variant, fallback, min_len = inputs
     ctx.save_for_backward(q, k, v, bias, mask, dropout_seed)
-    ctx.options = (scale, causal, softcap, dropout_p)
+    ctx.options = (scale, causal, softcap, dropout_p, variant, fallback, min_len)
 
 
 def _backward(ctx, grad_out):
     q, k, v, bias, mask, dropout_seed = ctx.saved_tensors
-    scale, causal, softcap, dropout_p = ctx.options
+    scale, causal, softcap, dropout_p, variant, fallback, min_len = ctx.options
     wants = [t is not None and t.is_floating_point() and need for t, need in zip(
         (q, k, v, bias), ctx.needs_input_grad[:4])]
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip((q, k, v, bias), wants)]
-        out = exact_attention(*leaves[:3], leaves[3], mask, scale, causal, softcap, dropout_p, dropout_seed)
+        out = run_attention(*leaves[:3], leaves[3], mask, scale, causal, softcap, dropout_p, dropout_seed, variant,
+                            fallback, min_len)
         targets = [t for t, w in zip(leaves, wants) if w]
         grads = iter(torch.autograd.grad(out, targets, grad_out)) if targets else iter(())
     result = [next(grads) if w else None for w in wants]
-    return (*result, None, None, None, None, None, None)
+    return (*result, None, None, None, None, None, None, None, None, None)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -71,7 +74,8 @@ def attention(
         q: ``[B, Hq, Nq, Dqk]`` (any leading dims work: ``[*batch, Nq, Dqk]``).
         k: ``[B, Hkv, Nk, Dqk]`` with ``Hq % Hkv == 0`` (GQA/MQA without copies in the graph).
         v: ``[B, Hkv, Nk, Dv]``; Dv may differ from Dqk.
-        variant: the variant name (``"exact"``).
+        variant: the variant text: ``"exact"``, ``"local(window=256, sinks=4)"``, ``"topk(density=0.125)"``,
+            ``"linear(feature_map='elu')"`` ... (see ``attncc.variants``).
         causal: mask keys after the query position (top-left aligned, as SDPA's is_causal).
         scale: multiplier of ``q @ k^T``; default ``1/sqrt(Dqk)``.
         bias: additive float, broadcastable to ``[B, Hq, Nq, Nk]``.
@@ -86,8 +90,8 @@ def attention(
 
         out = attncc.attention(q, k, v, causal=True)   # == F.scaled_dot_product_attention(q, k, v, is_causal=True)
     """
-    if variant not in VARIANTS:
-        raise AttnccError(f"unknown variant {variant!r}: valid variants are {', '.join(map(repr, VARIANTS))}")
+    if not torch.compiler.is_compiling():  # validated once when eager; the op parses (cached) when it runs
+        variant = str(parse_variant(variant))
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() < 2:
             raise AttnccError(f"attention: {name} must have at least 2 dims [..., N, D], got shape {tuple(t.shape)}")
@@ -99,4 +103,4 @@ def attention(
     seed = None
     if dropout_p > 0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    return attention_op(q, k, v, bias, mask, scale, causal, float(softcap), float(dropout_p), seed)
+    return attention_op(q, k, v, bias, mask, scale, causal, float(softcap), float(dropout_p), seed, variant)

@@ -17,43 +17,48 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import sympy
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attncc.variants.base import ScoreMods, VariantSpec, attention_cost, site_sizes
+
 
 @dataclass(frozen=True)
-class ExactSpec:
-    """The exact variant has no parameters; it exists so every variant is named by a spec."""
+class ExactSpec(VariantSpec):
+    """Exact softmax attention; no parameters. Masks the model already has (causal, sliding-window bands,
+    padding, segments) are applied exactly; the structured ones skip the blocks they mask out."""
 
-    name: str = "exact"
+    name: ClassVar[str] = "exact"
+    exact: ClassVar[bool] = True
 
     def supports(self, site) -> tuple[bool, str]:
         """Every detected site can run exactly."""
         return True, "exact softmax attention"
 
     def cost(self, site) -> dict[str, sympy.Expr]:
-        """Attention FLOPs and bytes as sympy expressions of the site's sizes (2 FLOPs per multiply-add)."""
-        return dense_attention_cost(site)
+        """Attention FLOPs and bytes as sympy expressions of the site's sizes (2 FLOPs per multiply-add); a
+        causal site scores only the pairs on or below the diagonal."""
+        s = site_sizes(site)
+        pairs = s["Nq"] * (s["Nq"] + 1) / 2 if site.causal else s["Nq"] * s["Nk"]
+        return attention_cost(site, pairs)
 
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
+        return exact_attention(q, k, v, mods.bias, mods.mask, mods.scale, mods.causal, mods.softcap)
 
-def _sym(value, name: str) -> sympy.Expr:
-    return sympy.Integer(value) if isinstance(value, int) else sympy.Symbol(str(value) or name, positive=True)
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
+        return reference(q, k, v, bias=mods.bias, mask=mods.mask, scale=mods.scale, causal=mods.causal,
+                         softcap=mods.softcap)
 
 
 def dense_attention_cost(site) -> dict[str, sympy.Expr]:
-    """FLOPs and bytes of dense attention: QK^T and PV products over all (query, key) pairs."""
-    b, h = _sym(site.batch, "B"), _sym(site.q_heads, "H")
-    nq, nk = _sym(site.q_len, "Nq"), _sym(site.kv_len, "Nk")
-    d, dv = _sym(site.head_dim, "D"), _sym(site.value_dim, "Dv")
-    hkv = _sym(site.kv_heads, "Hkv")
-    flops = 2 * b * h * nq * nk * (d + dv)
-    itemsize = site.dtype.itemsize if site.dtype is not None else 4
-    bytes_ = itemsize * b * (h * nq * (d + dv) + hkv * nk * (d + dv))
-    return {"flops": flops, "bytes": bytes_}
+    """FLOPs and bytes of dense attention over every (query, key) pair: what a model's own attention code
+    computes when it builds the full score matrix and masks it."""
+    s = site_sizes(site)
+    return attention_cost(site, s["Nq"] * s["Nk"])
 
 
 def expand_kv_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
@@ -184,6 +189,9 @@ def exact_attention(
     if softcap > 0 or (dropout_p > 0 and dropout_seed is not None):
         return explicit_attention(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed)
     q, k, v, gqa = expand_kv_heads(q, k, v)
+    lengths = _prefix_key_lengths(q, k, mask) if causal and bias is None and dropout_p == 0 else None
+    if lengths is not None:
+        return _causal_per_batch(q, k, v, lengths, scale, gqa)
     attn_mask = combined_sdpa_mask(q, bias, mask, causal, k.shape[-2])
     if gqa:
         k, v = _repeat_gqa(q, k), _repeat_gqa(q, v)
@@ -194,3 +202,34 @@ def exact_attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal and attn_mask is None, scale=scale
     )
+
+
+def _prefix_key_lengths(q: Tensor, k: Tensor, mask: Optional[Tensor]) -> Optional[list[int]]:
+    """Per-batch key lengths when ``mask`` is a right-padding mask ``[B, 1, 1, Nk]`` (each row a run of True
+    then False) on a 4-D self-attention shape; None for any other mask."""
+    if mask is None or mask.dim() != 4 or q.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+        return None
+    if q.shape[-2] != k.shape[-2] or mask.shape[-1] != k.shape[-2] or mask.shape[0] not in (1, q.shape[0]):
+        return None
+    keep = mask[:, 0, 0, :]
+    lengths = keep.sum(dim=-1)
+    prefix = torch.arange(keep.shape[-1], device=keep.device)[None, :] < lengths[:, None]
+    if not torch.equal(prefix, keep) or bool((lengths == 0).any()):
+        return None
+    return [int(n) for n in lengths.expand(q.shape[0]).tolist()]
+
+
+def _causal_per_batch(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], scale: float, gqa: bool) -> Tensor:
+    """Causal attention with right padding, exactly, without a mask: batch row b only reads its first
+    ``lengths[b]`` keys (the others are masked for every query), so SDPA's causal kernel skips them."""
+    if gqa:
+        k, v = _repeat_gqa(q, k), _repeat_gqa(q, v)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if all(n == k.shape[-2] for n in lengths):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    rows = [
+        F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, ..., :n, :], v[b:b + 1, ..., :n, :], is_causal=True,
+                                       scale=scale)
+        for b, n in enumerate(lengths)
+    ]
+    return torch.cat(rows, dim=0)

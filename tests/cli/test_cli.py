@@ -68,7 +68,7 @@ def test_inspect_factory_file(tmp_path, capsys):
         (["inspect", "nonsense"], "accepted"),
         (["inspect", "hf:not_a_model_type"], "unknown transformers model type"),
         (["inspect", "missing_file.py:factory"], "no such file"),
-        (["inspect", "demo", "--policy", "fastest"], "unknown policy"),
+        (["inspect", "demo", "--policy", "fastest"], "unknown variant 'fastest'"),
         (["inspect", "demo", "--seq-len", "0"], "--seq-len"),
         (["inspect", "timm:not_a_timm_model"], "timm"),
     ],

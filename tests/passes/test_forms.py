@@ -248,11 +248,11 @@ POSITIVE = [
     Form("sdpa_plain", lambda: QKV(lambda s, q, k, v: F.scaled_dot_product_attention(q, k, v)), _qkv,
          dict(source="sdpa", scale=SCALE)),
     Form("sdpa_bool_mask", lambda: QKVM(lambda s, q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)),
-         _qkv_mask(lambda: keep_mask(B, 1, N, N)), dict(mask="bool")),
+         _qkv_mask(lambda: keep_mask(B, 1, N, N)), dict(mask="dense")),
     Form("sdpa_float_mask", lambda: QKVM(lambda s, q, k, v, m: F.scaled_dot_product_attention(q, k, v, m)),
-         _qkv_mask(lambda: rand(B, 1, N, N, seed=5)), dict(mask="additive")),
+         _qkv_mask(lambda: rand(B, 1, N, N, seed=5)), dict(mask="bias")),
     Form("sdpa_causal", lambda: QKV(lambda s, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
-         _qkv, dict(causal=True)),
+         _qkv, dict(causal=True, mask="causal")),
     Form("sdpa_scale", lambda: QKV(lambda s, q, k, v: F.scaled_dot_product_attention(q, k, v, scale=0.3)), _qkv,
          dict(scale=0.3)),
     Form("sdpa_dropout_eval", lambda: SdpaDropout(0.25).eval(), _qkv, dict(dropout_p=0.0)),
@@ -272,7 +272,7 @@ POSITIVE = [
     # 10: baddbmm
     Form("baddbmm_3d", lambda: QKVM(lambda s, q, k, v, m: torch.bmm(
         torch.baddbmm(m, q, k.transpose(1, 2), beta=1, alpha=SCALE).softmax(-1), v)),
-         lambda: (*_qkv3(), rand(B * H, N, N, seed=9)), dict(BH3, mask="additive", scale=SCALE)),
+         lambda: (*_qkv3(), rand(B * H, N, N, seed=9)), dict(BH3, mask="bias", scale=SCALE)),
     # 11: einsum
     Form("einsum", lambda: QKV(lambda s, q, k, v: torch.einsum(
         "bhqk,bhkd->bhqd", (torch.einsum("bhqd,bhkd->bhqk", q, k) * SCALE).softmax(-1), v)), _qkv,
@@ -296,36 +296,38 @@ POSITIVE = [
         lambda s, q, k, v: ((q * D ** -0.25) @ (k * D ** -0.25).transpose(-2, -1)).softmax(-1) @ v), _qkv,
          dict(scale=SCALE)),
     # 15: learned relative position bias + additive mask
-    Form("relpos_bias_and_mask", RelPosBias, _qkv_mask(lambda: rand(B, 1, 1, N, seed=4)), dict(mask="additive")),
+    Form("relpos_bias_and_mask", RelPosBias, _qkv_mask(lambda: rand(B, 1, 1, N, seed=4)), dict(mask="bias")),
     # 16: mask spellings
     Form("masked_fill_neg_inf", lambda: QKVM(
         lambda s, q, k, v, m: scores(q, k).masked_fill(~m, float("-inf")).softmax(-1) @ v),
-         _qkv_mask(lambda: keep_mask(B, 1, N, N)), dict(mask="bool")),
+         _qkv_mask(lambda: keep_mask(B, 1, N, N)), dict(mask="dense")),
     Form("masked_fill_eq_zero", lambda: QKVM(
         lambda s, q, k, v, m: scores(q, k).masked_fill(m == 0, -INF).softmax(-1) @ v),
-         _qkv_mask(lambda: keep_mask(B, 1, N, N).long()), dict(mask="bool")),
+         _qkv_mask(lambda: keep_mask(B, 1, N, N).long()), dict(mask="dense")),
     Form("masked_fill_finfo_min", lambda: QKVM(
         lambda s, q, k, v, m: scores(q, k).masked_fill(~m, torch.finfo(torch.float32).min).softmax(-1) @ v),
-         _qkv_mask(lambda: keep_mask(B, 1, N, N)), dict(mask="additive")),
+         _qkv_mask(lambda: keep_mask(B, 1, N, N)), dict(mask="dense")),
     Form("masked_fill_finfo_dtype_min", lambda: QKVM(
         lambda s, q, k, v, m: (lambda t: t.masked_fill(~m, torch.finfo(t.dtype).min))(scores(q, k)).softmax(-1) @ v),
-         _qkv_mask(lambda: keep_mask(B, 1, N, N)), dict(mask="additive"), frontends=("dynamo",)),
+         _qkv_mask(lambda: keep_mask(B, 1, N, N)), dict(mask="dense"), frontends=("dynamo",)),
     Form("where_neg_inf", lambda: QKVM(
         lambda s, q, k, v, m: torch.where(m, scores(q, k), float("-inf")).softmax(-1) @ v),
-         _qkv_mask(lambda: keep_mask(1, 1, N, N)), dict(mask="bool")),
-    Form("gpt2_buffer_slice_where", lambda: Gpt2Buffer(use_where=True), _qkv, dict(mask="additive"),
+         _qkv_mask(lambda: keep_mask(1, 1, N, N)), dict(mask="dense")),
+    Form("gpt2_buffer_slice_where", lambda: Gpt2Buffer(use_where=True), _qkv, dict(mask="dense"),
          frontends=("dynamo",)),
-    Form("gpt2_buffer_slice_masked_fill", lambda: Gpt2Buffer(use_where=False), _qkv, dict(mask="bool"),
+    Form("gpt2_buffer_slice_masked_fill", lambda: Gpt2Buffer(use_where=False), _qkv, dict(mask="dense"),
          frontends=("dynamo",)),
-    Form("gpt2_buffer_narrow_where", lambda: Gpt2Buffer(use_where=True, narrow=True), _qkv, dict(mask="additive")),
+    Form("gpt2_buffer_narrow_where", lambda: Gpt2Buffer(use_where=True, narrow=True), _qkv, dict(mask="dense")),
     Form("gpt2_buffer_narrow_masked_fill", lambda: Gpt2Buffer(use_where=False, narrow=True), _qkv,
-         dict(mask="bool")),
+         dict(mask="dense")),
     Form("gpt2_buffer_kv_longer", lambda: Gpt2Buffer(use_where=False, narrow=True), lambda: qkv(nq=5, nk=N),
-         dict(mask="bool", kind="cross", q_len=5)),
+         dict(mask="dense", kind="cross", q_len=5)),
     Form("bert_extended_mask", lambda: QKVM(lambda s, q, k, v, m: (
         scores(q, k) + (1.0 - m[:, None, None, :]) * torch.finfo(torch.float32).min).softmax(-1) @ v),
-         _qkv_mask(lambda: keep_mask(B, N)[:, :1].expand(B, N).float().contiguous()), dict(mask="additive")),
-    Form("alibi_causal", Alibi, _qkv, dict(mask="bool+additive")),
+         _qkv_mask(lambda: keep_mask(B, N)[:, :1].expand(B, N).float().contiguous()), dict(mask="bias")),
+    # a constant causal buffer is read as structure where it is a constant (fx); Dynamo lifts buffers to inputs
+    Form("alibi_causal", Alibi, _qkv, dict(mask="causal+bias", causal=True), frontends=("fx",)),
+    Form("alibi_causal_lifted", Alibi, _qkv, dict(mask="dense+bias"), frontends=("dynamo",)),
     Form("per_head_temperature", HeadTemperature, _qkv, dict(scale=1.0)),
     Form("k_permute", lambda: QKV(lambda s, q, k, v: (q @ k.permute(0, 1, 3, 2) * SCALE).softmax(dim=3) @ v), _qkv,
          dict(scale=SCALE)),

@@ -1,0 +1,526 @@
+"""Mask analysis: recover the structure of the masks a model builds, so structured masks skip work exactly.
+
+Models spell masks as tensors: HF transformers 5.x compares index tensors (``kv_idx <= q_idx``, ``kv_idx >
+q_idx - window``) and indexes ``attention_mask[batch_idx, kv_idx]``; GPT-style code slices a ``tril`` buffer;
+Swin adds a constant ``-100`` mask per window. This pass reads the graph that builds a site's mask and splits
+the keep-predicate (True = attend) into an AND of factors:
+
+* index comparisons ``a*j - a*i + c <= 0`` between the key index j and the query index i: a causal bound
+  (``j <= i``) or a sliding-window band (``j >= i - left``), carried as ``site.causal`` / ``site.band``;
+* comparisons that are always true for valid indices (``q_idx >= 0``): dropped;
+* everything else stays a residual bool tensor (``site.keep_nodes``), evaluated exactly as the model does;
+  one shaped ``[B, 1, 1, Nk]`` (per key, the same for every query: padding) is cheap to carry, which is what
+  ``site.mask_residual`` tells the variants ('padding' vs 'dense').
+
+Masks that do not depend on the inputs at all (buffers, ``arange``/``ones`` constructions) are evaluated once
+here, at the captured shapes, and matched against the same structures (causal, band, segments).
+
+Additive masks of the form ``where(keep, 0, c)`` with ``c`` -inf or below ``-1e30`` (HF's ``finfo.min``) are
+read as bool masks: ``exp(c - m)`` is exactly 0 in float32/16, so nothing changes except rows masked
+everywhere (where the model averages every value uniformly and attncc returns what its variant defines).
+Nothing here is a heuristic on values seen at run time: a factor is only taken out when the graph proves it.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+import torch.fx as fx
+
+from attncc.passes import graph_ops as g
+from attncc.site import AttentionSite
+
+NEG_LARGE = -1e30
+"""Additive fill values at or below this are masks (HF uses finfo(float32).min = -3.4e38)."""
+
+
+# ------------------------------------------------------------------------------------- abstract values
+@dataclass(frozen=True)
+class Affine:
+    """An integer tensor ``const + sum(coef * index[dim])``; dims are negative (right-aligned broadcasting)."""
+
+    coeffs: tuple[tuple[int, int], ...]
+    const: int
+    ndim: int
+
+    def terms(self) -> dict[int, int]:
+        return dict(self.coeffs)
+
+    @staticmethod
+    def of(terms: dict[int, int], const: int, ndim: int) -> "Affine":
+        return Affine(tuple(sorted((d, c) for d, c in terms.items() if c != 0)), int(const), ndim)
+
+    def plus(self, other: "Affine", sign: int = 1) -> "Affine":
+        terms = self.terms()
+        for d, c in other.coeffs:
+            terms[d] = terms.get(d, 0) + sign * c
+        return Affine.of(terms, self.const + sign * other.const, max(self.ndim, other.ndim))
+
+
+@dataclass(frozen=True)
+class Atom:
+    """The predicate ``affine <= 0``, computed by ``node`` (a bool tensor) in the graph."""
+
+    expr: Affine
+    node: fx.Node
+
+
+@dataclass(frozen=True)
+class Pred:
+    """AND of atoms and residual bool nodes (True = attend). No atoms and no residuals: always true."""
+
+    atoms: tuple[Atom, ...] = ()
+    residuals: tuple[fx.Node, ...] = ()
+
+    def and_(self, other: "Pred") -> "Pred":
+        return Pred(self.atoms + other.atoms, self.residuals + other.residuals)
+
+
+Value = Union[Affine, Pred, None]
+
+COMPARE = {
+    operator.le: "le", operator.lt: "lt", operator.ge: "ge", operator.gt: "gt",
+    torch.le: "le", torch.lt: "lt", torch.ge: "ge", torch.gt: "gt",
+}
+COMPARE_METHODS = {"le": "le", "lt": "lt", "ge": "ge", "gt": "gt", "__le__": "le", "__lt__": "lt",
+                   "__ge__": "ge", "__gt__": "gt"}
+AND_FUNCTIONS = (operator.and_, torch.logical_and, torch.bitwise_and)
+AND_METHODS = {"__and__", "logical_and", "bitwise_and", "__rand__"}
+PASS_METHODS = {"to", "bool", "expand", "expand_as", "contiguous", "clone"}
+
+
+class MaskInterpreter:
+    """Reads the subgraph that builds a mask as affine index expressions and predicates (memoized)."""
+
+    def __init__(self):
+        self.memo: dict[fx.Node, Value] = {}
+
+    def value(self, x) -> Value:
+        if isinstance(x, bool):
+            return Pred() if x else None
+        if isinstance(x, int):
+            return Affine((), x, 0)
+        if not isinstance(x, fx.Node):
+            return None
+        if x not in self.memo:
+            self.memo[x] = self._eval(x)
+        return self.memo[x]
+
+    def pred(self, node) -> Pred:
+        """The predicate a bool node computes, with what is not understood kept as residual nodes."""
+        v = self.value(node)
+        if isinstance(v, Pred):
+            return v
+        return Pred(residuals=(node,))
+
+    def _eval(self, node: fx.Node) -> Value:
+        t = g.tensor_val(node)
+        if node.op == "call_function" and node.target is torch.arange:
+            return self._arange(node)
+        if g.is_call(node, (operator.add, torch.add, operator.sub, torch.sub), {"add", "sub", "__add__", "__sub__",
+                                                                              "__radd__"}):
+            a, b = self.value(node.args[0]), self.value(node.args[1] if len(node.args) > 1 else None)
+            if isinstance(a, Affine) and isinstance(b, Affine) and node.kwargs.get("alpha", 1) == 1:
+                sub = node.target in (operator.sub, torch.sub) or node.target in ("sub", "__sub__")
+                return a.plus(b, -1 if sub else 1)
+            return None
+        if node.op == "call_function" and node.target is operator.getitem:
+            return self._getitem(node)
+        if g.is_call(node, (torch.unsqueeze,), {"unsqueeze"}):
+            base = self.value(node.args[0])
+            if isinstance(base, Affine) and isinstance(node.args[1], int):
+                dim = node.args[1] if node.args[1] >= 0 else base.ndim + 1 + node.args[1]
+                return _insert_dims(base, [dim])
+            return None
+        compare = COMPARE.get(node.target) if node.op == "call_function" else (
+            COMPARE_METHODS.get(node.target) if node.op == "call_method" else None)
+        if compare is not None and len(node.args) == 2:
+            a, b = self.value(node.args[0]), self.value(node.args[1])
+            if isinstance(a, Affine) and isinstance(b, Affine):
+                return Pred(atoms=(Atom(_compare(a, b, compare), node),))
+            return None
+        if g.is_call(node, AND_FUNCTIONS, AND_METHODS) and len(node.args) == 2:
+            return self.pred(node.args[0]).and_(self.pred(node.args[1]))
+        if g.is_call(node, (torch.Tensor.to,), PASS_METHODS) and node.args:
+            if t is not None and t.dtype != torch.bool and not _is_int(t):
+                return None
+            base = self.value(node.args[0])
+            src = g.tensor_val(node.args[0])
+            if isinstance(base, Pred) and t is not None and t.dtype == torch.bool:
+                return base
+            if isinstance(base, Affine) and t is not None and _is_int(t) and src is not None and _is_int(src):
+                return base
+            return None
+        if g.is_call(node, (), {"new_ones"}) and t is not None and t.dtype == torch.bool:
+            return Pred()
+        if node.op == "call_function" and node.target in (torch.ones, torch.ones_like) and t is not None \
+                and t.dtype == torch.bool:
+            return Pred()
+        return None
+
+    def _arange(self, node: fx.Node) -> Value:
+        # a traced length (x.size(1)) only sets how far the index runs; the affine form does not depend on it
+        args = [g.val(a) if isinstance(a, fx.Node) else a for a in node.args]
+        if "start" in node.kwargs or "end" in node.kwargs or "step" in node.kwargs:
+            return None
+        if len(args) == 1 and isinstance(args[0], int):
+            return Affine(((-1, 1),), 0, 1)
+        if len(args) == 2 and all(isinstance(a, int) for a in args):
+            return Affine(((-1, 1),), args[0], 1)
+        return None
+
+    def _getitem(self, node: fx.Node) -> Value:
+        base, index = node.args
+        v = self.value(base)
+        if not isinstance(index, tuple):
+            index = (index,)
+        if isinstance(v, Affine) and all(i is None or i == slice(None) or i is Ellipsis for i in index):
+            return _index_views(v, index)
+        return None
+
+
+def _is_int(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
+
+def _insert_dims(v: Affine, positions: list[int]) -> Affine:
+    """Insert size-1 dims at (non-negative) output positions."""
+    ndim = v.ndim + len(positions)
+    old_positions = [p for p in range(ndim) if p not in positions]
+    remap = {old - v.ndim: new - ndim for old, new in zip(range(v.ndim), old_positions)}
+    return Affine.of({remap[d]: c for d, c in v.coeffs}, v.const, ndim)
+
+
+def _index_views(v: Affine, index: tuple) -> Optional[Affine]:
+    if sum(i is Ellipsis for i in index) > 1:
+        return None
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        fill = v.ndim - sum(i is not None for i in index if i is not Ellipsis)
+        index = index[:at] + (slice(None),) * fill + index[at + 1:]
+    if sum(i is not None for i in index) > v.ndim:
+        return None
+    index = index + (slice(None),) * (v.ndim - sum(i is not None for i in index))
+    positions = [p for p, i in enumerate(index) if i is None]
+    return _insert_dims(v, positions)
+
+
+def _compare(a: Affine, b: Affine, how: str) -> Affine:
+    """The affine expression e with ``a <how> b  <=>  e <= 0``."""
+    if how == "le":      # a - b <= 0
+        expr = a.plus(b, -1)
+    elif how == "lt":    # a - b + 1 <= 0 (integers)
+        expr = a.plus(b, -1).plus(Affine((), 1, 0))
+    elif how == "ge":    # b - a <= 0
+        expr = b.plus(a, -1)
+    else:                # gt: b - a + 1 <= 0
+        expr = b.plus(a, -1).plus(Affine((), 1, 0))
+    return expr
+
+
+# ----------------------------------------------------------------------------------------- structure
+@dataclass
+class MaskStructure:
+    """What a site's masks reduce to: bounds on ``j - i`` plus residual bool tensors."""
+
+    right: Optional[int] = None
+    """Keys ``j <= i + right`` (0: causal)."""
+    left: Optional[int] = None
+    """Keys ``j >= i - left``."""
+    residuals: list[fx.Node] = field(default_factory=list)
+    understood: bool = True
+
+
+def structure_of(pred: Pred) -> MaskStructure:
+    """Turn atoms over the query (dim -2) and key (dim -1) indices into bounds on ``j - i``; atoms of any
+    other form stay residual (their comparison node is applied as it is)."""
+    out = MaskStructure(residuals=list(pred.residuals))
+    for atom in pred.atoms:
+        terms = atom.expr.terms()
+        c = atom.expr.const
+        ci, cj = terms.pop(-2, 0), terms.pop(-1, 0)
+        if not terms and ci <= 0 and cj <= 0 and c <= 0:
+            continue  # -a*i - b*j + c <= 0 holds for every index >= 0 (e.g. q_idx >= 0)
+        if not terms and cj == -ci and abs(cj) == 1:
+            if cj == 1:   # j - i + c <= 0  ->  j <= i - c
+                out.right = -c if out.right is None else min(out.right, -c)
+            else:         # i - j + c <= 0  ->  j >= i + c
+                out.left = -c if out.left is None else min(out.left, -c)
+            continue
+        out.residuals.append(atom.node)
+    return out
+
+
+# ------------------------------------------------------------------------------------ constant masks
+def constant_value(gm: fx.GraphModule, node: fx.Node, max_elements: int = 1 << 26) -> Optional[torch.Tensor]:
+    """Evaluate ``node`` now if it depends on no graph input (only buffers/constants and static shapes)."""
+    t = g.tensor_val(node)
+    if t is None or t.numel() > max_elements or any(not isinstance(s, int) for s in t.shape):
+        return None
+    order: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op not in ("call_function", "call_method", "get_attr"):
+            return None  # a placeholder (input data, or a Dynamo-lifted parameter that may change)
+        if n.op == "call_function" and n.target in (torch.rand, torch.randn, torch.randint, torch.randperm):
+            return None
+        order.append(n)
+        stack.extend(n.all_input_nodes)
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in sorted(order, key=_position(gm)):
+        env[n] = sub.node_copy(n, lambda x: env[x])
+    sub.output(env[node])
+    try:
+        with torch.no_grad():
+            value = fx.GraphModule(gm, sub)()
+    except Exception:  # constructing it needs something we do not have (device, a dynamic size): leave it
+        return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+ELEMENTWISE_BOOL = {"bool", "logical_not", "__invert__", "eq", "ne", "__eq__", "__ne__"}
+
+
+def sliced_constant(gm: fx.GraphModule, node) -> Optional[torch.Tensor]:
+    """For a mask that is a top-left slice of a buffer (``tril[:, :, :T, :T]``, ``narrow(2, 0, T)``), possibly
+    compared with a scalar or negated, the same expression on the WHOLE buffer; None for anything else.
+
+    A band ``i - left <= j <= i + right`` of the whole buffer is the same band in every top-left slice, so
+    structure found on this value holds at every sequence length the graph will see.
+    """
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        value = getattr_path(gm, node.target)
+        return value if isinstance(value, torch.Tensor) else None
+    if g.is_call(node, (torch.narrow,), {"narrow"}):
+        if len(node.args) == 4 and node.args[2] == 0:
+            return sliced_constant(gm, node.args[0])
+        return None
+    if node.op == "call_function" and node.target is operator.getitem:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if all(i is Ellipsis or (isinstance(i, slice) and i.start in (None, 0) and i.step is None) for i in index):
+            return sliced_constant(gm, node.args[0])
+        return None
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name in ELEMENTWISE_BOOL or (node.op == "call_function" and node.target in (
+            operator.eq, operator.ne, operator.invert, torch.logical_not, torch.eq, torch.ne)):
+        base = sliced_constant(gm, node.args[0])
+        if base is None:
+            return None
+        other = node.args[1] if len(node.args) > 1 else None
+        if name in ("eq", "__eq__") or node.target in (operator.eq, torch.eq):
+            return base == other if isinstance(other, (int, float, bool)) else None
+        if name in ("ne", "__ne__") or node.target in (operator.ne, torch.ne):
+            return base != other if isinstance(other, (int, float, bool)) else None
+        if name == "bool":
+            return base.bool()
+        return ~base.bool()
+    return None
+
+
+def getattr_path(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _position(gm: fx.GraphModule):
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return lambda n: index[n]
+
+
+def band_of(keep: torch.Tensor) -> Optional[tuple[Optional[int], Optional[int]]]:
+    """``(left, right)`` when a constant ``[..., Nq, Nk]`` keep-mask (leading dims of size 1) is exactly the band
+    ``i - left <= j <= i + right`` (None: unbounded on that side); None when it is anything else."""
+    if keep.dtype != torch.bool or keep.dim() < 2 or any(s != 1 for s in keep.shape[:-2]):
+        return None
+    m = keep.reshape(keep.shape[-2:])
+    nq, nk = m.shape
+    if nq == 0 or nk == 0 or not bool(m.any(dim=1).all()):
+        return None
+    cols = torch.arange(nk)
+    rows = torch.arange(nq)
+    first = torch.where(m, cols, nk).min(dim=1).values
+    last = torch.where(m, cols, -1).max(dim=1).values
+    right_rows = last < nk - 1
+    left_rows = first > 0
+    right = int((last - rows)[right_rows][0]) if bool(right_rows.any()) else None
+    left = int((rows - first)[left_rows][0]) if bool(left_rows.any()) else None
+    j, i = cols[None, :], rows[:, None]
+    expect = torch.ones(nq, nk, dtype=torch.bool)
+    if right is not None:
+        expect &= j <= i + right
+    if left is not None:
+        expect &= j >= i - left
+    return (left, right) if bool(torch.equal(expect, m)) else None
+
+
+# ---------------------------------------------------------------------------------------- the pass
+def _large_negative(x) -> bool:
+    c = x if isinstance(x, (int, float)) else None
+    return c is not None and c <= NEG_LARGE
+
+
+def _zero(x) -> bool:
+    if isinstance(x, (int, float)):
+        return x == 0
+    t = g.tensor_val(x)
+    if isinstance(x, fx.Node) and x.op == "get_attr" and x.graph.owning_module is not None:
+        value = getattr_path(x.graph.owning_module, x.target)
+        return isinstance(value, torch.Tensor) and value.numel() == 1 and float(value) == 0.0
+    if isinstance(x, fx.Node) and t is not None and t.numel() == 1 and x.op == "call_function" \
+            and x.target in (torch.tensor, torch.zeros, torch.zeros_like) and not x.all_input_nodes:
+        args = x.args
+        return x.target is not torch.tensor or (len(args) >= 1 and args[0] in (0, 0.0))
+    return False
+
+
+def additive_as_keep(node) -> Optional[fx.Node]:
+    """The bool keep-mask of an additive mask ``where(keep, 0, -big)`` / ``where(~keep, -big, 0)`` (as a node
+    whose value is True where attending), or None when the term is a real bias."""
+    if not g.is_call(node, (torch.where,), {"where"}) or len(node.args) != 3:
+        return None
+    cond, a, b = node.args
+    if g.tensor_val(cond) is None or g.tensor_val(cond).dtype != torch.bool:
+        return None
+    if _zero(a) and _large_negative(b):
+        return cond
+    return None
+
+
+def analyze_masks(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[AttentionSite]:
+    """Recover causal/band structure and residual masks of each site (in place; returns the list).
+
+    After it, a site's masks are: ``site.causal``, ``site.band``, the bool ``site.keep_nodes`` (ANDed) and
+    whatever bias/fill steps remain in ``site.steps`` (or ``site.sdpa_mask`` when it was not understood).
+    """
+    interp = MaskInterpreter()
+    for site in sites:
+        _analyze_site(gm, site, interp)
+    return sites
+
+
+def _analyze_site(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpreter) -> None:
+    original = (list(site.steps), site.sdpa_mask)
+    if any(step.kind == "reshape" for step in site.steps):
+        _summarize(site, [])
+        return
+    keep_terms: list[fx.Node] = []
+    if site.sdpa_mask is not None:
+        t = g.tensor_val(site.sdpa_mask)
+        keep = site.sdpa_mask if t is not None and t.dtype == torch.bool else additive_as_keep(site.sdpa_mask)
+        if keep is not None:
+            keep_terms.append(keep)
+            site.sdpa_mask = None
+    remaining = []
+    for step in site.steps:
+        if step.kind == "add" and step.value == 1.0 and additive_as_keep(step.node) is not None:
+            keep_terms.append(additive_as_keep(step.node))
+        elif step.kind == "keep" and (step.value == float("-inf") or _large_negative(step.value)) \
+                and _bool(step.node):
+            keep_terms.append(step.node)
+        elif step.kind == "fill" and (step.value == float("-inf") or _large_negative(step.value)) \
+                and g.is_call(step.node, (operator.invert, torch.logical_not, torch.bitwise_not),
+                              {"__invert__", "logical_not", "bitwise_not"}) and _bool(step.node.args[0]):
+            keep_terms.append(step.node.args[0])
+        elif step.kind == "fill" and (step.value == float("-inf") or _large_negative(step.value)) \
+                and _bool(step.node) and _inverted_constant(gm, step.node) is not None:
+            keep_terms.append(("constant", _inverted_constant(gm, step.node)))
+        elif step.kind == "fill" and (step.value == float("-inf") or _large_negative(step.value)) \
+                and _bool(step.node) and sliced_constant(gm, step.node) is not None \
+                and band_of(~sliced_constant(gm, step.node).bool()) is not None:
+            keep_terms.append(("constant", ~sliced_constant(gm, step.node).bool()))
+        else:
+            remaining.append(step)
+    site.steps = remaining
+    pred = Pred()
+    constants: list[torch.Tensor] = []
+    for term in keep_terms:
+        if isinstance(term, tuple):
+            constants.append(term[1])
+        else:
+            pred = pred.and_(interp.pred(term))
+    structure = structure_of(pred)
+    residuals = []
+    for node in structure.residuals:
+        value = constant_value(gm, node)
+        if value is None or value.dtype != torch.bool:
+            whole = sliced_constant(gm, node)
+            value = whole.bool() if whole is not None and band_of(whole.bool()) is not None else None
+        if value is not None and value.dtype == torch.bool:
+            constants.append(value)
+        else:
+            residuals.append(node)
+    for value in constants:
+        band = band_of(value)
+        if band is None:  # a constant we cannot explain: keep it as the model computes it
+            return _give_up(site, original)
+        left, right = band
+        if right is not None:
+            structure.right = right if structure.right is None else min(structure.right, right)
+        if left is not None:
+            structure.left = left if structure.left is None else min(structure.left, left)
+    if structure.right is not None and structure.right != 0 or (structure.right is None and structure.left is not None):
+        return _give_up(site, original)  # bands not anchored at the diagonal: keep the tensors
+    if structure.right == 0:
+        site.causal = True
+        if structure.left is not None:
+            site.band = (structure.left, 0)
+    site.keep_nodes = residuals
+    _summarize(site, residuals)
+
+
+def _bool(node) -> bool:
+    t = g.tensor_val(node)
+    return t is not None and t.dtype == torch.bool
+
+
+def _inverted_constant(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tensor]:
+    value = constant_value(gm, node)
+    return None if value is None or value.dtype != torch.bool else ~value
+
+
+def _give_up(site: AttentionSite, original) -> None:
+    """Nothing taken out: the site keeps its masks exactly as detected (restores the consumed steps)."""
+    site.steps, site.sdpa_mask = original
+    site.keep_nodes = []
+    _summarize(site, [])
+
+
+def _summarize(site: AttentionSite, residuals: list[fx.Node]) -> None:
+    """Fill has_bias / mask_residual / mask_kind (the report's 'mask' column) from what the site carries."""
+    site.has_bias = any(s.kind == "add" or (s.kind in ("fill", "keep") and s.value != float("-inf"))
+                        for s in site.steps) or (site.sdpa_mask is not None and not _bool(site.sdpa_mask))
+    dense = any(s.kind in ("fill", "keep", "reshape") for s in site.steps) or (
+        site.sdpa_mask is not None and _bool(site.sdpa_mask))
+    padding = False
+    for node in residuals:
+        shape = g.shape(node)
+        if shape is not None and len(shape) >= 2 and shape[-2] == 1 and (len(shape) < 3 or shape[-3] == 1):
+            padding = True
+        else:
+            dense = True
+    site.mask_residual = "dense" if dense else ("padding" if padding else "none")
+    parts = []
+    if site.causal:
+        parts.append("causal")
+    if site.band is not None:
+        parts.append(f"window {site.band[0] + 1}")
+    if site.mask_residual != "none":
+        parts.append(site.mask_residual)
+    if site.has_bias:
+        parts.append("bias")
+    site.mask_kind = "+".join(parts) or "none"

@@ -1,0 +1,101 @@
+"""Plan: give every detected site the variant spec its op will run, as the policy says.
+
+For each site the policy's first matching rule names a variant; the plan fills in what the site shows (the
+token grid of a ViT for ``neighborhood``, the model's own sliding window for ``local``), asks the variant
+whether it supports the site and, where it does not, keeps the site exact with the variant's reason. A site
+whose model mask is a sliding-window band runs ``exact`` as the band (``local(left=W-1, right=0)``: exact,
+and it skips the blocks outside the window).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from attncc.passes import graph_ops as g
+from attncc.policy import Policy
+from attncc.site import AttentionSite
+from attncc.variants.exact import ExactSpec
+from attncc.variants.local import LocalSpec
+from attncc.variants.neighborhood import NeighborhoodSpec
+from attncc.variants.parse import parse_variant
+
+MAX_PREFIX_TOKENS = 16
+"""At most this many tokens before a ViT's patch grid (class, distillation and register tokens)."""
+
+
+def plan_sites(gm: fx.GraphModule, sites: list[AttentionSite], policy: Policy) -> list[AttentionSite]:
+    """Set ``variant``, ``reason``, ``spec``, ``fallback`` and ``min_len`` on each site (in place)."""
+    grids = patch_grids(gm)
+    for site in sites:
+        site.grid, site.grid_prefix = _grid_for(site, grids)
+        decision = policy.decide(site)
+        site.variant, site.reason, site.min_len = decision.variant, decision.reason, 0
+        if decision.variant == "none":
+            site.spec = site.fallback = None
+            continue
+        exact = exact_spec(site)
+        spec = _specialize(parse_variant(decision.variant), site)
+        if isinstance(spec, ExactSpec):
+            site.spec, site.fallback = exact, exact
+            continue
+        supported, why = spec.supports(site)
+        if supported and site.layout not in ("bhnd", "(bh)nd"):
+            supported, why = False, f"it runs on [B, H, N, D] or [B, N, D] tensors, this site's layout is {site.layout}"
+        if supported and site.band is not None and not isinstance(spec, LocalSpec):
+            supported, why = False, f"the model already limits this site to a window of {site.band[0] + 1} keys"
+        if not supported:
+            site.variant, site.spec, site.fallback = "exact", exact, exact
+            site.reason = f"{decision.reason}; {spec.name} does not apply ({why}): exact"
+            continue
+        site.spec, site.fallback, site.min_len = spec, exact, decision.min_len
+        site.variant = str(spec)
+    return sites
+
+
+def exact_spec(site: AttentionSite):
+    """The spec that runs ``site`` exactly: its model's sliding-window band where it has one."""
+    if site.band is not None:
+        return LocalSpec(left=site.band[0], right=site.band[1])
+    return ExactSpec()
+
+
+def _specialize(spec, site: AttentionSite):
+    """Fill in what the variant needs from the site: a ViT's grid; the intersection with a model window."""
+    if isinstance(spec, NeighborhoodSpec) and spec.grid is None and site.grid is not None:
+        return dataclasses.replace(spec, grid=site.grid, globals=site.grid_prefix)
+    if isinstance(spec, LocalSpec) and site.band is not None:
+        return spec.intersect_band(*site.band, causal=site.causal)
+    return spec
+
+
+def _grid_for(site: AttentionSite, grids: list[tuple[int, ...]]) -> tuple[Optional[tuple[int, ...]], int]:
+    if site.kind != "self" or not isinstance(site.q_len, int):
+        return None, 0
+    for grid in grids:
+        tokens = 1
+        for size in grid:
+            tokens *= size
+        prefix = site.q_len - tokens
+        if 0 <= prefix <= MAX_PREFIX_TOKENS:
+            return grid, prefix
+    return None, 0
+
+
+def patch_grids(gm: fx.GraphModule) -> list[tuple[int, ...]]:
+    """Spatial sizes of the convolutions in the graph (a ViT's patch embedding gives its token grid)."""
+    grids = []
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        is_conv = (node.op == "call_function" and node.target in (F.conv2d, F.conv3d, torch.conv2d, torch.conv3d)) or (
+            node.op == "call_module" and isinstance(modules.get(node.target), (torch.nn.Conv2d, torch.nn.Conv3d)))
+        shape = g.shape(node) if is_conv else None
+        if shape is not None and len(shape) in (4, 5) and all(isinstance(s, int) for s in shape[2:]):
+            grid = tuple(shape[2:])
+            if grid not in grids:
+                grids.append(grid)
+    return grids

@@ -1,0 +1,124 @@
+"""What every variant family provides, and the inputs its attention functions receive.
+
+A variant is a frozen dataclass spec (its parameters, validated in ``__post_init__``) with:
+
+* ``supports(site) -> (bool, reason)``: whether it can replace this detected site, and why not;
+* ``cost(site) -> {"flops": expr, "bytes": expr}``: sympy expressions of the site's sizes;
+* ``forward(q, k, v, mods) -> out``: the efficient PyTorch path (never an N x N tensor where the variant is
+  sub-quadratic);
+* ``reference(q, k, v, mods) -> out``: the plain oracle tests compare against (dense masks allowed);
+* ``str(spec)``: its canonical text, e.g. ``local(window=256, sinks=4)`` (parameters left at their default
+  are omitted); parsing that text
+  (``attncc.variants.parse_variant``) gives an equal spec. The op carries this text, so graphs stay readable
+  and survive torch.compile and torch.export.
+
+Tensors are in SDPA layout: q ``[B, Hq, Nq, Dqk]``, k ``[B, Hkv, Nk, Dqk]``, v ``[B, Hkv, Nk, Dv]`` with
+``Hq % Hkv == 0`` (query head h reads key/value head ``h // (Hq // Hkv)``); the output is ``[B, Hq, Nq, Dv]``
+in q's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, fields
+from typing import ClassVar, Optional
+
+import sympy
+from torch import Tensor
+
+from attncc.errors import AttnccError
+
+
+@dataclass(frozen=True)
+class ScoreMods:
+    """What the model does to the plain scores ``q @ k^T * scale`` before softmax, besides the variant's own
+    sparsity pattern. Every variant applies all of these that it supports (``supports`` declines the rest).
+
+    Semantics (in this order)::
+
+        s = (q @ k^T) * scale
+        s = softcap * tanh(s / softcap)      if softcap > 0
+        s = s + bias                         if bias is not None    (float, broadcastable to [B, Hq, Nq, Nk])
+        s[~mask] = -inf                      if mask is not None    (bool, broadcastable to [B, Hq, Nq, Nk])
+        s[j > i] = -inf                      if causal              (top-left aligned, SDPA's is_causal)
+    """
+
+    scale: float
+    causal: bool = False
+    softcap: float = 0.0
+    bias: Optional[Tensor] = None
+    mask: Optional[Tensor] = None
+    """Usually a key-padding mask ``[B, 1, 1, Nk]`` (what mask analysis leaves after taking out causal and
+    band structure); may be any shape broadcastable to ``[B, Hq, Nq, Nk]``."""
+
+    @staticmethod
+    def default_scale(q: Tensor) -> float:
+        return 1.0 / math.sqrt(q.shape[-1])
+
+
+class VariantSpec:
+    """Base class of variant specs (subclasses are frozen dataclasses)."""
+
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = False
+    """True when the variant computes softmax attention exactly (the report measures no error to expect)."""
+
+    def supports(self, site) -> tuple[bool, str]:
+        raise NotImplementedError
+
+    def cost(self, site) -> dict[str, sympy.Expr]:
+        raise NotImplementedError
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
+        raise NotImplementedError
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        """Canonical text: the name and every parameter that differs from its default (``local(window=256)``);
+        ``exact`` has none. ``parse_variant(str(spec)) == spec``."""
+        args = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+            if f.init and (f.default is MISSING or getattr(self, f.name) != f.default)
+        )
+        return f"{self.name}({args})" if args else self.name
+
+    def invalid(self, field_name: str, message: str) -> AttnccError:
+        """The error for a bad parameter, naming the variant and the field: ``local: window must be ...``."""
+        return AttnccError(f"{self.name}: {field_name} {message}")
+
+
+def check_int(spec: VariantSpec, field_name: str, value, minimum: int = 0, allow_none: bool = False) -> None:
+    """Raise ``spec.invalid`` unless ``value`` is an int >= minimum (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise spec.invalid(field_name, f"must be an integer >= {minimum}, got {value!r}")
+
+
+def sym(value, name: str) -> sympy.Expr:
+    """A site size as a sympy expression: an Integer where static, a positive Symbol where dynamic."""
+    return sympy.Integer(value) if isinstance(value, int) else sympy.Symbol(str(value) or name, positive=True)
+
+
+def site_sizes(site) -> dict[str, sympy.Expr]:
+    """The site's sizes as sympy expressions: B, Hq, Hkv, Nq, Nk, D, Dv (and itemsize as an int)."""
+    return {
+        "B": sym(site.batch, "B"), "Hq": sym(site.q_heads, "Hq"), "Hkv": sym(site.kv_heads, "Hkv"),
+        "Nq": sym(site.q_len, "Nq"), "Nk": sym(site.kv_len, "Nk"), "D": sym(site.head_dim, "D"),
+        "Dv": sym(site.value_dim, "Dv"),
+    }
+
+
+def attention_cost(site, pairs: sympy.Expr) -> dict[str, sympy.Expr]:
+    """FLOPs and bytes of softmax attention that scores ``pairs`` (query, key) pairs per (batch, head).
+
+    FLOPs count 2 per multiply-add of ``q @ k^T`` and ``P @ v``; bytes count reading q, k, v and writing the
+    output once (what a fused kernel moves).
+    """
+    s = site_sizes(site)
+    itemsize = site.dtype.itemsize if getattr(site, "dtype", None) is not None else 4
+    flops = 2 * s["B"] * s["Hq"] * pairs * (s["D"] + s["Dv"])
+    bytes_ = itemsize * s["B"] * (s["Hq"] * s["Nq"] * (s["D"] + s["Dv"]) + s["Hkv"] * s["Nk"] * (s["D"] + s["Dv"]))
+    return {"flops": flops, "bytes": bytes_}

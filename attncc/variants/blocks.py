@@ -1,0 +1,321 @@
+"""Block-sparse softmax attention: the executor that sparse variants lower to.
+
+A :class:`BlockLayout` lists, for each block of ``block_q`` queries, the blocks of ``block_k`` keys it visits.
+:func:`block_sparse_attention` gathers exactly those key/value blocks, scores them in float32, applies the
+element predicate only where the layout says a block is partial (plus the :class:`ScoreMods` causality, mask,
+bias and softcapping), and combines with a softmax over the visited keys. Memory is
+``O(Nq * K * block_k)`` per head for ``K`` visited blocks per query block; no ``Nq x Nk`` tensor is ever built
+(masks and biases are gathered at the visited pairs only). :func:`layout_from_keep` turns any predicate into
+a layout without building one either.
+
+A query row with no visible key returns zeros (the softmax of an empty set is taken as the zero vector).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attncc.errors import AttnccError
+from attncc.variants.base import ScoreMods
+
+MASKED = -1e30
+"""Score of a hidden pair. Finite on purpose: a fully hidden row then stays finite through softmax and its
+backward (``-inf`` would give NaN gradients that leak into k and v); such rows are zeroed explicitly."""
+
+DEAD = MASKED / 2
+"""A row whose largest score is below this saw no visible key."""
+
+KeepFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class BlockLayout:
+    """Which key blocks each query block visits.
+
+    ``kv_blocks`` is int64 ``[*lead, nQB, K]`` with ``nQB = ceil(nq / block_q)``: the key-block indices
+    (``0 <= idx < ceil(nk / block_k)``) each query block visits, ``-1`` for padding entries. ``lead`` is ``()``
+    or broadcastable to ``(B, Hq)``; its head size may also be ``Hkv`` (one layout per key/value head, shared
+    by its query group). ``partial`` (bool, same shape) is True where the element predicate must be applied,
+    False where the whole block is visible; None means every entry is partial.
+    """
+
+    block_q: int
+    block_k: int
+    nq: int
+    nk: int
+    kv_blocks: Tensor
+    partial: Optional[Tensor] = None
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k", "nq", "nk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AttnccError(f"BlockLayout: {name} must be an integer >= 1, got {value!r}")
+        kv = self.kv_blocks
+        if not isinstance(kv, Tensor) or kv.dtype != torch.int64 or kv.dim() < 2:
+            raise AttnccError("BlockLayout: kv_blocks must be an int64 tensor [*lead, nQB, K]")
+        if kv.dim() > 4:
+            raise AttnccError(f"BlockLayout: kv_blocks lead must broadcast to (B, Hq), got shape {tuple(kv.shape)}")
+        if kv.shape[-2] != self.n_q_blocks:
+            raise AttnccError(
+                f"BlockLayout: kv_blocks has {kv.shape[-2]} query blocks, expected ceil({self.nq}/{self.block_q})"
+                f" = {self.n_q_blocks}"
+            )
+        if self.partial is not None and (self.partial.dtype != torch.bool or self.partial.shape != kv.shape):
+            raise AttnccError("BlockLayout: partial must be a bool tensor shaped like kv_blocks")
+
+    @property
+    def n_q_blocks(self) -> int:
+        return -(-self.nq // self.block_q)
+
+    @property
+    def n_k_blocks(self) -> int:
+        return -(-self.nk // self.block_k)
+
+    def pairs_visited(self) -> int:
+        """(query, key) pairs scored per (batch, head), counting whole blocks (the executor's real work)."""
+        visits = (self.kv_blocks >= 0).sum(-1).double().reshape(-1, self.n_q_blocks)  # [lead, nQB]
+        return int(round(visits.mean(0).sum().item() * self.block_q * self.block_k))
+
+
+def layout_from_keep(keep: KeepFn, nq: int, nk: int, block_q: int, block_k: int, device) -> BlockLayout:
+    """The layout of a predicate ``keep(q_idx, kv_idx) -> bool`` (``q_idx`` int64 ``[rows, 1]``, ``kv_idx``
+    ``[1, nk]``).
+
+    Evaluated a few query blocks at a time (``O(block_q * Nk)`` temporaries, ``O(nQB * nKB)`` result).
+    Blocks with no visible element are dropped; blocks visible everywhere (within ``nq x nk``) are marked
+    not partial. ``kv_blocks`` is ``[nQB, K]`` with K the most blocks any query block visits.
+    """
+    for name, value in (("nq", nq), ("nk", nk), ("block_q", block_q), ("block_k", block_k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise AttnccError(f"layout_from_keep: {name} must be an integer >= 1, got {value!r}")
+    nqb, nkb = -(-nq // block_q), -(-nk // block_k)
+    kv_idx = torch.arange(nk, device=device)[None, :]
+    rows_per_step = max(1, (1 << 22) // max(1, block_q * nk))
+    any_parts, all_parts = [], []
+    for b0 in range(0, nqb, rows_per_step):
+        b1 = min(nqb, b0 + rows_per_step)
+        q_lo, q_hi = b0 * block_q, min(nq, b1 * block_q)
+        q_idx = torch.arange(q_lo, q_hi, device=device)[:, None]
+        visible = torch.as_tensor(keep(q_idx, kv_idx), device=device).broadcast_to(q_hi - q_lo, nk)
+        # Padded rows/keys are outside the attention: neither visible nor a reason to call a block partial.
+        rows_pad, keys_pad = (b1 - b0) * block_q - (q_hi - q_lo), nkb * block_k - nk
+        grid_any = F.pad(visible, (0, keys_pad, 0, rows_pad), value=False)
+        grid_all = F.pad(visible, (0, keys_pad, 0, rows_pad), value=True)
+        shape = (b1 - b0, block_q, nkb, block_k)
+        any_parts.append(grid_any.view(shape).any(3).any(1))
+        all_parts.append(grid_all.view(shape).all(3).all(1))
+    visits, full = torch.cat(any_parts), torch.cat(all_parts)
+    k = max(1, int(visits.sum(1).max().item()))
+    # Stable sort puts visited blocks first, in increasing block order.
+    order = torch.sort((~visits).to(torch.int8), dim=1, stable=True).indices[:, :k]
+    taken = visits.gather(1, order)
+    kv_blocks = torch.where(taken, order, torch.full_like(order, -1))
+    partial = taken & ~full.gather(1, order)
+    return BlockLayout(block_q, block_k, nq, nk, kv_blocks, partial)
+
+
+def block_sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, mods: ScoreMods, keep: Optional[KeepFn] = None,
+    chunk_bytes: Optional[int] = None,
+) -> Tensor:
+    """Softmax attention over the key blocks ``layout`` lists for each query block.
+
+    q ``[B, Hq, Nq, Dqk]``, k ``[B, Hkv, Nk, Dqk]``, v ``[B, Hkv, Nk, Dv]`` (GQA: query head h reads kv head
+    ``h // (Hq // Hkv)``); returns ``[B, Hq, Nq, Dv]`` in q's dtype. ``keep(q_idx, kv_idx)`` (int64 index
+    tensors that broadcast, positions clamped into ``[0, Nq)`` x ``[0, Nk)``) is applied inside partial blocks;
+    ``mods`` (scale, softcap, bias, mask, causal) everywhere. A row with no visible key returns zeros.
+    Differentiable. Work is chunked over query blocks so temporaries stay near ``chunk_bytes`` (default: 8 MB
+    on CPU, where cache-resident chunks are fastest; 256 MB elsewhere).
+    """
+    b, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    if k.shape[0] != b or v.shape[:3] != k.shape[:3] or hq % hkv != 0 or k.shape[-1] != d:
+        raise AttnccError(f"block_sparse_attention: bad shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
+    if (layout.nq, layout.nk) != (nq, nk):
+        raise AttnccError(f"block_sparse_attention: layout is for {layout.nq}x{layout.nk}, inputs are {nq}x{nk}")
+    g = hq // hkv
+    bq, bk = layout.block_q, layout.block_k
+    nqb, nkb = layout.n_q_blocks, layout.n_k_blocks
+    kv_blocks, partial = _layout_heads(layout, b, hq, hkv)
+    per_head = kv_blocks.shape[3] > 1  # a different key set per query head of a group
+    kk = kv_blocks.shape[-1] * bk
+
+    # Queries as [B, Hkv, nQB, g, bq, D] so a group's heads share one gathered key block.
+    qs = F.pad(q.float() * mods.scale, (0, 0, 0, nqb * bq - nq)).view(b, hkv, g, nqb, bq, d).transpose(2, 3)
+    kb = F.pad(k.float(), (0, 0, 0, nkb * bk - nk)).view(b, hkv, nkb, bk, d)
+    vb = F.pad(v.float(), (0, 0, 0, nkb * bk - nk)).view(b, hkv, nkb, bk, dv)
+
+    if chunk_bytes is None:
+        chunk_bytes = (8 << 20) if q.device.type == "cpu" else (256 << 20)
+    per_block = 4 * b * hq * bq * kk * 3 + 4 * b * hkv * (g if per_head else 1) * kk * (d + dv)
+    step = max(1, chunk_bytes // per_block)
+    outs = []
+    for c0 in range(0, nqb, step):
+        c1 = min(nqb, c0 + step)
+        outs.append(_chunk(qs[:, :, c0:c1], kb, vb, kv_blocks[:, :, c0:c1], None if partial is None
+                           else partial[:, :, c0:c1], c0, layout, mods, keep, g, per_head))
+    out = torch.cat(outs, dim=2)  # [B, Hkv, nQB, g, bq, Dv]
+    return out.transpose(2, 3).reshape(b, hq, nqb * bq, dv)[:, :, :nq].to(q.dtype)
+
+
+def _layout_heads(layout: BlockLayout, b: int, hq: int, hkv: int) -> tuple[Tensor, Optional[Tensor]]:
+    """kv_blocks and partial as ``[lb, Hkv|1, nQB, g|1, K]`` (lb in (1, B))."""
+    g = hq // hkv
+    kv = layout.kv_blocks
+    lead = kv.shape[:-2]
+    lead = (1,) * (2 - len(lead)) + tuple(lead)
+    if lead[0] not in (1, b) or lead[1] not in (1, hq, hkv):
+        raise AttnccError(f"block_sparse_attention: layout lead {tuple(kv.shape[:-2])} does not broadcast to "
+                          f"(B={b}, Hq={hq})")
+
+    def shaped(t: Tensor) -> Tensor:
+        t = t.reshape(*lead, *t.shape[-2:])
+        if lead[1] == hq and g > 1:
+            return t.view(lead[0], hkv, g, *t.shape[-2:]).transpose(2, 3)
+        return t.unsqueeze(3)
+
+    kv_blocks = shaped(kv.to(torch.int64))
+    partial = None if layout.partial is None else shaped(layout.partial)
+    return kv_blocks, partial
+
+
+def _chunk(qs, kb, vb, kv_blocks, partial, c0, layout, mods, keep, g, per_head) -> Tensor:
+    """Attention of query blocks ``[c0, c0 + c)``: qs ``[B, Hkv, c, g, bq, D]`` -> ``[B, Hkv, c, g, bq, Dv]``."""
+    b, hkv, c, _, bq, d = qs.shape
+    bk, dv = kb.shape[3], vb.shape[-1]
+    idx = kv_blocks.clamp_min(0)  # [lb, Hkv|1, c, g|1, K]
+    bi = torch.arange(b, device=kb.device).view(b, 1, 1, 1, 1)
+    hi = torch.arange(hkv, device=kb.device).view(1, hkv, 1, 1, 1)
+    # [B, Hkv, c, g|1, K, bk, D] -> keys of a query block laid out in one row of K*bk
+    kg = kb[bi, hi, idx].flatten(4, 5)
+    vg = vb[bi, hi, idx].flatten(4, 5)
+    if per_head:
+        s = qs @ kg.transpose(-1, -2)  # [B, Hkv, c, g, bq, K*bk]
+    else:
+        s = (qs.reshape(b, hkv, c, g * bq, d) @ kg.squeeze(3).transpose(-1, -2)).view(b, hkv, c, g, bq, -1)
+    if mods.softcap > 0:
+        s = mods.softcap * torch.tanh(s / mods.softcap)
+
+    q_pos = (c0 + torch.arange(c, device=kb.device))[:, None] * bq + torch.arange(bq, device=kb.device)
+    k_pos = (idx[..., None] * bk + torch.arange(bk, device=kb.device)).flatten(-2)  # [lb, Hkv|1, c, g|1, K*bk]
+    q6 = q_pos.view(1, 1, c, 1, bq, 1)
+    k6 = k_pos.unsqueeze(-2)
+    if mods.bias is not None:
+        s = s + gather_pairs(mods.bias, q_pos, k_pos, hkv, g).float()
+    keep_mask = _element_keep(kv_blocks, partial, q6, k6, layout, mods, keep, bk)
+    if mods.mask is not None:
+        m = gather_pairs(mods.mask, q_pos, k_pos, hkv, g)
+        keep_mask = m if keep_mask is None else keep_mask & m
+    if keep_mask is not None:
+        s = s.masked_fill(~keep_mask, MASKED)
+    p = torch.softmax(s, dim=-1)
+    if keep_mask is not None:
+        p = p * (s.amax(-1, keepdim=True) > DEAD)
+    if per_head:
+        return p @ vg
+    return (p.view(b, hkv, c, g * bq, -1) @ vg.squeeze(3)).view(b, hkv, c, g, bq, dv)
+
+
+def _element_keep(kv_blocks, partial, q6, k6, layout, mods, keep, bk) -> Optional[Tensor]:
+    """The per-element visibility inside the gathered blocks (None where everything is visible)."""
+    terms = []
+    padded = (kv_blocks < 0).any().item() or layout.nk % bk != 0
+    if padded:
+        entry_ok = (kv_blocks >= 0).repeat_interleave(bk, dim=-1).unsqueeze(-2)
+        terms.append(entry_ok & (k6 < layout.nk))
+    if keep is not None and (partial is None or partial.any().item()):
+        inside = keep(q6.clamp_max(layout.nq - 1), k6.clamp_max(layout.nk - 1))
+        inside = torch.as_tensor(inside, device=k6.device)
+        if partial is not None:
+            inside = inside | ~partial.repeat_interleave(bk, dim=-1).unsqueeze(-2)
+        terms.append(inside)
+    if mods.causal:
+        terms.append(k6 <= q6)
+    if not terms:
+        return None
+    out = terms[0]
+    for t in terms[1:]:
+        out = out & t
+    return out
+
+
+def gather_pairs(t: Tensor, q_pos: Tensor, k_pos: Tensor, hkv: int, g: int) -> Tensor:
+    """Entries of ``t`` (broadcastable to ``[B, Hq, Nq, Nk]``, ``Hq = hkv * g``) at the visited pairs.
+
+    ``q_pos`` is ``[c, bq]`` (query positions of c query blocks), ``k_pos`` ``[lb, Hkv|1, c, g|1, KK]`` (key
+    positions each block visits); both are clamped into range. Returns ``[tb, Hkv|1, c|1, g|1, bq|1, KK|1]``,
+    keeping size 1 wherever ``t`` broadcasts, so a key-padding mask costs ``O(c * KK)``, never ``Nq x Nk``.
+    """
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    if t.dim() != 4:
+        raise AttnccError(f"score mask/bias must broadcast to [B, Hq, Nq, Nk], got shape {tuple(t.shape)}")
+    tb, th, tq, tk = t.shape
+    if th not in (1, hkv * g):
+        raise AttnccError(f"score mask/bias has {th} heads, expected 1 or {hkv * g}")
+    c, bq = q_pos.shape
+    if tq == 1 and tk == 1:
+        heads = (hkv, g) if th > 1 else (1, 1)
+        return t.reshape(tb, heads[0], 1, heads[1], 1, 1)
+    dev = t.device
+    zero = torch.zeros((), dtype=torch.int64, device=dev)
+    bi = torch.arange(tb, device=dev).view(tb, 1, 1, 1, 1, 1) if tb > 1 else zero
+    hi = torch.arange(th, device=dev).view(1, hkv, 1, g, 1, 1) if th > 1 else zero
+    qi = q_pos.clamp_max(tq - 1).view(1, 1, c, 1, bq, 1) if tq > 1 else zero
+    ki = k_pos.clamp_max(tk - 1).unsqueeze(-2) if tk > 1 else zero
+    return t[bi, hi, qi, ki]
+
+
+def dense_rows(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, rows: int) -> Tensor:
+    """Queries ``[0, rows)`` attending every key under ``mods`` (global tokens): ``[B, Hq, rows, Dv]`` float32.
+
+    ``O(rows * Nk)`` scores; a row with no visible key returns zeros. q ``[B, Hq, Nq, Dqk]``, k/v ``[B, Hkv, ...]``.
+    """
+    b, hq, _, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    dev = q.device
+    qg = (q[:, :, :rows].float() * mods.scale).reshape(b, hkv, g * rows, d)
+    s = (qg @ k.float().transpose(-1, -2)).view(b, hkv, g, rows, nk)
+    if mods.softcap > 0:
+        s = mods.softcap * torch.tanh(s / mods.softcap)
+    q_pos = torch.arange(rows, device=dev).view(1, rows)
+    k_pos = torch.arange(nk, device=dev).view(1, 1, 1, 1, nk)
+    if mods.bias is not None:
+        s = s + gather_pairs(mods.bias, q_pos, k_pos, hkv, g)[:, :, 0].float()
+    keep = None
+    if mods.mask is not None:
+        keep = gather_pairs(mods.mask, q_pos, k_pos, hkv, g)[:, :, 0]
+    if mods.causal:
+        causal = torch.arange(nk, device=dev) <= torch.arange(rows, device=dev)[:, None]
+        keep = causal if keep is None else keep & causal
+    if keep is not None:
+        s = s.masked_fill(~keep, MASKED)
+    p = torch.softmax(s, dim=-1)
+    if keep is not None:
+        p = p * (s.amax(-1, keepdim=True) > DEAD)
+    return (p.view(b, hkv, g * rows, nk) @ v.float()).view(b, hq, rows, -1)
+
+
+def dense_layout(nq: int, nk: int, block_q: int = 64, block_k: int = 64, device=None) -> BlockLayout:
+    """Every query block visits every key block, none partial: the executor then computes exact attention."""
+    nqb, nkb = -(-nq // block_q), -(-nk // block_k)
+    kv = torch.arange(nkb, device=device).expand(nqb, nkb).contiguous()
+    return BlockLayout(block_q, block_k, nq, nk, kv, torch.zeros(nqb, nkb, dtype=torch.bool, device=device))
+
+
+def visited_fraction(layout: BlockLayout) -> float:
+    """Scored pairs over ``nq * nk`` (whole blocks counted): how much of dense attention the layout does."""
+    return layout.pairs_visited() / (layout.nq * layout.nk) if layout.nq * layout.nk else 0.0
+
+
+__all__ = [
+    "BlockLayout", "DEAD", "MASKED", "block_sparse_attention", "dense_layout", "dense_rows", "gather_pairs",
+    "layout_from_keep", "visited_fraction",
+]

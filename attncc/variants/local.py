@@ -1,0 +1,322 @@
+"""Local (sliding-window) attention, with attention sinks and global tokens.
+
+``local(window=W)`` or ``local(left=L, right=R)``, plus ``sinks`` and ``globals``. Query i attends key j iff
+
+* ``i - left <= j <= i + right`` (the band), or
+* ``j < sinks`` (StreamingLLM attention sinks), or
+* ``j < globals`` or ``i < globals`` (Longformer global tokens: attend to all, attended by all),
+
+and the site's ScoreMods still apply on top (causality, mask, bias, softcapping). ``window=W`` is the
+symmetric shorthand: ``left=W`` and ``right=W`` on bidirectional calls, ``right=0`` on causal ones (the spec
+learns the call's causality from ``mods.causal`` at run time). Give either ``window`` or both ``left`` and
+``right``; on a causal call ``right`` is irrelevant (causality hides every key after the query).
+
+A query row with no visible key (possible only through ``mods.mask``) returns zeros.
+
+The forward never builds an ``N x N`` tensor: queries go in blocks of ``Bq`` rows, and each block's keys are
+the contiguous range ``[start - left, end + right]``, read as an overlapping strided view of the padded keys
+(no gather, no copy); the sink/global key columns join that block's softmax, and the global query rows are
+computed densely on their own (``globals x N``). Work is ``O(N * (Bq + left + right + max(sinks, globals)))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import sympy
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attncc.errors import AttnccError
+from attncc.variants import exact as exact_variant
+from attncc.variants.base import ScoreMods, VariantSpec, attention_cost, check_int, site_sizes
+from attncc.variants.blocks import DEAD, MASKED, block_sparse_attention, dense_layout, dense_rows, gather_pairs
+
+CHUNK_FLOATS = 1 << 20
+"""Scores per chunk of query blocks (4 MB): cache-resident chunks make the elementwise passes several times
+faster on CPU than one big score tensor."""
+
+
+@dataclass(frozen=True)
+class LocalSpec(VariantSpec):
+    """Sliding-window attention (see the module docstring for the exact pattern)."""
+
+    window: Optional[int] = None
+    left: Optional[int] = None
+    right: Optional[int] = None
+    sinks: int = 0
+    globals: int = 0
+
+    name: ClassVar[str] = "local"
+
+    def __post_init__(self):
+        if self.window is not None:
+            check_int(self, "window", self.window)
+            if self.left is not None or self.right is not None:
+                raise self.invalid(
+                    "window", f"cannot be combined with left/right: give either window=W or left=L, right=R "
+                              f"(got window={self.window!r}, left={self.left!r}, right={self.right!r})"
+                )
+        elif self.left is None and self.right is None:
+            raise self.invalid("window", "or left and right must be given, e.g. local(window=256) or "
+                                         "local(left=256, right=0), got neither")
+        else:
+            check_int(self, "left", self.left)
+            check_int(self, "right", self.right)
+        check_int(self, "sinks", self.sinks)
+        check_int(self, "globals", self.globals)
+
+    # ------------------------------------------------------------------------------------------ pattern
+
+    def bounds(self, causal: bool) -> tuple[int, int]:
+        """``(left, right)`` of the band on a causal or bidirectional call (right is 0 under causality)."""
+        if self.window is not None:
+            return self.window, 0 if causal else self.window
+        return self.left, 0 if causal else self.right
+
+    def intersect_band(self, left: int, right: int, causal: bool = False) -> "LocalSpec":
+        """This spec restricted to a model's own band ``i - left <= j <= i + right``.
+
+        The model's mask hides every key outside its band, sinks and globals included, so the intersection
+        is a plain band (sinks/globals inside the model's band are in it already).
+        """
+        own_left, own_right = self.bounds(causal)
+        return LocalSpec(left=min(own_left, left), right=0 if causal else min(own_right, right))
+
+    def keep(self, q_idx: Tensor, kv_idx: Tensor, causal: bool) -> Tensor:
+        """The pattern as a predicate on broadcasting int64 index tensors (without ``mods.causal``)."""
+        left, right = self.bounds(causal)
+        visible = (kv_idx >= q_idx - left) & (kv_idx <= q_idx + right)
+        prefix = max(self.sinks, self.globals)
+        if prefix:
+            visible = visible | (kv_idx < prefix)
+        if self.globals:
+            visible = visible | (q_idx < self.globals)
+        return visible
+
+    def covers(self, n: int, causal: bool) -> bool:
+        """True when the band alone reaches every key of an ``n``-token sequence (the variant is exact)."""
+        left, right = self.bounds(causal)
+        return left >= n - 1 and (causal or right >= n - 1)
+
+    # ----------------------------------------------------------------------------------------- contract
+
+    def supports(self, site) -> tuple[bool, str]:
+        """Self-attention (``Nq == Nk``) without dropout or segment masks; causal or not, with bias, softcap,
+        padding or dense masks (gathered at the visited pairs), and within a model's own band."""
+        if site.kind != "self":
+            return False, "local attention needs self-attention (queries and keys are the same tokens), this " \
+                          "site is cross-attention"
+        if isinstance(site.q_len, int) and isinstance(site.kv_len, int) and site.q_len != site.kv_len:
+            return False, f"local attention needs as many queries as keys (Nq={site.q_len}, Nk={site.kv_len})"
+        if site.dropout_p > 0:
+            return False, f"local does not apply dropout (p={site.dropout_p})"
+        if site.segments:
+            return False, "the model's segment (block-diagonal) mask is not applied by local"
+        left, right = self.bounds(site.causal)
+        extra = []
+        if self.sinks:
+            extra.append(f"{self.sinks} sink keys")
+        if self.globals:
+            extra.append(f"{self.globals} global tokens")
+        return True, f"sliding window of {left} keys left, {right} right" + (f" + {', '.join(extra)}" if extra else "")
+
+    def pairs(self, site) -> sympy.Expr:
+        """Visible (query, key) pairs per (batch, head) of the pattern under the site's causality, before
+        mask/bias: the band clipped at both ends, plus the prefix columns outside it, plus the global rows.
+        Exact for static sizes; a sympy expression of the length symbol where dynamic."""
+        n = site_sizes(site)["Nq"]
+        left, right = self.bounds(site.causal)
+        lc, rc = sympy.Min(left, n - 1), sympy.Min(right, n - 1)
+        band = n * (lc + rc + 1) - lc * (lc + 1) / 2 - rc * (rc + 1) / 2
+        prefix = sympy.Min(max(self.sinks, self.globals), n)
+        # Prefix columns left of row i's band: min(prefix, i - left) for each row i > left.
+        rows_past = sympy.Max(0, n - 1 - left)
+        low = sympy.Min(rows_past, prefix)
+        total = band + low * (low + 1) / 2 + sympy.Max(0, rows_past - prefix) * prefix
+        if not site.causal:
+            # ... and right of it (rows i < prefix - 1 - right), which causality hides.
+            t = sympy.Max(0, prefix - 1 - right)
+            total += t * (t + 1) / 2
+            rows = self.globals if not n.is_Integer else min(self.globals, int(n))
+            for i in range(rows):  # global rows see all n keys instead
+                seen = sympy.Min(n - 1, i + right) - max(0, i - left) + 1
+                seen += max(0, min(i - left, max(self.sinks, self.globals))) + sympy.Max(0, prefix - 1 - i - right)
+                total += sympy.Max(0, n - seen) if isinstance(n, sympy.Symbol) else max(0, n - seen)
+        return sympy.simplify(total) if not isinstance(total, int) else sympy.Integer(total)
+
+    def cost(self, site) -> dict[str, sympy.Expr]:
+        """FLOPs and bytes of the visible pairs (see :meth:`pairs`)."""
+        return attention_cost(site, self.pairs(site))
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
+        """Banded attention: q ``[B, Hq, N, Dqk]``, k ``[B, Hkv, N, Dqk]``, v ``[B, Hkv, N, Dv]`` ->
+        ``[B, Hq, N, Dv]`` in q's dtype (float32 math). Differentiable."""
+        n = _check_self(self, q, k, v)
+        if self.covers(n, mods.causal):
+            return block_sparse_attention(q, k, v, dense_layout(n, n, device=q.device), mods)
+        left, right = self.bounds(mods.causal)
+        return local_attention(q, k, v, mods, left, right, max(self.sinks, self.globals), self.globals)
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
+        """Dense float32 oracle: the pattern as an ``N x N`` mask ANDed with ``mods.mask``; empty rows -> 0."""
+        n = _check_self(self, q, k, v)
+        idx = torch.arange(n, device=q.device)
+        keep = self.keep(idx[:, None], idx[None, :], mods.causal)
+        return masked_reference(q, k, v, mods, keep)
+
+
+def _check_self(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor) -> int:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise AttnccError(f"{spec.name}: expects [B, H, N, D] tensors, got q {tuple(q.shape)}")
+    if q.shape[-2] != k.shape[-2]:
+        raise AttnccError(f"{spec.name}: needs as many queries as keys, got Nq={q.shape[-2]}, Nk={k.shape[-2]}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise AttnccError(f"{spec.name}: query heads {q.shape[1]} are not a multiple of kv heads {k.shape[1]}")
+    return q.shape[-2]
+
+
+def masked_reference(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, keep: Tensor) -> Tensor:
+    """``exact.reference`` with ``keep`` (broadcastable to ``[B, Hq, Nq, Nk]``) ANDed into the mask, rows with
+    no visible key set to zero (the convention of every sparse variant)."""
+    mask = keep if mods.mask is None else keep & mods.mask
+    out = exact_variant.reference(q.float(), k.float(), v.float(), bias=mods.bias, mask=mask, scale=mods.scale,
+                                  causal=mods.causal, softcap=mods.softcap)
+    return torch.nan_to_num(out, nan=0.0).to(q.dtype)
+
+
+def _block_size(left: int, right: int, n: int) -> int:
+    """Query block: big enough for efficient matmuls, small enough that the band's ragged ends (about
+    ``Bq / (left + right + Bq)`` of the work) stay cheap. 64 measured best for windows of 256."""
+    span = left + right
+    bq = 64 if span >= 128 else 32 if span >= 32 else 16
+    return max(1, min(bq, n))
+
+
+def local_attention(
+    q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, left: int, right: int, prefix: int = 0, globals_: int = 0,
+    block: Optional[int] = None,
+) -> Tensor:
+    """Attention over the band ``i - left <= j <= i + right``, plus key columns ``j < prefix`` for every
+    query, plus full rows for queries ``i < globals_``; ``mods`` applied on top.
+
+    q ``[B, Hq, N, Dqk]``, k ``[B, Hkv, N, Dqk]``, v ``[B, Hkv, N, Dv]`` -> ``[B, Hq, N, Dv]`` in q's dtype.
+    """
+    b, hq, n, d = q.shape
+    hkv, dv = k.shape[1], v.shape[-1]
+    g = hq // hkv
+    left, right = min(left, n - 1), (0 if mods.causal else min(right, n - 1))
+    prefix = min(prefix, n)
+    bq = block or _block_size(left, right, n)
+    nqb = -(-n // bq)
+    npad = nqb * bq
+    width = bq + left + right
+    dev = q.device
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, mods.bias)
+    )
+
+    # Keys padded by `left` before and `right` (plus the query padding) after, so block r's keys
+    # [r*bq - left, r*bq + bq + right) are the window r*bq .. r*bq + width of the padded sequence.
+    kp = F.pad(k.float(), (0, 0, left, npad - n + right))
+    vp = F.pad(v.float(), (0, 0, left, npad - n + right))
+    k_win = kp.unfold(2, width, bq)  # [B, Hkv, nQB, D, width]: overlapping view, no copy
+    v_win = vp.unfold(2, width, bq).transpose(-1, -2)  # [B, Hkv, nQB, width, Dv]
+    qs = F.pad(q.float() * mods.scale, (0, 0, 0, npad - n)).view(b, hkv, g, nqb, bq, d)
+    qs = qs.transpose(2, 3).reshape(b, hkv, nqb, g * bq, d)  # a group's heads share one key window
+
+    a = torch.arange(bq, device=dev)[:, None]
+    c = torch.arange(width, device=dev)[None, :]
+    band_bias = torch.zeros(bq, width, device=dev).masked_fill(~((c >= a) & (c <= a + left + right)), MASKED)
+    key_pos = (torch.arange(nqb, device=dev) * bq - left)[:, None] + c  # [nQB, width]
+    key_bad = (key_pos < prefix) | (key_pos >= n)  # outside the sequence, or a prefix column (added below)
+    bad_blocks = key_bad.any(1)
+
+    if prefix:
+        k_pre, v_pre = k[:, :, :prefix].float(), v[:, :, :prefix].float()
+        pre_bias = None
+        if mods.causal:
+            rows = torch.arange(npad, device=dev).view(nqb, 1, bq, 1)
+            pre_bias = torch.zeros(nqb, 1, bq, prefix, device=dev).masked_fill(
+                torch.arange(prefix, device=dev) > rows, MASKED)
+
+    step = max(1, CHUNK_FLOATS // (g * bq * (width + prefix)))
+    out = None if grad else torch.empty(b, hkv, nqb, g * bq, dv, device=dev)
+    pieces = []
+    for bi in range(b):
+        for h in range(hkv):
+            for c0 in range(0, nqb, step):
+                c1 = min(nqb, c0 + step)
+                cc = c1 - c0
+                q_pos = torch.arange(c0 * bq, c1 * bq, device=dev).view(cc, bq)
+                qc = qs[bi, h, c0:c1]
+                s = torch.bmm(qc, k_win[bi, h, c0:c1]).view(cc, g, bq, width)
+                s = _softcap(s, mods.softcap, grad)
+                s = s + band_bias if grad else s.add_(band_bias)
+                if bias_or_mask := (mods.bias is not None or mods.mask is not None):
+                    k_pos = key_pos[c0:c1].clamp(0, n - 1).view(1, 1, cc, 1, width)
+                    s = _apply_mods(s, mods, bi, h, g, q_pos, k_pos, grad)
+                if bad_blocks[c0:c1].any():
+                    s = s.masked_fill(key_bad[c0:c1].view(cc, 1, 1, width), MASKED)
+                if prefix:
+                    sp = torch.matmul(qc, k_pre[bi, h].transpose(0, 1)).view(cc, g, bq, prefix)
+                    sp = _softcap(sp, mods.softcap, grad)
+                    if pre_bias is not None:
+                        sp = sp + pre_bias[c0:c1]
+                    if bias_or_mask:
+                        k_pos = torch.arange(prefix, device=dev).view(1, 1, 1, 1, prefix)
+                        sp = _apply_mods(sp, mods, bi, h, g, q_pos, k_pos, grad)
+                    s = torch.cat([sp, s], dim=-1)
+                p = torch.softmax(s, dim=-1)
+                if mods.mask is not None:
+                    p = p * (s.amax(-1, keepdim=True) > DEAD)
+                p = p.view(cc, g * bq, -1)
+                target = None if grad else out[bi, h, c0:c1]
+                if prefix:
+                    o = torch.matmul(p[..., :prefix], v_pre[bi, h])
+                    o = torch.baddbmm(o, p[..., prefix:], v_win[bi, h, c0:c1], out=target)
+                else:
+                    o = torch.bmm(p, v_win[bi, h, c0:c1], out=target)
+                if grad:
+                    pieces.append(o)
+    if grad:
+        out = torch.stack(pieces).view(b, hkv, nqb, g * bq, dv)
+    out = out.view(b, hkv, nqb, g, bq, dv).transpose(2, 3).reshape(b, hq, npad, dv)[:, :, :n]
+    if globals_:
+        out = torch.cat([dense_rows(q, k, v, mods, min(globals_, n)), out[:, :, globals_:]], dim=2)
+    return out.to(q.dtype)
+
+
+def _softcap(s: Tensor, softcap: float, grad: bool) -> Tensor:
+    if softcap <= 0:
+        return s
+    if grad:
+        return softcap * torch.tanh(s / softcap)
+    return s.div_(softcap).tanh_().mul_(softcap)
+
+
+def _apply_mods(s: Tensor, mods: ScoreMods, bi: int, h: int, g: int, q_pos: Tensor, k_pos: Tensor,
+                grad: bool) -> Tensor:
+    """Add ``mods.bias`` and apply ``mods.mask`` at the visited pairs of one (batch, kv head): s is
+    ``[c, g, bq, width]``, gathered entries broadcast to it."""
+    if mods.bias is not None:
+        bias = _pairs_of_head(mods.bias, bi, h, g, q_pos, k_pos).float()
+        s = s + bias if grad else s.add_(bias)
+    if mods.mask is not None:
+        m = _pairs_of_head(mods.mask, bi, h, g, q_pos, k_pos)
+        s = s.masked_fill(~m, MASKED) if grad else s.masked_fill_(~m, MASKED)
+    return s
+
+
+def _pairs_of_head(t: Tensor, bi: int, h: int, g: int, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """``gather_pairs`` restricted to batch ``bi`` and kv head ``h``'s query group: ``[c|1, g|1, bq|1, W|1]``."""
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    t = t[bi:bi + 1] if t.shape[0] > 1 else t
+    t = t[:, h * g:(h + 1) * g] if t.shape[1] > 1 else t
+    return gather_pairs(t, q_pos, k_pos, 1, g)[0, 0]
+
+
+__all__ = ["LocalSpec", "local_attention", "masked_reference"]

@@ -1,0 +1,249 @@
+"""Dynamic top-k block sparsity (training-free; in the spirit of MoBA, BiFormer and SpargeAttn).
+
+``TopKSpec(block=64, density=0.125)`` reads as text ``topk(block=64, density=0.125, k=None, threshold=None,
+sinks=1, local=1)``. Per (batch, query head), each query block picks the key blocks it attends from a cheap
+estimate of the block-level attention:
+
+1. mean-pool q over each query block and k over each key block (the ragged last block averages its real
+   tokens); a GQA query head is scored against the pooled keys of the kv head it reads;
+2. score every (query block, key block) pair as ``pooled_q . pooled_k * scale`` (bias, softcap and dropout
+   do not enter the estimate; causality and the mask do: a key block that is entirely in the future, or
+   entirely masked for the query block, is never picked);
+3. keep the ``local`` diagonal blocks (the query block's own key block and the ``local - 1`` before it) and
+   the first ``sinks`` key blocks, then fill up by score: up to ``k`` blocks in all, or
+   ``ceil(density * nKB)`` (at least 1), or the fewest blocks whose softmax mass over the pooled scores
+   reaches ``threshold`` (plus the forced ones). Forced blocks count toward ``k``/``density``.
+
+The chosen blocks are computed exactly (every pair inside them, under the ScoreMods) by
+``block_sparse_attention``; a query that sees no key returns zeros. With ``density=1`` every allowed block is
+kept and the result equals exact attention. The selection is not differentiated (it is a discrete choice);
+gradients flow through the attention over the chosen blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import sympy
+import torch
+from torch import Tensor
+
+from attncc.errors import AttnccError
+from attncc.variants.base import ScoreMods, VariantSpec, attention_cost, check_int, site_sizes
+from attncc.variants.block_sparse import block_keep_to_elements, blocks_to_keep, masked_reference
+from attncc.variants.blocks import BlockLayout, block_sparse_attention
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pool(x: Tensor, block: int) -> Tensor:
+    """Mean over blocks of the sequence dim: ``[..., N, D]`` -> float32 ``[..., ceil(N / block), D]``."""
+    n = x.shape[-2]
+    nb, whole = _ceil_div(n, block), n // block
+    # Sum whole blocks in place and the ragged tail apart: padding would copy all of x.
+    parts = [x[..., : whole * block, :].unflatten(-2, (whole, block)).sum(dim=-2, dtype=torch.float32)]
+    if whole < nb:
+        parts.append(x[..., whole * block:, :].sum(dim=-2, keepdim=True, dtype=torch.float32))
+    sums = torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
+    counts = torch.clamp(n - torch.arange(nb, device=x.device) * block, max=block).to(sums.dtype)
+    return sums / counts[:, None]
+
+
+def _block_any(mask: Tensor, block: int, nq: int, nk: int) -> Tensor:
+    """A bool mask broadcastable to ``[B, Hq, Nq, Nk]`` -> whether any element of each block is True,
+    ``[b, h, nQB or 1, nKB or 1]`` (broadcast dims stay size 1)."""
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if m.shape[-1] != 1:
+        m = torch.nn.functional.pad(m, (0, _ceil_div(nk, block) * block - nk)).unflatten(-1, (-1, block)).any(-1)
+    if m.shape[-2] != 1:
+        m = m.transpose(-2, -1)
+        m = torch.nn.functional.pad(m, (0, _ceil_div(nq, block) * block - nq)).unflatten(-1, (-1, block)).any(-1)
+        m = m.transpose(-2, -1)
+    return m
+
+
+def _as_fraction(spec: "TopKSpec", field_name: str, value) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise spec.invalid(field_name, f"must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class TopKSpec(VariantSpec):
+    """Dynamic block-sparse attention choosing key blocks per query block from mean-pooled scores.
+
+    Exactly one of ``density`` (fraction of key blocks, in (0, 1]), ``k`` (blocks per query block) or
+    ``threshold`` (softmax mass of the pooled scores to reach, in (0, 1]) is given.
+    """
+
+    name: ClassVar[str] = "topk"
+    block: int = 64
+    density: Optional[float] = None
+    k: Optional[int] = None
+    threshold: Optional[float] = None
+    sinks: int = 1
+    local: int = 1
+
+    def __post_init__(self):
+        check_int(self, "block", self.block, minimum=1)
+        given = [n for n in ("density", "k", "threshold") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise AttnccError(
+                f"topk: give exactly one of density, k or threshold (got density={self.density!r}, "
+                f"k={self.k!r}, threshold={self.threshold!r})"
+            )
+        # Stored as floats so the canonical text is stable (density=1 and density=1.0 read the same).
+        object.__setattr__(self, "density", _as_fraction(self, "density", self.density))
+        object.__setattr__(self, "threshold", _as_fraction(self, "threshold", self.threshold))
+        check_int(self, "k", self.k, minimum=1, allow_none=True)
+        check_int(self, "sinks", self.sinks)
+        check_int(self, "local", self.local)
+
+    # ------------------------------------------------------------------------------------------ supports
+
+    def supports(self, site) -> tuple[bool, str]:
+        """Sites with Nq == Nk (the local/diagonal blocks align queries with keys), without dropout or
+        band/segment masks; bias, softcap, padding and dense masks are applied."""
+        if site.dropout_p > 0:
+            return False, f"topk does not apply dropout (p={site.dropout_p})"
+        if site.band is not None:
+            return False, "the model's sliding-window (band) mask is not applied by topk"
+        if site.segments:
+            return False, "the model's segment (block-diagonal) mask is not applied by topk"
+        if site.q_len != site.kv_len:
+            return False, f"topk needs as many queries as keys (Nq={site.q_len}, Nk={site.kv_len})"
+        return True, f"dynamic top-k block sparsity ({self._budget_text()})"
+
+    def _budget_text(self) -> str:
+        if self.density is not None:
+            return f"density {self.density:g}"
+        if self.k is not None:
+            return f"{self.k} key blocks per query block"
+        return f"softmax mass {self.threshold:g}"
+
+    # ---------------------------------------------------------------------------------------------- cost
+
+    def _blocks_kept(self, nkb: int) -> int:
+        if self.k is not None:
+            return min(nkb, self.k)
+        if self.density is not None:
+            # round() first: 0.1 * 30 is 3.0000000000000004 in floats, which must not become 4 blocks.
+            return min(nkb, max(1, math.ceil(round(self.density * nkb, 9))))
+        return nkb
+
+    def pairs(self, site) -> sympy.Expr:
+        """(query, key) pairs scored per (batch, head): all elements of the kept blocks. ``threshold`` keeps
+        a data-dependent number of blocks, so it counts the dense bound."""
+        b = self.block
+        if isinstance(site.q_len, int) and isinstance(site.kv_len, int):
+            nq, nk = site.q_len, site.kv_len
+            nkb = _ceil_div(nk, b)
+            kept = max(self._blocks_kept(nkb), min(nkb, self.local + self.sinks))
+            total = 0
+            for qb in range(_ceil_div(nq, b)):
+                rows = min(b, nq - qb * b)
+                visible = min(nk, (qb + 1) * b) if site.causal else nk
+                total += rows * min(visible, kept * b)
+            return sympy.Integer(total)
+        s = site_sizes(site)
+        nq, nk = s["Nq"], s["Nk"]
+        if self.k is not None:
+            return sympy.Min(nq * nk, nq * max(self.k, self.local + self.sinks) * b)
+        if self.density is not None:
+            return sympy.Min(nq * nk, sympy.nsimplify(self.density) * nq * nk + nq * (self.local + self.sinks) * b)
+        return nq * nk
+
+    def cost(self, site) -> dict[str, sympy.Expr]:
+        """Attention over the kept blocks, plus pooling q and k and scoring every block pair."""
+        out = attention_cost(site, self.pairs(site))
+        s = site_sizes(site)
+        b = self.block
+        pooled = s["B"] * (s["Hq"] * s["Nq"] + s["Hkv"] * s["Nk"]) * s["D"]
+        nqb, nkb = sympy.ceiling(s["Nq"] / b), sympy.ceiling(s["Nk"] / b)
+        out["flops"] = out["flops"] + pooled + 2 * s["B"] * s["Hq"] * nqb * nkb * s["D"]
+        itemsize = site.dtype.itemsize if getattr(site, "dtype", None) is not None else 4
+        out["bytes"] = out["bytes"] + itemsize * pooled
+        return out
+
+    # ----------------------------------------------------------------------------------------- selection
+
+    @torch.no_grad()
+    def select(self, q: Tensor, k: Tensor, mods: ScoreMods) -> Tensor:
+        """The key blocks each query block attends: int64 ``[B, Hq, nQB, K]``, ascending, ``-1`` padding last.
+
+        q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``. Memory is ``O(B * Hq * nQB * nKB)`` (block pairs).
+        """
+        b = self.block
+        batch, hq, nq, d = q.shape
+        hkv, nk = k.shape[-3], k.shape[-2]
+        nqb, nkb = _ceil_div(nq, b), _ceil_div(nk, b)
+        pq, pk = _pool(q, b), _pool(k, b)  # [B, Hq, nQB, D], [B, Hkv, nKB, D]
+        # Query head h reads kv head h // g: group the g query heads' rows under their kv head.
+        pq = pq.reshape(batch, hkv, (hq // hkv) * nqb, d)
+        scores = ((pq @ pk.transpose(-2, -1)) * mods.scale).reshape(batch, hq, nqb, nkb)
+
+        qb = torch.arange(nqb, device=q.device)[:, None]
+        kb = torch.arange(nkb, device=q.device)[None, :]
+        allowed = torch.ones(nqb, nkb, dtype=torch.bool, device=q.device)
+        if mods.causal:
+            last_q = torch.clamp((qb + 1) * b, max=nq) - 1
+            allowed = kb * b <= last_q
+        if mods.mask is not None:
+            allowed = allowed & _block_any(mods.mask.to(q.device), b, nq, nk)
+        allowed = allowed.expand(batch, hq, nqb, nkb)
+        forced = ((kb <= qb) & (kb > qb - self.local)) | (kb < self.sinks)
+        forced = forced & allowed
+
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        if self.threshold is not None:
+            keep = self._by_mass(scores, allowed)
+        else:
+            kept = self._blocks_kept(nkb)
+            width = min(nkb, max(kept, self.local + self.sinks))
+            top = scores.masked_fill(forced, float("inf")).topk(width, dim=-1)
+            # Forced blocks (+inf) come first; past the budget only forced ones stay.
+            take = top.values > float("-inf")
+            take &= (torch.arange(width, device=q.device) < kept) | (top.values == float("inf"))
+            keep = torch.zeros_like(allowed)
+            keep.scatter_(-1, top.indices, take)
+        keep = (keep | forced) & allowed
+        return _to_lists(keep)
+
+    def _by_mass(self, scores: Tensor, allowed: Tensor) -> Tensor:
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with nothing allowed: no mass anywhere
+        p, order = probs.sort(dim=-1, descending=True)
+        before = p.cumsum(dim=-1) - p
+        keep = torch.zeros_like(allowed)
+        keep.scatter_(-1, order, before < self.threshold)
+        return keep
+
+    # ------------------------------------------------------------------------------------------- forward
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
+        """Select blocks, then run exact attention over them. q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``,
+        v ``[B, Hkv, Nk, Dv]`` -> ``[B, Hq, Nq, Dv]`` in q's dtype; no N x N tensor is built."""
+        blocks = self.select(q, k, mods)
+        layout = BlockLayout(self.block, self.block, q.shape[-2], k.shape[-2], blocks)
+        return block_sparse_attention(q, k, v, layout, mods)
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
+        """Float32 oracle: the same selection as a dense ``[B, Hq, Nq, Nk]`` mask over exact attention."""
+        blocks = self.select(q, k, mods)
+        keep = block_keep_to_elements(blocks_to_keep(blocks, _ceil_div(k.shape[-2], self.block)),
+                                      self.block, self.block, q.shape[-2], k.shape[-2])
+        return masked_reference(q, k, v, mods, keep)
+
+
+def _to_lists(keep: Tensor) -> Tensor:
+    """Bool block mask ``[..., nQB, nKB]`` -> ascending index lists ``[..., nQB, K]``, ``-1`` padding last."""
+    nkb = keep.shape[-1]
+    width = max(1, int(keep.sum(dim=-1).max())) if keep.numel() else 1
+    idx = torch.arange(nkb, device=keep.device).expand_as(keep).masked_fill(~keep, nkb)
+    lists = idx.sort(dim=-1).values[..., :width]
+    return lists.masked_fill(lists >= nkb, -1)

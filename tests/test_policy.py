@@ -1,0 +1,110 @@
+"""Policy: rule grammar, first match wins, files, and errors that name the rule, the field and the choices."""
+
+import json
+
+import pytest
+
+import attncc
+from attncc.errors import AttnccError
+from attncc.policy import Policy, Rule, as_policy, layer_index
+from attncc.site import AttentionSite
+
+
+def site(module="model.layers.3.self_attn", kind="self", causal=True, **kw):
+    return AttentionSite(module=module, source="sdpa", q=None, k=None, v=None, output=None, kind=kind, causal=causal,
+                         **kw)
+
+
+def test_string_policy_applies_to_every_site():
+    policy = Policy("local(window=256, sinks=4)")
+    decision = policy.decide(site())
+    assert decision.variant == "local(window=256, sinks=4)"
+    assert decision.min_len == 0
+    assert str(policy) == "local(window=256, sinks=4)"
+    assert policy.rewrites
+
+
+def test_none_policy_does_not_rewrite():
+    assert not Policy("none").rewrites
+    assert as_policy(None) == Policy("exact")
+
+
+def test_first_matching_rule_wins():
+    policy = attncc.Policy([
+        attncc.Rule(match="*.layers.0.*", variant="exact"),
+        attncc.Rule(kind="cross", variant="none"),
+        {"layers": "2-5", "causal": True, "variant": "local(window=64)", "min_len": 128},
+        attncc.Rule(variant="topk(density=0.25)"),
+    ])
+    assert policy.decide(site("model.layers.0.self_attn")).variant == "exact"
+    assert policy.decide(site("dec.layers.1.cross", kind="cross")).variant == "none"
+    d = policy.decide(site("model.layers.3.self_attn"))
+    assert (d.variant, d.min_len) == ("local(window=64)", 128)
+    assert "rule 3" in d.reason
+    assert policy.decide(site("model.layers.3.self_attn", causal=False)).variant == "topk(density=0.25)"
+    assert policy.decide(site("model.layers.9.self_attn")).variant == "topk(density=0.25)"
+
+
+def test_unmatched_site_runs_exact():
+    policy = Policy([Rule(match="encoder.*", variant="local(window=8)")])
+    d = policy.decide(site("decoder.layers.0.attn"))
+    assert d.variant == "exact" and "no rule matched" in d.reason
+
+
+def test_layer_index_is_first_integer_of_the_module_path():
+    assert layer_index("model.layers.12.self_attn") == 12
+    assert layer_index("encoder.block.0.layer.1.SelfAttention") == 0
+    assert layer_index("attn") is None
+    assert not Rule(layers=0).matches(site("attn"))
+
+
+@pytest.mark.parametrize("rule, message", [
+    ({"variant": "local(window=256)", "kindd": "self"}, "rule 1: unknown field 'kindd'; valid fields are variant, match"),
+    ({"variant": "local(window=256)", "kind": "selfish"}, "rule 1: field 'kind' must be one of 'self', 'cross'"),
+    ({"variant": "lcoal(window=256)"}, "rule 1: field 'variant': unknown variant 'lcoal': valid variants are exact, local"),
+    ({"variant": "local(windw=256)"}, "local: unknown parameter 'windw'; valid parameters are window"),
+    ({"variant": "local(window=256)", "layers": "3-1"}, "rule 1: field 'layers' must be an index"),
+    ({"variant": "local(window=256)", "min_len": -1}, "rule 1: field 'min_len' must be an integer >= 0"),
+    ({"variant": "local(window=256)", "causal": "yes"}, "rule 1: field 'causal' must be true or false"),
+    ({"match": "*"}, "rule 1: field 'variant' is required"),
+    ({"variant": "local(256)"}, "local: give parameters by name"),
+    ({"variant": "local(window=__import__('os'))"}, "local: window must be a literal"),
+])
+def test_bad_rules_name_rule_field_and_choices(rule, message):
+    with pytest.raises(AttnccError) as err:
+        Policy([rule, "exact"])
+    assert message in str(err.value)
+
+
+def test_bad_parameter_value_names_the_field():
+    with pytest.raises(AttnccError, match="local: .*window"):
+        Policy("local(window=-3)")
+
+
+def test_yaml_and_json_files(tmp_path):
+    yaml_file = tmp_path / "rules.yaml"
+    yaml_file.write_text("rules:\n  - match: '*.self_attn'\n    variant: local(window=256, sinks=4)\n    min_len: 2048\n"
+                         "  - variant: exact\n")
+    policy = as_policy(str(yaml_file))
+    assert policy.decide(site()).variant == "local(window=256, sinks=4)"
+    assert policy.decide(site()).min_len == 2048
+    json_file = tmp_path / "rules.json"
+    json_file.write_text(json.dumps([{"kind": "self", "variant": "topk(density=0.125)"}]))
+    assert Policy.from_file(json_file).decide(site()).variant == "topk(density=0.125)"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rules: [", "is not valid YAML"),
+    ("- variant: local(window=-1)\n", "policy file .*window"),
+    ("42\n", "expected a list of rules"),
+])
+def test_bad_files_say_what_is_wrong(tmp_path, text, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(AttnccError, match=message):
+        as_policy(str(path))
+
+
+def test_missing_file():
+    with pytest.raises(AttnccError, match="cannot read policy file"):
+        as_policy("/nonexistent/rules.yaml")
