@@ -171,7 +171,7 @@ class Report:
             console.print("nothing captured yet: call the compiled model once (or pass example_inputs)")
         else:
             console.print(self.table())
-            if any(s.reason for s in self.sites):
+            if any(s.reason and s.reason != f"policy: {self.policy}" for s in self.sites):
                 console.print(self.reasons_table())
             if self.rejected:
                 console.print(self.rejected_table())

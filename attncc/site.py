@@ -96,7 +96,11 @@ class AttentionSite:
     band: Optional[tuple[int, int]] = None
     """``(left, right)`` when the model's mask keeps only keys ``i - left <= j <= i + right`` (sliding window)."""
     segments: bool = False
-    """True when the model's mask is block-diagonal by segment labels (documents, Swin shifted windows)."""
+    """True when the model's mask separates regions of tokens (Swin's shifted windows): see segment_labels."""
+    segment_labels: Any = None
+    """int64 ``[nW, N]``: region of each token in each window; batch row r of q uses row ``r % nW``."""
+    segment_fill: float = float("-inf")
+    """What the model adds to scores between different regions (timm's Swin: -100)."""
     keep_nodes: list = field(default_factory=list)
     """Bool masks (True = attend) left by mask analysis, ANDed into the op's mask; the structured part of the
     model's masks is in ``causal`` / ``band`` instead."""

@@ -25,12 +25,16 @@ def fill_val(node: fx.Node, fallback_mode=None) -> None:
     # the mode the inputs' values live in (not the ambient tracing context's, which Dynamo may have replaced)
     fakes = [x for x in (*tree_flatten(args)[0], *tree_flatten(kwargs)[0]) if isinstance(x, FakeTensor)]
     fake_mode = fakes[0].fake_mode if fakes else fallback_mode
+    if node.op == "get_attr":  # a constant the pass stored on the module: its fake copy
+        value = node.graph.owning_module.get_buffer(node.target)
+        node.meta["val"] = fake_mode.from_tensor(value) if fake_mode is not None else value
+        return
     with fake_mode if fake_mode is not None else torch.no_grad():
         if node.op == "call_function":
             result = node.target(*args, **kwargs)
         elif node.op == "call_method":
             result = getattr(args[0], node.target)(*args[1:], **kwargs)
-        else:  # pragma: no cover - passes only insert calls
+        else:  # pragma: no cover - passes only insert calls and constants
             raise ValueError(f"cannot evaluate {node.op} nodes")
     node.meta["val"] = result
 

@@ -416,6 +416,10 @@ def analyze_masks(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[Attent
 def _analyze_site(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpreter) -> None:
     original = (list(site.steps), site.sdpa_mask)
     if any(step.kind == "reshape" for step in site.steps):
+        windows = window_segments(gm, site.steps)
+        if windows is not None:
+            site.steps, site.segment_labels, site.segment_fill = windows
+            site.segments = True
         _summarize(site, [])
         return
     keep_terms: list[fx.Node] = []
@@ -483,6 +487,38 @@ def _analyze_site(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpret
     _summarize(site, residuals)
 
 
+def window_segments(gm: fx.GraphModule, steps: list) -> Optional[tuple[list, torch.Tensor, float]]:
+    """Swin's shifted-window mask: ``scores.view(B, nW, H, N, N) + mask[nW, 1, N, N]`` then back to
+    ``[B*nW, H, N, N]``, where ``mask`` is a constant that is 0 between tokens of the same region and one fill
+    value (timm: -100) between regions. Returns (the other steps, region labels ``[nW, N]``, fill value), or
+    None when the steps are anything else.
+    """
+    kinds = [step.kind for step in steps]
+    if kinds[-3:] != ["reshape", "add", "reshape"] or "reshape" in kinds[:-3] or steps[-2].value != 1.0:
+        return None
+    grouped, back = g.shape(steps[-3].node), g.shape(steps[-1].node)
+    before = g.shape(steps[-3].node.args[0])
+    if grouped is None or back is None or before is None or len(grouped) != 5 or tuple(back) != tuple(before):
+        return None
+    mask = constant_value(gm, steps[-2].node)
+    while mask is not None and mask.dim() > 4 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask is None or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != grouped[1] \
+            or tuple(mask.shape[-2:]) != tuple(grouped[-2:]):
+        return None
+    m = mask[:, 0].float()                                      # [nW, N, N]
+    fills = torch.unique(m[m != 0])
+    if fills.numel() > 1 or (fills.numel() == 1 and float(fills[0]) >= 0):
+        return None
+    fill = float(fills[0]) if fills.numel() else float("-inf")
+    same = m == 0
+    n = m.shape[-1]
+    labels = torch.where(same, torch.arange(n), n).min(dim=-1).values   # first token of each token's region
+    if not torch.equal(labels[:, :, None] == labels[:, None, :], same):
+        return None
+    return steps[:-3], labels, fill
+
+
 def _bool(node) -> bool:
     t = g.tensor_val(node)
     return t is not None and t.dtype == torch.bool
@@ -514,7 +550,7 @@ def _summarize(site: AttentionSite, residuals: list[fx.Node]) -> None:
         else:
             dense = True
     site.mask_residual = "dense" if dense else ("padding" if padding else "none")
-    parts = []
+    parts = ["segments"] if site.segments else []
     if site.causal:
         parts.append("causal")
     if site.band is not None:

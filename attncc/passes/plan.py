@@ -39,9 +39,13 @@ def plan_sites(gm: fx.GraphModule, sites: list[AttentionSite], policy: Policy) -
             site.spec = site.fallback = None
             continue
         exact = exact_spec(site)
-        spec = _specialize(parse_variant(decision.variant), site)
-        if isinstance(spec, ExactSpec):
+        asked = parse_variant(decision.variant)
+        spec = _specialize(asked, site)
+        if isinstance(spec, ExactSpec) or spec == exact:
             site.spec, site.fallback = exact, exact
+            if not isinstance(asked, ExactSpec):
+                site.variant = "exact"
+                site.reason += f"; the model's own window ({site.band[0] + 1} keys) is already narrower: exact"
             continue
         supported, why = spec.supports(site)
         if supported and site.layout not in ("bhnd", "(bh)nd"):
@@ -69,8 +73,26 @@ def _specialize(spec, site: AttentionSite):
     if isinstance(spec, NeighborhoodSpec) and spec.grid is None and site.grid is not None:
         return dataclasses.replace(spec, grid=site.grid, globals=site.grid_prefix)
     if isinstance(spec, LocalSpec) and site.band is not None:
+        own_left, _ = spec.bounds(site.causal)
+        if own_left >= site.band[0]:
+            return exact_spec(site)  # the model's window is already narrower: nothing to add
+        if spec.sinks or spec.globals:
+            # sinks outside the model's window are hidden by the model's mask; one band cannot say that
+            return _Declined("sinks/globals outside the model's own window cannot be expressed")
         return spec.intersect_band(*site.band, causal=site.causal)
     return spec
+
+
+class _Declined:
+    """A variant that turned out not to apply to the site after specialization."""
+
+    name = "local"
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def supports(self, site) -> tuple[bool, str]:
+        return False, self.reason
 
 
 def _grid_for(site: AttentionSite, grids: list[tuple[int, ...]]) -> tuple[Optional[tuple[int, ...]], int]:

@@ -62,6 +62,13 @@ class _SiteRewriter:
         self.emitted.append(node)
         return node
 
+    def constant(self, name: str, value: torch.Tensor) -> fx.Node:
+        """A get_attr node for a tensor the op needs, stored on the rewritten module as a buffer."""
+        module = self.anchor.graph.owning_module
+        name = f"{name}_g{self.site.graph_index}"
+        module.register_buffer(name, value, persistent=False)
+        return self.emit("get_attr", name)
+
     def transpose(self, x: fx.Node) -> fx.Node:
         return self.emit("call_method", "transpose", x, -2, -1)
 
@@ -95,9 +102,13 @@ class _SiteRewriter:
             kwargs["dropout_seed"] = self.emit("call_function", torch.randint, 0, 2**62, (), dtype=torch.int64)
         if site.spec is not None and str(site.spec) != "exact":
             kwargs["variant"] = str(site.spec)
+        if site.fallback is not None and str(site.fallback) != "exact":
+            kwargs["fallback"] = str(site.fallback)  # the model's own exact structure (a band)
         if site.min_len:
-            kwargs["fallback"] = str(site.fallback)
             kwargs["min_len"] = site.min_len
+        if site.segment_labels is not None:
+            kwargs["segments"] = self.constant(f"_attncc_regions_{self.position}", site.segment_labels)
+            kwargs["segment_fill"] = site.segment_fill
         out = self.emit("call_function", ATTENTION_OP, q, k, v, **kwargs)
         out.meta[SITE_META] = self.position
         if site.output_transposed:

@@ -13,6 +13,7 @@ from torch import Tensor
 from attncc.errors import AttnccError
 from attncc.variants.base import ScoreMods
 from attncc.variants.exact import ExactSpec, exact_attention
+from attncc.variants.segments import segment_attention
 from attncc.variants.parse import parse_variant
 
 BACKENDS = ("torch",)
@@ -29,6 +30,7 @@ def selected_backend() -> str:
 def run_attention(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], scale: float, causal: bool,
     softcap: float, dropout_p: float, dropout_seed: Optional[Tensor], variant: str, fallback: str, min_len: int,
+    segments: Optional[Tensor] = None, segment_fill: float = 0.0,
 ) -> Tensor:
     """Run the variant ``variant`` names (``fallback`` when the key length is below ``min_len``).
 
@@ -37,6 +39,11 @@ def run_attention(
     """
     selected_backend()
     spec = parse_variant(fallback if min_len and k.shape[-2] < min_len else variant)
+    if segments is not None:
+        if not isinstance(spec, ExactSpec):
+            raise AttnccError(f"{spec.name}: region masks (segments) run exact only")
+        return segment_attention(q, k, v, segments, segment_fill, bias, mask, scale, causal, softcap, dropout_p,
+                                 dropout_seed)
     if isinstance(spec, ExactSpec):
         return exact_attention(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed)
     if dropout_p > 0:

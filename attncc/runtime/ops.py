@@ -23,42 +23,46 @@ def attention_op(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
     scale: float = 1.0, causal: bool = False, softcap: float = 0.0, dropout_p: float = 0.0,
     dropout_seed: Optional[Tensor] = None, variant: str = "exact", fallback: str = "exact", min_len: int = 0,
+    segments: Optional[Tensor] = None, segment_fill: float = 0.0,
 ) -> Tensor:
     """One attention site: ``variant`` is the variant's canonical text (``"exact"``, ``"local(window=256)"``,
     semantics in ``attncc.variants``), run as ``fallback`` while the key length is below ``min_len``.
-    Returns ``[*batch, Nq, Dv]`` in q's dtype."""
+    ``segments`` (int64 ``[nW, N]``, exact only) adds ``segment_fill`` between tokens of different regions; batch
+    row r of q uses row ``r % nW`` (Swin's shifted windows). Returns ``[*batch, Nq, Dv]`` in q's dtype."""
     out = run_attention(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed, variant, fallback,
-                        min_len)
+                        min_len, segments, segment_fill)
     # custom ops may not return a view of an input (SDPA can, for some degenerate shapes)
     return out.clone() if out._base is not None else out
 
 
 @attention_op.register_fake
 def _attention_fake(q, k, v, bias=None, mask=None, scale=1.0, causal=False, softcap=0.0, dropout_p=0.0,
-                    dropout_seed=None, variant="exact", fallback="exact", min_len=0):
+                    dropout_seed=None, variant="exact", fallback="exact", min_len=0, segments=None,
+                    segment_fill=0.0):
     q, k, v, _ = expand_kv_heads(q, k, v)
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed, variant, fallback, min_len = inputs
-    ctx.save_for_backward(q, k, v, bias, mask, dropout_seed)
-    ctx.options = (scale, causal, softcap, dropout_p, variant, fallback, min_len)
+    (q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed, variant, fallback, min_len, segments,
+     segment_fill) = inputs
+    ctx.save_for_backward(q, k, v, bias, mask, dropout_seed, segments)
+    ctx.options = (scale, causal, softcap, dropout_p, variant, fallback, min_len, segment_fill)
 
 
 def _backward(ctx, grad_out):
-    q, k, v, bias, mask, dropout_seed = ctx.saved_tensors
-    scale, causal, softcap, dropout_p, variant, fallback, min_len = ctx.options
+    q, k, v, bias, mask, dropout_seed, segments = ctx.saved_tensors
+    scale, causal, softcap, dropout_p, variant, fallback, min_len, segment_fill = ctx.options
     wants = [t is not None and t.is_floating_point() and need for t, need in zip(
         (q, k, v, bias), ctx.needs_input_grad[:4])]
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip((q, k, v, bias), wants)]
         out = run_attention(*leaves[:3], leaves[3], mask, scale, causal, softcap, dropout_p, dropout_seed, variant,
-                            fallback, min_len)
+                            fallback, min_len, segments, segment_fill)
         targets = [t for t, w in zip(leaves, wants) if w]
         grads = iter(torch.autograd.grad(out, targets, grad_out)) if targets else iter(())
     result = [next(grads) if w else None for w in wants]
-    return (*result, None, None, None, None, None, None, None, None, None)
+    return (*result, *(None,) * 11)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -81,7 +81,7 @@ def feature_dim(feature_map: str, d):
 def feature_map(x: Tensor, kind: str) -> Tensor:
     """``phi(x)`` of the efficient path: ``[..., D]`` float -> ``[..., Df]`` (Df from ``feature_dim``)."""
     if kind == "elu":
-        return F.elu(x) + 1
+        return F.elu(x).add_(1.0)  # in place: elu's backward reads its input, not its output
     if kind == "relu":
         return F.relu(x)
     # Order: 1, x, the diagonal x_a^2 / sqrt(2), then x_a * x_b for a < b row by row (slices, not a gather:
@@ -281,8 +281,8 @@ def _causal_scan(qb: Tensor, kb: Tensor, vb: Tensor, valid: Tensor, fmap: str) -
 
     qb ``[B, Hkv, nC, g*c, D]`` raw queries, kb ``[B, Hkv, nC, c, D]`` raw keys lined up with the query
     positions, vb ``[B, Hkv, nC, c, Dv]``, valid ``[B or 1, 1, nC, c, 1]`` float (0 drops a key: padding,
-    masked, or outside the lagged range). Returns numerators ``[B, Hkv, nC, g*c, Dv]`` and denominators
-    ``[B, Hkv, nC, g*c, 1]``.
+    masked, or outside the lagged range; None when every key row is real). Returns numerators
+    ``[B, Hkv, nC, g*c, Dv]`` and denominators ``[B, Hkv, nC, g*c, 1]``.
 
     Features are computed a run of chunks at a time (at most ``_STATE_BUDGET`` elements of states or query
     features), so taylor's wide features never exist for the whole sequence at once in inference.
@@ -295,16 +295,23 @@ def _causal_scan(qb: Tensor, kb: Tensor, vb: Tensor, valid: Tensor, fmap: str) -
     step = max(1, _STATE_BUDGET // (bsz * hkv * df * max(dv, gc)))
     nums, dens = [], []
     for c0 in range(0, nc, step):
-        q_s, k_s, v_s, valid_s = (x[:, :, c0:c0 + step] for x in (qb, kb, vb, valid))
+        q_s, k_s, v_s = (x[:, :, c0:c0 + step] for x in (qb, kb, vb))
+        valid_s = valid[:, :, c0:c0 + step] if valid is not None else None
         fq = feature_map(q_s, fmap)
-        fk = feature_map(k_s, fmap) * valid_s
+        fk = feature_map(k_s, fmap)
+        if valid_s is not None:
+            fk = fk * valid_s
         if fmap == "taylor":
             # phi(q).phi(k) = 1 + s + s^2/2 from the raw D-dim product: c * D work per row instead of c * Df.
             s = q_s @ k_s.transpose(-1, -2)
-            a = (1.0 + s * (1.0 + 0.5 * s)) * valid_s.transpose(-1, -2)
+            a = 1.0 + s * (1.0 + 0.5 * s)
+            if valid_s is not None:
+                a = a * valid_s.transpose(-1, -2)
         else:
             a = fq @ fk.transpose(-1, -2)
-        a = a.masked_fill(~tri, 0.0)
+        # In-place updates below only touch tensors no backward formula reads (fresh matmul/arithmetic
+        # outputs): fewer large allocations, which dominate on CPU at these sizes.
+        a = a.masked_fill_(~tri, 0.0)
         kv = fk.transpose(-1, -2) @ v_s  # [B, Hkv, s, Df, Dv]: each chunk's phi(k)^T v
         kz = fk.sum(dim=-2).unsqueeze(-1)  # [B, Hkv, s, Df, 1]: each chunk's sum of phi(k)
         # Running (S, z) left of each chunk. A loop of adds, not cumsum: cumsum over a leading dim is several
@@ -314,14 +321,14 @@ def _causal_scan(qb: Tensor, kb: Tensor, vb: Tensor, valid: Tensor, fmap: str) -
             before.append(before[-1] + kv[:, :, i])
             zbefore.append(zbefore[-1] + kz[:, :, i])
         state, zstate = before[-1] + kv[:, :, -1], zbefore[-1] + kz[:, :, -1]
-        nums.append(a @ v_s + fq @ torch.stack(before, dim=2))
-        dens.append(a.sum(dim=-1, keepdim=True) + fq @ torch.stack(zbefore, dim=2))
+        nums.append((fq @ torch.stack(before, dim=2)).add_(a @ v_s))
+        dens.append((fq @ torch.stack(zbefore, dim=2)).add_(a.sum(dim=-1, keepdim=True)))
     if len(nums) == 1:
         return nums[0], dens[0]
     return torch.cat(nums, dim=2), torch.cat(dens, dim=2)
 
 
-def _bidirectional(q5: Tensor, k: Tensor, v: Tensor, keepf: Tensor, fmap: str) -> tuple[Tensor, Tensor]:
+def _bidirectional(q5: Tensor, k: Tensor, v: Tensor, keepf: Optional[Tensor], fmap: str) -> tuple[Tensor, Tensor]:
     """``sum_j phi(q_i).phi(k_j) v_j`` and ``sum_j phi(q_i).phi(k_j)`` over all kept keys: one ``[Df, Dv]`` state
     per kv head, built and read a run of rows at a time. q5 ``[B, Hkv, g, Nq, D]`` -> numerators
     ``[B, Hkv, g, Nq, Dv]`` and denominators ``[B, Hkv, g, Nq, 1]``."""
@@ -331,7 +338,9 @@ def _bidirectional(q5: Tensor, k: Tensor, v: Tensor, keepf: Tensor, fmap: str) -
     rows = max(1, _STATE_BUDGET // (bsz * hkv * df))
     state, zstate = q5.new_zeros(bsz, hkv, df, dv), q5.new_zeros(bsz, hkv, df, 1)
     for r0 in range(0, nk, rows):
-        fk = feature_map(k[:, :, r0:r0 + rows], fmap) * keepf[:, :, r0:r0 + rows]
+        fk = feature_map(k[:, :, r0:r0 + rows], fmap)
+        if keepf is not None:
+            fk = fk * keepf[:, :, r0:r0 + rows]
         state = state + fk.transpose(-1, -2) @ v[:, :, r0:r0 + rows]
         zstate = zstate + fk.sum(dim=-2).unsqueeze(-1)
     qrows = q5.reshape(bsz, hkv, g * nq, d)
@@ -341,15 +350,19 @@ def _bidirectional(q5: Tensor, k: Tensor, v: Tensor, keepf: Tensor, fmap: str) -
     return num, den
 
 
-def _lagged_scan(q5: Tensor, k: Tensor, v: Tensor, keepf: Tensor, fmap: str, c: int, lag: int, p: int,
+def _lagged_scan(q5: Tensor, k: Tensor, v: Tensor, keepf: Optional[Tensor], fmap: str, c: int, lag: int, p: int,
                  q_offset: int = 0) -> tuple[Tensor, Tensor]:
     """The causal scan over a sequence of ``p`` positions: query ``i`` at position ``q_offset + i``, key row
-    ``t`` at position ``t + lag``. Returns numerators ``[B, Hkv, g, p - q_offset, Dv]`` and denominators
-    ``[B, Hkv, g, p - q_offset, 1]`` for the queries."""
+    ``t`` at position ``t + lag``; keepf ``[B or 1, 1, Nk, 1]`` float or None (keep all). Returns numerators
+    ``[B, Hkv, g, p - q_offset, Dv]`` and denominators ``[B, Hkv, g, p - q_offset, 1]`` for the queries."""
     g = q5.shape[2]
     qb = _query_blocks(F.pad(q5, (0, 0, q_offset, 0)) if q_offset else q5, c)
     nc = qb.shape[2]
-    kb, vb, valid = (_key_blocks(_rows(x, -lag, p), c, nc) for x in (k, v, keepf))
+    kb, vb = (_key_blocks(_rows(x, -lag, p), c, nc) for x in (k, v))
+    every_row_real = keepf is None and lag == 0 and p == k.shape[2] == nc * c
+    if keepf is None:
+        keepf = k.new_ones(1, 1, k.shape[2], 1)
+    valid = None if every_row_real else _key_blocks(_rows(keepf, -lag, p), c, nc)
     return tuple(_from_blocks(x, g, p)[..., q_offset:, :] for x in _causal_scan(qb, kb, vb, valid, fmap))
 
 
@@ -360,7 +373,7 @@ def _linear_forward(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], fma
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hkv
     q5 = q.reshape(bsz, hkv, g, nq, d)
-    keepf = (keep.to(q.dtype) if keep is not None else q.new_ones(1, nk))[:, None, :, None]  # [B or 1, 1, Nk, 1]
+    keepf = keep.to(q.dtype)[:, None, :, None] if keep is not None else None  # [B or 1, 1, Nk, 1]
     c = max(1, min(chunk, nq))
     if window == 0:
         if mods.causal:
@@ -373,7 +386,8 @@ def _linear_forward(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], fma
     return _window_combine(q5, k, v, keep, lin, mods.scale, w, c, mods.causal).reshape(bsz, hq, nq, dv)
 
 
-def _outside_window(q5: Tensor, k: Tensor, v: Tensor, keepf: Tensor, fmap: str, w: int, c: int, causal: bool):
+def _outside_window(q5: Tensor, k: Tensor, v: Tensor, keepf: Optional[Tensor], fmap: str, w: int, c: int,
+                    causal: bool):
     """Linear sums over the keys outside the window: numerators ``[B, Hkv, g, Nq, Dv]`` and denominators
     ``[B, Hkv, g, Nq, 1]`` (None when no key is outside).
 
@@ -389,7 +403,7 @@ def _outside_window(q5: Tensor, k: Tensor, v: Tensor, keepf: Tensor, fmap: str, 
     if not causal and w < nk:
         o = max(0, nk - nq - w)
         p = nq + o
-        rev = [x[:, :, w:].flip(-2) for x in (k, v, keepf)]  # key j at row nk - 1 - j
+        rev = [x[:, :, w:].flip(-2) if x is not None else None for x in (k, v, keepf)]  # key j: row nk-1-j
         right = _lagged_scan(q5.flip(-2), *rev, fmap, c, lag=p - (nk - w), p=p, q_offset=o)
         parts.append(tuple(x.flip(-2) for x in right))
     if not parts:

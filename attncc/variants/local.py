@@ -243,6 +243,8 @@ def local_attention(
                 torch.arange(prefix, device=dev) > rows, MASKED)
 
     step = max(1, CHUNK_FLOATS // (g * bq * (width + prefix)))
+    has_mods = mods.bias is not None or mods.mask is not None
+    bad_blocks = bad_blocks.tolist()
     out = None if grad else torch.empty(b, hkv, nqb, g * bq, dv, device=dev)
     pieces = []
     for bi in range(b):
@@ -250,22 +252,22 @@ def local_attention(
             for c0 in range(0, nqb, step):
                 c1 = min(nqb, c0 + step)
                 cc = c1 - c0
-                q_pos = torch.arange(c0 * bq, c1 * bq, device=dev).view(cc, bq)
                 qc = qs[bi, h, c0:c1]
                 s = torch.bmm(qc, k_win[bi, h, c0:c1]).view(cc, g, bq, width)
                 s = _softcap(s, mods.softcap, grad)
                 s = s + band_bias if grad else s.add_(band_bias)
-                if bias_or_mask := (mods.bias is not None or mods.mask is not None):
+                if has_mods:
+                    q_pos = torch.arange(c0 * bq, c1 * bq, device=dev).view(cc, bq)
                     k_pos = key_pos[c0:c1].clamp(0, n - 1).view(1, 1, cc, 1, width)
                     s = _apply_mods(s, mods, bi, h, g, q_pos, k_pos, grad)
-                if bad_blocks[c0:c1].any():
+                if any(bad_blocks[c0:c1]):
                     s = s.masked_fill(key_bad[c0:c1].view(cc, 1, 1, width), MASKED)
                 if prefix:
                     sp = torch.matmul(qc, k_pre[bi, h].transpose(0, 1)).view(cc, g, bq, prefix)
                     sp = _softcap(sp, mods.softcap, grad)
                     if pre_bias is not None:
                         sp = sp + pre_bias[c0:c1]
-                    if bias_or_mask:
+                    if has_mods:
                         k_pos = torch.arange(prefix, device=dev).view(1, 1, 1, 1, prefix)
                         sp = _apply_mods(sp, mods, bi, h, g, q_pos, k_pos, grad)
                     s = torch.cat([sp, s], dim=-1)
@@ -282,7 +284,7 @@ def local_attention(
                 if grad:
                     pieces.append(o)
     if grad:
-        out = torch.stack(pieces).view(b, hkv, nqb, g * bq, dv)
+        out = torch.cat(pieces).view(b, hkv, nqb, g * bq, dv)
     out = out.view(b, hkv, nqb, g, bq, dv).transpose(2, 3).reshape(b, hq, npad, dv)[:, :, :n]
     if globals_:
         out = torch.cat([dense_rows(q, k, v, mods, min(globals_, n)), out[:, :, globals_:]], dim=2)

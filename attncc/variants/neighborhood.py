@@ -224,39 +224,88 @@ def axis_neighbors(length: int, kernel: int, dilation: int, stride: int) -> Tens
     return vis
 
 
-@lru_cache(maxsize=64)
-def _axis_tiles(length: int, kernel: int, dilation: int, stride: int, tile: int):
-    """One axis cut into tiles of ``tile`` queries of one dilation sub-sequence each.
+@dataclass(frozen=True)
+class _AxisTiles:
+    """One axis cut into tiles of ``tile`` queries, each inside one dilation sub-sequence.
 
-    Returns CPU tensors ``(q_pos [nT, tile], k_pos [nT, R], bias [nT, tile, R])``: each tile's query positions
-    and the positions of the union of their windows (``-1`` pads both), and the additive visibility term
-    (0 where the query sees the key, MASKED elsewhere).
+    Tile i's queries are axis positions ``q_start[i] + step * (0 .. tile-1)`` and its key region (holding
+    the windows of all its queries) ``k_start[i] + step * (0 .. region-1)``; both may run past the axis ends,
+    which the caller pads by ``pad`` = (before, after). ``q_pos``/``k_pos`` (``[nT, tile]``/``[nT, region]``)
+    give the positions, -1 outside the sub-sequence; ``bias`` ``[nT, tile, region]`` is 0 where the query sees
+    the key, MASKED elsewhere. ``residues`` lists ``(first tile, sub-sequence length)`` per dilation residue.
+    ``q_pad`` is the padding after the axis end the query slices need.
     """
-    tiles = []
+
+    step: int
+    tile: int
+    region: int
+    q_start: tuple[int, ...]
+    k_start: tuple[int, ...]
+    pad: tuple[int, int]
+    q_pad: int
+    residues: tuple[tuple[int, int], ...]
+    q_pos: Tensor
+    k_pos: Tensor
+    bias: Tensor
+
+    def to(self, device) -> "_AxisTiles":
+        return _AxisTiles(self.step, self.tile, self.region, self.q_start, self.k_start, self.pad, self.q_pad,
+                          self.residues, self.q_pos.to(device), self.k_pos.to(device), self.bias.to(device))
+
+
+@lru_cache(maxsize=64)
+def _axis_tiles(length: int, kernel: int, dilation: int, stride: int, tile: int, uniform: bool) -> _AxisTiles:
+    """The tiling of one axis (see :class:`_AxisTiles`), on the CPU.
+
+    ``uniform``: every region starts ``kernel // 2`` before its tile and spans ``tile + kernel - 1``, so the
+    region starts step evenly and the regions are one strided view of the padded axis (no gather). Valid for
+    ``dilation == stride == 1`` and ``tile`` dividing ``length`` with ``tile > kernel // 2`` (the clamped border
+    windows then still fit); otherwise each region is the exact union of its tile's windows.
+    """
+    tiles, residues = [], []
     for r in range(dilation):
-        sub = list(range(r, length, dilation))
-        starts = window_starts(len(sub), kernel, stride)
-        for t0 in range(0, len(sub), tile):
-            t1 = min(len(sub), t0 + tile)
-            lo, hi = starts[t0], starts[t1 - 1] + kernel
-            tiles.append((sub[t0:t1], sub[lo:hi], [(starts[x] - lo, starts[x] - lo + kernel) for x in range(t0, t1)]))
-    region = max(len(keys) for _, keys, _ in tiles)
+        sub_len = len(range(r, length, dilation))
+        starts = window_starts(sub_len, kernel, stride)
+        residues.append((len(tiles), sub_len))
+        for t0 in range(0, sub_len, tile):
+            t1 = min(sub_len, t0 + tile)
+            lo, hi = (t0 - kernel // 2, t0 + tile - 1 - kernel // 2 + kernel) if uniform else \
+                (starts[t0], starts[t1 - 1] + kernel)
+            tiles.append((r, t0, t1, lo, hi, starts[t0:t1], sub_len))
+    region = max(hi - lo for _, _, _, lo, hi, _, _ in tiles)
     q_pos = torch.full((len(tiles), tile), -1, dtype=torch.int64)
     k_pos = torch.full((len(tiles), region), -1, dtype=torch.int64)
     bias = torch.full((len(tiles), tile, region), MASKED)
-    for i, (queries, keys, windows) in enumerate(tiles):
-        q_pos[i, :len(queries)] = torch.tensor(queries)
-        k_pos[i, :len(keys)] = torch.tensor(keys)
-        for a, (w0, w1) in enumerate(windows):
-            bias[i, a, w0:w1] = 0.0
-    return q_pos, k_pos, bias
+    for i, (r, t0, t1, lo, _, win, sub_len) in enumerate(tiles):
+        q_pos[i, :t1 - t0] = r + dilation * torch.arange(t0, t1)
+        inside = torch.arange(lo, lo + region)
+        inside = inside[(inside >= 0) & (inside < sub_len)]
+        k_pos[i, inside - lo] = r + dilation * inside
+        for a, w0 in enumerate(win):
+            if not lo <= w0 <= lo + region - kernel:
+                raise AssertionError(f"neighborhood tiling misses a window ({length=}, {kernel=}, {tile=})")
+            bias[i, a, w0 - lo:w0 - lo + kernel] = 0.0
+    q_start = tuple(r + dilation * t0 for r, t0, *_ in tiles)
+    k_start = tuple(r + dilation * lo for r, _, _, lo, *_ in tiles)
+    pad = (max(0, -min(k_start)), max(0, max(k_start) + dilation * (region - 1) + 1 - length))
+    q_pad = max(0, max(q_start) + dilation * (tile - 1) + 1 - length)
+    return _AxisTiles(dilation, tile, region, q_start, k_start, pad, q_pad, tuple(residues), q_pos, k_pos, bias)
 
 
-def _tile_size(kernel: int, length: int, rank: int) -> int:
-    """Queries per tile per axis: small tiles waste less (each query scores ``(t + K - 1)`` keys per axis),
-    large ones make better matmuls; about K/2, at least 4 (2 on 3-D grids), at most 8."""
-    lo = 2 if rank == 3 else 4
-    return max(1, min(length, max(lo, min(8, (kernel + 1) // 2))))
+def _tiling(length: int, kernel: int, dilation: int, stride: int, rank: int) -> _AxisTiles:
+    """The tiling of one axis: uniform (gather-free) where a tile size allows it, else exact regions.
+
+    Tiles of about 8 queries per axis on 2-D grids (4 on 3-D): fewer waste more key work per query
+    (``t + K - 1`` keys per axis), more make the matmuls inefficient.
+    """
+    target = 4 if rank == 3 else 8
+    if dilation == 1 and stride == 1:
+        fits = [t for t in range(kernel // 2 + 1, length + 1) if length % t == 0]
+        if fits:
+            best = min(fits, key=lambda t: (abs(t - target) if t <= 2 * target else length, t))
+            if best <= 2 * target:
+                return _axis_tiles(length, kernel, 1, 1, best, True)
+    return _axis_tiles(length, kernel, dilation, stride, max(1, min(length, target)), False)
 
 
 def neighborhood_attention(
@@ -273,22 +322,23 @@ def neighborhood_attention(
     g = hq // hkv
     rank = len(grid)
     dev = q.device
-    tiles = tiles or tuple(_tile_size(kk, length, rank) for kk, length in zip(kernel, grid))
-    axes = [
-        tuple(t.to(dev) for t in _axis_tiles(length, kk, dd, ss, tt))
-        for length, kk, dd, ss, tt in zip(grid, kernel, dilation, stride, tiles)
-    ]
-    q_axes, k_axes, bias_axes = [a[0] for a in axes], [a[1] for a in axes], [a[2] for a in axes]
-    n_tiles = [a.shape[0] for a in q_axes]
-    regions = [a.shape[1] for a in k_axes]
+    if tiles is None:
+        axes = [_tiling(length, kk, dd, ss, rank).to(dev) for length, kk, dd, ss in zip(grid, kernel, dilation, stride)]
+    else:
+        axes = [_axis_tiles(length, kk, dd, ss, min(tt, length), False).to(dev)
+                for length, kk, dd, ss, tt in zip(grid, kernel, dilation, stride, tiles)]
+    tiles = tuple(a.tile for a in axes)
+    n_tiles = [len(a.q_start) for a in axes]
+    regions = [a.region for a in axes]
     tile_q, tile_k = math.prod(tiles), math.prod(regions)
     strides = [math.prod(grid[i + 1:]) for i in range(rank)]
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mods.bias))
     need_tokens = mods.bias is not None or mods.mask is not None or mods.causal
 
-    qg = (q[:, :, globals_:].float() * mods.scale).reshape(b, hq, *grid, d)
-    kg = k[:, :, globals_:].float().reshape(b, hkv, *grid, d)
-    vg = v[:, :, globals_:].float().reshape(b, hkv, *grid, dv)
+    # Grids padded past each axis end so every tile's query and key slices are in bounds (padding is masked).
+    qg = _pad_axes((q[:, :, globals_:].float() * mods.scale).reshape(b, hkv, g, *grid, d), axes, 3, "q")
+    kg = _pad_axes(k[:, :, globals_:].float().reshape(b, hkv, *grid, d), axes, 2, "k")
+    vg = _pad_axes(v[:, :, globals_:].float().reshape(b, hkv, *grid, dv), axes, 2, "k")
     k_pre, v_pre = k[:, :, :globals_].float().unsqueeze(2), v[:, :, :globals_].float().unsqueeze(2)
 
     per_tile_row = math.prod(n_tiles[1:]) * b * hq * tile_q * (tile_k + globals_)
@@ -297,38 +347,29 @@ def neighborhood_attention(
     for c0 in range(0, n_tiles[0], step):
         c1 = min(n_tiles[0], c0 + step)
         nt = (c1 - c0) * math.prod(n_tiles[1:])
-        q_sel = [q_axes[0][c0:c1]] + q_axes[1:]
-        k_sel = [k_axes[0][c0:c1]] + k_axes[1:]
         # [B, Hkv, g, nT0, t0, ..., D] -> [B, Hkv, tiles, g * T, D]: a group's heads share one key region.
-        q_c = _gather_axes(qg.view(b, hkv, g, *grid, d), q_sel, first=3)
+        q_c = _slice_axes(qg, axes, "q", first=3, chunk=(c0, c1))
         q_c = q_c.permute(0, 1, *range(3, 3 + 2 * rank, 2), 2, *range(4, 4 + 2 * rank, 2), 3 + 2 * rank)
         q_c = q_c.reshape(b, hkv, nt, g * tile_q, d)
-        k_c = _tiles_first(_gather_axes(kg, k_sel, first=2), rank).reshape(b, hkv, nt, tile_k, d)
-        v_c = _tiles_first(_gather_axes(vg, k_sel, first=2), rank).reshape(b, hkv, nt, tile_k, dv)
+        k_c = _tiles_first(_slice_axes(kg, axes, "k", first=2, chunk=(c0, c1)), rank).reshape(b, hkv, nt, tile_k, d)
+        v_c = _tiles_first(_slice_axes(vg, axes, "k", first=2, chunk=(c0, c1)), rank).reshape(b, hkv, nt, tile_k, dv)
         s = q_c @ k_c.transpose(-1, -2)  # [B, Hkv, tiles, g*T, R]
         if mods.softcap > 0:
             s = mods.softcap * torch.tanh(s / mods.softcap) if grad else s.div_(mods.softcap).tanh_().mul_(
                 mods.softcap)
         # One additive visibility term per axis, broadcast over the others: O(tiles * t * R) per axis.
         s = s.view(b, hkv, c1 - c0, *n_tiles[1:], g, *tiles, *regions)
-        for axis, bias in enumerate(bias_axes):
-            part = (bias[c0:c1] if axis == 0 else bias).view(
+        for axis, ax in enumerate(axes):
+            part = (ax.bias[c0:c1] if axis == 0 else ax.bias).view(
                 _axis_view(rank, axis, c1 - c0 if axis == 0 else n_tiles[axis], tiles[axis], regions[axis]))
             s = s + part if grad else s.add_(part)
         s = s.reshape(b, hkv, nt, g, tile_q, tile_k)
-        keep = None
         if need_tokens:
+            q_sel = [axes[0].q_pos[c0:c1]] + [a.q_pos for a in axes[1:]]
+            k_sel = [axes[0].k_pos[c0:c1]] + [a.k_pos for a in axes[1:]]
             q_pos = _grid_tokens(q_sel, strides, globals_).reshape(nt, tile_q).clamp_min(0)
             k_pos = _grid_tokens(k_sel, strides, globals_).reshape(nt, tile_k).clamp_min(0)
-            if mods.bias is not None:
-                s = s + gather_pairs(mods.bias, q_pos, k_pos.view(1, 1, nt, 1, tile_k), hkv, g).float()
-            if mods.mask is not None:
-                keep = gather_pairs(mods.mask, q_pos, k_pos.view(1, 1, nt, 1, tile_k), hkv, g)
-            if mods.causal:
-                causal = (k_pos[:, None, :] <= q_pos[:, :, None]).view(1, 1, nt, 1, tile_q, tile_k)
-                keep = causal if keep is None else keep & causal
-            if keep is not None:
-                s = s.masked_fill(~keep, MASKED)
+            s = _tile_mods(s, mods, q_pos, k_pos, hkv, g)
         if globals_:
             sp = (q_c @ k_pre.transpose(-1, -2)).view(b, hkv, nt, g, tile_q, globals_)
             if mods.softcap > 0:
@@ -346,26 +387,71 @@ def neighborhood_attention(
             o = p @ v_c
         outs.append(o.view(b, hkv, nt, g, tile_q, dv))
     out = torch.cat(outs, dim=2).view(b, hkv, *n_tiles, g, *tiles, dv)
-    # [B, Hkv, nT..., g, t..., Dv] -> [B, Hq, nT0 * t0, ...]; each axis read back in position order.
+    # [B, Hkv, nT..., g, t..., Dv] -> [B, Hq, nT0 * t0, ...]; then each axis back in position order.
     out = out.permute(0, 1, 2 + rank, *[i for a in range(rank) for i in (2 + a, 3 + rank + a)], 3 + 2 * rank)
     out = out.reshape(b, hq, *[nt_ * t for nt_, t in zip(n_tiles, tiles)], dv)
-    for axis, q_pos_axis in enumerate(q_axes):
-        out = out.index_select(2 + axis, _inverse(q_pos_axis, grid[axis]))
+    for axis, ax in enumerate(axes):
+        out = _unslice_axis(out, ax, grid[axis], dim=2 + axis)
     out = out.reshape(b, hq, n - globals_, dv)
     if globals_:
         out = torch.cat([dense_rows(q, k, v, mods, globals_), out], dim=2)
     return out.to(q.dtype)
 
 
-def _gather_axes(x: Tensor, positions: list[Tensor], first: int) -> Tensor:
-    """Gather grid axes ``first, first+1, ...`` of ``x`` at per-axis positions ``[nT_a, P_a]`` (-1 reads
-    position 0: padding the caller masks). One ``index_select`` of whole slabs per axis, so the copies are
-    contiguous. Returns ``x`` with each axis replaced by ``(nT_a, P_a)``."""
-    for axis, pos in enumerate(positions):
-        dim = first + 2 * axis
-        x = x.index_select(dim, pos.clamp_min(0).reshape(-1))
-        x = x.view(*x.shape[:dim], *pos.shape, *x.shape[dim + 1:])
+def _pad_axes(x: Tensor, axes: list[_AxisTiles], first: int, which: str) -> Tensor:
+    """Zero-pad grid axis ``first + a`` for the query (``which="q"``) or key slices of ``axes[a]``."""
+    for axis, ax in enumerate(axes):
+        pad = (0, ax.q_pad) if which == "q" else ax.pad
+        if pad != (0, 0):
+            dim = first + axis
+            parts = []
+            for size in pad:
+                shape = list(x.shape)
+                shape[dim] = size
+                parts.append(x.new_zeros(shape))
+            x = torch.cat([parts[0], x, parts[1]], dim=dim)
     return x
+
+
+def _slice_axes(x: Tensor, axes: list[_AxisTiles], which: str, first: int, chunk: tuple[int, int]) -> Tensor:
+    """Each tile's queries (``which="q"``) or key region (``"k"``) along every (padded) grid axis: axis ``a``
+    at ``first + a`` becomes ``(nT_a, P_a)``. Evenly spaced starts give one overlapping strided view (no
+    copy); others are strided slices stacked. The first axis takes tiles ``chunk[0]:chunk[1]`` only."""
+    for axis, ax in enumerate(axes):
+        dim = first + 2 * axis
+        starts = ax.q_start if which == "q" else ax.k_start
+        size = ax.tile if which == "q" else ax.region
+        if axis == 0:
+            starts = starts[chunk[0]:chunk[1]]
+        starts = [s + (0 if which == "q" else ax.pad[0]) for s in starts]
+        gaps = {b - a for a, b in zip(starts, starts[1:])}
+        if ax.step == 1 and len(gaps) <= 1:
+            gap = gaps.pop() if gaps else 1
+            x = x.narrow(dim, starts[0], gap * (len(starts) - 1) + size).unfold(dim, size, gap).movedim(-1, dim + 1)
+            continue
+        span = ax.step * (size - 1) + 1
+        lead = (slice(None),) * dim
+        x = torch.stack([x.narrow(dim, s, span)[lead + (slice(None, None, ax.step),)] for s in starts], dim=dim)
+    return x
+
+
+def _unslice_axis(out: Tensor, ax: _AxisTiles, length: int, dim: int) -> Tensor:
+    """Undo the query tiling of one axis: ``dim`` holds ``nT * t`` (tile, slot) rows, residue by residue;
+    returns the ``length`` positions in axis order."""
+    t = ax.tile
+    if ax.step == 1:
+        return out.narrow(dim, 0, length)
+    longest = -(-length // ax.step)
+    parts = []
+    for first_tile, sub_len in ax.residues:
+        part = out.narrow(dim, first_tile * t, sub_len)
+        if sub_len < longest:
+            shape = list(part.shape)
+            shape[dim] = longest - sub_len
+            part = torch.cat([part, part.new_zeros(shape)], dim=dim)
+        parts.append(part)
+    # Position x = r + step * x': interleave the residues' sub-sequences.
+    return torch.stack(parts, dim=dim + 1).flatten(dim, dim + 1).narrow(dim, 0, length)
 
 
 def _tiles_first(x: Tensor, rank: int) -> Tensor:
@@ -373,13 +459,19 @@ def _tiles_first(x: Tensor, rank: int) -> Tensor:
     return x.permute(0, 1, *range(2, 2 + 2 * rank, 2), *range(3, 3 + 2 * rank, 2), 2 + 2 * rank)
 
 
-def _inverse(q_pos: Tensor, length: int) -> Tensor:
-    """For each axis position, its flat (tile * t + slot) index in a per-axis tiling ``q_pos [nT, t]``."""
-    flat = q_pos.reshape(-1)
-    real = flat >= 0
-    inv = torch.empty(length, dtype=torch.int64, device=q_pos.device)
-    inv[flat[real]] = torch.arange(flat.numel(), device=q_pos.device)[real]
-    return inv
+def _tile_mods(s: Tensor, mods: ScoreMods, q_pos: Tensor, k_pos: Tensor, hkv: int, g: int) -> Tensor:
+    """Bias, mask and causality at each tile's (query, key-region) pairs; s ``[B, Hkv, tiles, g, T, R]``."""
+    nt, tile_q = q_pos.shape
+    tile_k = k_pos.shape[1]
+    if mods.bias is not None:
+        s = s + gather_pairs(mods.bias, q_pos, k_pos.view(1, 1, nt, 1, tile_k), hkv, g).float()
+    keep = None
+    if mods.mask is not None:
+        keep = gather_pairs(mods.mask, q_pos, k_pos.view(1, 1, nt, 1, tile_k), hkv, g)
+    if mods.causal:
+        causal = (k_pos[:, None, :] <= q_pos[:, :, None]).view(1, 1, nt, 1, tile_q, tile_k)
+        keep = causal if keep is None else keep & causal
+    return s if keep is None else s.masked_fill(~keep, MASKED)
 
 
 def _prefix_mods(sp: Tensor, mods: ScoreMods, q_pos: Tensor, prefix: int, hkv: int, g: int) -> Tensor:

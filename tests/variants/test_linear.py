@@ -195,7 +195,7 @@ def test_hybrid_is_stable_when_window_scores_are_far_below_the_linear_terms():
 
 def test_taylor_features_give_the_second_order_expansion():
     g = torch.Generator().manual_seed(4)
-    x, y = torch.randn(5, 48, generator=g, dtype=torch.float64), torch.randn(5, 48, generator=g, dtype=torch.float64)
+    x, y = (torch.randn(5, 48, generator=g, dtype=torch.float64) for _ in range(2))
     fx, fy = feature_map(x, "taylor"), feature_map(y, "taylor")
     assert fx.shape[-1] == feature_dim("taylor", 48) == 1 + 48 + 48 * 49 // 2
     s = (x * y).sum(-1)
