@@ -136,7 +136,8 @@ def block_sparse_attention(
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     if k.shape[0] != b or v.shape[:3] != k.shape[:3] or hq % hkv != 0 or k.shape[-1] != d:
-        raise AttnccError(f"block_sparse_attention: bad shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
+        raise AttnccError(
+            f"block_sparse_attention: bad shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
     if (layout.nq, layout.nk) != (nq, nk):
         raise AttnccError(f"block_sparse_attention: layout is for {layout.nq}x{layout.nk}, inputs are {nq}x{nk}")
     g = hq // hkv

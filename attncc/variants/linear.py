@@ -84,13 +84,15 @@ def feature_map(x: Tensor, kind: str) -> Tensor:
         return F.elu(x).add_(1.0)  # in place: elu's backward reads its input, not its output
     if kind == "relu":
         return F.relu(x)
-    # Order: 1, x, the diagonal x_a^2 / sqrt(2), then x_a * x_b for a < b row by row (slices, not a gather:
-    # a last-dim gather is several times slower on CPU). Off-diagonal pairs stand for both mirror entries of
-    # x x^T: weight sqrt(2) * (1 / sqrt(2)) = 1.
+    # Order: 1, x, the diagonal x_a^2 / sqrt(2), then x_a * x_b for a < b, a block per a. Off-diagonal pairs
+    # stand for both mirror entries of x x^T: weight sqrt(2) * (1 / sqrt(2)) = 1. Built feature-major
+    # ([..., Df, N], returned as a transposed view) so every block is a contiguous, vectorized product; a
+    # last-dim gather or last-dim slices are 2-10x slower on CPU. Matmuls take the transposed view as is.
     d = x.shape[-1]
-    pieces = [x.new_ones(*x.shape[:-1], 1), x, x * x * (1.0 / math.sqrt(2.0))]
-    pieces += [x[..., a:a + 1] * x[..., a + 1:] for a in range(d - 1)]
-    return torch.cat(pieces, dim=-1)
+    xt = x.transpose(-1, -2).contiguous()
+    pieces = [xt.new_ones(*xt.shape[:-2], 1, xt.shape[-1]), xt, xt * xt * (1.0 / math.sqrt(2.0))]
+    pieces += [xt[..., a:a + 1, :] * xt[..., a + 1:, :] for a in range(d - 1)]
+    return torch.cat(pieces, dim=-2).transpose(-1, -2)
 
 
 def _full_feature_map(x: Tensor, kind: str) -> Tensor:
@@ -285,7 +287,8 @@ def _causal_scan(qb: Tensor, kb: Tensor, vb: Tensor, valid: Tensor, fmap: str) -
     ``[B, Hkv, nC, g*c, Dv]`` and denominators ``[B, Hkv, nC, g*c, 1]``.
 
     Features are computed a run of chunks at a time (at most ``_STATE_BUDGET`` elements of states or query
-    features), so taylor's wide features never exist for the whole sequence at once in inference.
+    features), so taylor's wide features never exist for the whole sequence at once in inference; the
+    states of a run are summed in float32 in chunk order either way.
     """
     bsz, hkv, nc, gc, d = qb.shape
     c, dv = kb.shape[3], vb.shape[-1]
@@ -312,17 +315,31 @@ def _causal_scan(qb: Tensor, kb: Tensor, vb: Tensor, valid: Tensor, fmap: str) -
         # In-place updates below only touch tensors no backward formula reads (fresh matmul/arithmetic
         # outputs): fewer large allocations, which dominate on CPU at these sizes.
         a = a.masked_fill_(~tri, 0.0)
-        kv = fk.transpose(-1, -2) @ v_s  # [B, Hkv, s, Df, Dv]: each chunk's phi(k)^T v
-        kz = fk.sum(dim=-2).unsqueeze(-1)  # [B, Hkv, s, Df, 1]: each chunk's sum of phi(k)
-        # Running (S, z) left of each chunk. A loop of adds, not cumsum: cumsum over a leading dim is several
-        # times slower on CPU, and the Python overhead is one small op per chunk.
-        before, zbefore = [state], [zstate]
-        for i in range(kv.shape[2] - 1):
-            before.append(before[-1] + kv[:, :, i])
-            zbefore.append(zbefore[-1] + kz[:, :, i])
-        state, zstate = before[-1] + kv[:, :, -1], zbefore[-1] + kz[:, :, -1]
-        nums.append((fq @ torch.stack(before, dim=2)).add_(a @ v_s))
-        dens.append((fq @ torch.stack(zbefore, dim=2)).add_(a.sum(dim=-1, keepdim=True)))
+        intra_num, intra_den = a @ v_s, a.sum(dim=-1, keepdim=True)
+        if df <= gc:
+            # A chunk's state is no bigger than its query rows: form the running (S, z) left of every chunk
+            # (a loop of adds: cumsum over a leading dim is several times slower on CPU), then one batched
+            # product for all chunks.
+            kv = fk.transpose(-1, -2) @ v_s  # [B, Hkv, s, Df, Dv]: each chunk's phi(k)^T v
+            kz = fk.sum(dim=-2).unsqueeze(-1)  # [B, Hkv, s, Df, 1]: each chunk's sum of phi(k)
+            before, zbefore = [state], [zstate]
+            for i in range(kv.shape[2] - 1):
+                before.append(before[-1] + kv[:, :, i])
+                zbefore.append(zbefore[-1] + kz[:, :, i])
+            state, zstate = before[-1] + kv[:, :, -1], zbefore[-1] + kz[:, :, -1]
+            nums.append((fq @ torch.stack(before, dim=2)).add_(intra_num))
+            dens.append((fq @ torch.stack(zbefore, dim=2)).add_(intra_den))
+            continue
+        # Wide features (taylor): per-chunk [Df, Dv] states would outweigh the chunks themselves, so one
+        # state is carried chunk by chunk (each step's matmuls are large enough to hide the loop).
+        num_s, den_s = [], []
+        for i in range(q_s.shape[2]):
+            num_s.append(fq[:, :, i] @ state)
+            den_s.append(fq[:, :, i] @ zstate)
+            state = state + fk[:, :, i].transpose(-1, -2) @ v_s[:, :, i]
+            zstate = zstate + fk[:, :, i].sum(dim=-2).unsqueeze(-1)
+        nums.append(torch.stack(num_s, dim=2).add_(intra_num))
+        dens.append(torch.stack(den_s, dim=2).add_(intra_den))
     if len(nums) == 1:
         return nums[0], dens[0]
     return torch.cat(nums, dim=2), torch.cat(dens, dim=2)

@@ -77,13 +77,21 @@ class LocalSpec(VariantSpec):
         return self.left, 0 if causal else self.right
 
     def intersect_band(self, left: int, right: int, causal: bool = False) -> "LocalSpec":
-        """This spec restricted to a model's own band ``i - left <= j <= i + right``.
+        """This spec restricted to a model's own band ``i - left <= j <= i + right`` (the model's mask hides
+        every key outside it, sinks and globals included).
 
-        The model's mask hides every key outside its band, sinks and globals included, so the intersection
-        is a plain band (sinks/globals inside the model's band are in it already).
+        Where this spec's band is at least as wide as the model's, the result is the model's band. Otherwise
+        the result is the narrower band; sinks or globals then cannot be expressed (they would be visible
+        only inside the model's band), so that raises AttnccError.
         """
         own_left, own_right = self.bounds(causal)
-        return LocalSpec(left=min(own_left, left), right=0 if causal else min(own_right, right))
+        new_left, new_right = min(own_left, left), 0 if causal else min(own_right, right)
+        narrower = new_left < left or (not causal and new_right < right)
+        if narrower and (self.sinks or self.globals):
+            raise AttnccError(
+                f"{self.name}: sinks/globals outside a model's own window of ({left}, {right}) cannot be expressed "
+                f"by one band; use a window of at least the model's or no sinks/globals")
+        return LocalSpec(left=new_left, right=new_right)
 
     def keep(self, q_idx: Tensor, kv_idx: Tensor, causal: bool) -> Tensor:
         """The pattern as a predicate on broadcasting int64 index tensors (without ``mods.causal``)."""
@@ -232,7 +240,7 @@ def local_attention(
     band_bias = torch.zeros(bq, width, device=dev).masked_fill(~((c >= a) & (c <= a + left + right)), MASKED)
     key_pos = (torch.arange(nqb, device=dev) * bq - left)[:, None] + c  # [nQB, width]
     key_bad = (key_pos < prefix) | (key_pos >= n)  # outside the sequence, or a prefix column (added below)
-    bad_blocks = key_bad.any(1)
+    bad_blocks = key_bad.any(1).tolist()
 
     if prefix:
         k_pre, v_pre = k[:, :, :prefix].float(), v[:, :, :prefix].float()
@@ -244,7 +252,6 @@ def local_attention(
 
     step = max(1, CHUNK_FLOATS // (g * bq * (width + prefix)))
     has_mods = mods.bias is not None or mods.mask is not None
-    bad_blocks = bad_blocks.tolist()
     out = None if grad else torch.empty(b, hkv, nqb, g * bq, dv, device=dev)
     pieces = []
     for bi in range(b):

@@ -18,9 +18,10 @@ row with no visible key returns zeros.
 fills ``grid`` and ``globals`` in); ``forward`` needs ``grid`` set.
 
 The forward tiles the grid: queries go in tiles of ``t`` positions per axis (within one dilation
-sub-sequence), each tile reads the union of its queries' windows (at most ``t - 1 + K`` positions per axis,
-gathered once per tile) and masks per element with one additive term per axis. Work per query is
-``prod(t + K - 1)`` pairs, never ``N x N``.
+sub-sequence); each tile scores a key region holding all its queries' windows (``t + K - 1`` positions per
+axis where undilated and unstrided) and masks per element with one additive term per axis. Where the tile
+size divides the axis, the regions start evenly and are one overlapping strided view of the padded grid;
+elsewhere they are strided slices. Work per query is ``prod(t + K - 1)`` pairs, never ``N x N``.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from attncc.site import AttentionSite
 from attncc.variants.base import ScoreMods
 from attncc.variants.exact import dense_attention_cost
 from attncc.variants.exact import reference as exact_reference
+from attncc.variants import local as local_module
 from attncc.variants.local import LocalSpec, local_attention
 from attncc.variants.parse import parse_variant
 
@@ -118,6 +119,17 @@ def test_block_size_does_not_change_the_result(block):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_chunking_does_not_change_the_result(monkeypatch, grad):
+    q, k, v = _qkv(2, 4, 2, 257, 16)
+    spec = LocalSpec(window=20, sinks=3, globals=1)
+    mods = ScoreMods(scale=0.25, causal=True, mask=torch.rand(2, 1, 1, 257) > 0.2)
+    monkeypatch.setattr(local_module, "CHUNK_FLOATS", 1)  # one query block per chunk
+    with torch.set_grad_enabled(grad):
+        out = spec.forward(q.requires_grad_(grad), k, v, mods)
+    torch.testing.assert_close(out, spec.reference(q, k, v, mods), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_bf16_relative_rms(causal):
     q, k, v = _qkv(1, 4, 2, 257, 80, dtype=torch.bfloat16)
@@ -200,6 +212,8 @@ def test_canonical_text_round_trips(spec):
 def test_intersect_band():
     assert LocalSpec(window=100, sinks=4).intersect_band(31, 0, causal=True) == LocalSpec(left=31, right=0)
     assert LocalSpec(left=8, right=50).intersect_band(31, 31) == LocalSpec(left=8, right=31)
+    with pytest.raises(AttnccError, match="sinks/globals"):
+        LocalSpec(window=8, sinks=4).intersect_band(31, 0, causal=True)
 
 
 def test_supports():

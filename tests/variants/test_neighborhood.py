@@ -18,6 +18,7 @@ from attncc.site import AttentionSite
 from attncc.variants.base import ScoreMods
 from attncc.variants.exact import dense_attention_cost
 from attncc.variants.exact import reference as exact_reference
+from attncc.variants import neighborhood as neighborhood_module
 from attncc.variants.neighborhood import NeighborhoodSpec, axis_neighbors, neighborhood_attention
 from attncc.variants.parse import parse_variant
 
@@ -149,6 +150,17 @@ def test_tile_size_does_not_change_the_result(tiles):
     q, k, v = _qkv(1, 4, 2, 257, 16)
     mods = ScoreMods(scale=0.25)
     out = neighborhood_attention(q, k, v, mods, (16, 16), (7, 7), (1, 1), (1, 1), 1, tiles=tiles)
+    torch.testing.assert_close(out, spec.reference(q, k, v, mods), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_chunking_does_not_change_the_result(monkeypatch, grad):
+    spec = CASES["n257-k7-g1"]
+    q, k, v = _qkv(2, 4, 2, 257, 16)
+    mods = ScoreMods(scale=0.25, mask=torch.rand(2, 1, 1, 257, generator=torch.Generator().manual_seed(2)) > 0.2)
+    monkeypatch.setattr(neighborhood_module, "CHUNK_FLOATS", 1)  # one row of tiles per chunk
+    with torch.set_grad_enabled(grad):
+        out = spec.forward(q.requires_grad_(grad), k, v, mods)
     torch.testing.assert_close(out, spec.reference(q, k, v, mods), rtol=1e-5, atol=1e-5)
 
 
