@@ -116,3 +116,19 @@ def test_bad_arguments_raise_clear_errors():
         attncc.attention(q, k, v, variant="nope")
     with pytest.raises(AttnccError, match="incompatible shapes"):
         attncc.attention(q, k[..., :8], v)
+
+
+@pytest.mark.parametrize("lengths", [[40, 40], [40, 23], [1, 17]], ids=["full", "padded", "short"])
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_causal_with_right_padding_runs_per_row_exactly(lengths, hkv):
+    """Causal + a right-padding key mask [B, 1, 1, Nk] (what mask analysis leaves for HF decoders) takes the
+    per-row path (no N x N mask); it must equal the dense reference on every query row."""
+    torch.manual_seed(0)
+    b, hq, n, d = len(lengths), 4, 40, 16
+    q = torch.randn(b, hq, n, d)
+    k, v = torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
+    keep = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+    mask = keep[:, None, None, :]
+    out = attncc.attention(q, k, v, causal=True, mask=mask)
+    want = reference(q, k, v, mask=mask, causal=True)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
