@@ -33,6 +33,33 @@ def test_inspect_table_and_graph(capsys):
     assert "softmax" not in out
 
 
+def test_inspect_variant_policy_reports_flops_and_error(capsys):
+    assert main(["inspect", "demo", "--seq-len", "64", "--policy", "local(window=8, sinks=2)", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    for site in data["sites"]:
+        assert site["variant"] == "local(window=8, sinks=2)"
+        assert site["mask"] == "causal"  # the demo's tril buffer, recognized
+        assert site["flops_after"] < site["flops_before"]
+        assert 0 < site["rel_l2"] < 10 and -1 <= site["cosine"] <= 1
+
+
+def test_inspect_rules_file(tmp_path, capsys):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("- match: 'blocks.0.*'\n  variant: exact\n- variant: topk(density=0.5, block=16)\n")
+    assert main(["inspect", "demo", "--seq-len", "64", "--policy", str(rules)]) == 0
+    out = capsys.readouterr().out
+    assert "topk(block=16, density=0.5)" in out and "rule 1" in out
+
+
+def test_inspect_bad_rules_file_is_one_line(tmp_path, capsys):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("- variant: local(window=8)\n  kind: selfish\n")
+    assert main(["inspect", "demo", "--policy", str(rules)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "rule" in err and "'kind'" in err and "'self', 'cross'" in err
+
+
 def test_inspect_policy_none_keeps_graph(capsys):
     assert main(["inspect", "demo", "--seq-len", "16", "--policy", "none", "--graph"]) == 0
     out = capsys.readouterr().out
