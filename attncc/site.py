@@ -96,9 +96,10 @@ class AttentionSite:
     band: Optional[tuple[int, int]] = None
     """``(left, right)`` when the model's mask keeps only keys ``i - left <= j <= i + right`` (sliding window)."""
     segments: bool = False
-    """True when the model's mask separates regions of tokens (Swin's shifted windows): see segment_labels."""
+    """True when the model's mask separates tokens by label (documents, Swin's shifted-window regions)."""
     segment_labels: Any = None
-    """int64 ``[nW, N]``: region of each token in each window; batch row r of q uses row ``r % nW``."""
+    """The labels: a constant int64 ``[nW, N]`` (Swin regions) or the node of a ``[B, N]`` tensor the model
+    computes (document ids); batch row r of q uses row ``r % len(labels)``."""
     segment_fill: float = float("-inf")
     """What the model adds to scores between different regions (timm's Swin: -100)."""
     keep_nodes: list = field(default_factory=list)

@@ -69,17 +69,30 @@ class Atom:
 
 
 @dataclass(frozen=True)
+class Gathered:
+    """``base[idx_0, idx_1, ...]`` where each index is a plain index along one broadcast dim: ``dims[a]`` is the
+    (negative) dim of the result that axis ``a`` of ``base`` runs along."""
+
+    base: fx.Node
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Pred:
-    """AND of atoms and residual bool nodes (True = attend). No atoms and no residuals: always true."""
+    """AND of atoms, document labels and residual bool nodes (True = attend); empty: always true.
+
+    ``documents`` holds label tensors ``L`` ``[B, N]`` (input data) meaning ``L[b, i] == L[b, j]``.
+    """
 
     atoms: tuple[Atom, ...] = ()
     residuals: tuple[fx.Node, ...] = ()
+    documents: tuple[fx.Node, ...] = ()
 
     def and_(self, other: "Pred") -> "Pred":
-        return Pred(self.atoms + other.atoms, self.residuals + other.residuals)
+        return Pred(self.atoms + other.atoms, self.residuals + other.residuals, self.documents + other.documents)
 
 
-Value = Union[Affine, Pred, None]
+Value = Union[Affine, Pred, Gathered, None]
 
 COMPARE = {
     operator.le: "le", operator.lt: "lt", operator.ge: "ge", operator.gt: "gt",
@@ -142,6 +155,11 @@ class MaskInterpreter:
             if isinstance(a, Affine) and isinstance(b, Affine):
                 return Pred(atoms=(Atom(_compare(a, b, compare), node),))
             return None
+        if g.is_call(node, (operator.eq, torch.eq), {"eq", "__eq__"}) and len(node.args) == 2:
+            a, b = self.value(node.args[0]), self.value(node.args[1])
+            if isinstance(a, Gathered) and isinstance(b, Gathered) and _same_document(a, b):
+                return Pred(documents=(a.base,))
+            return None
         if g.is_call(node, AND_FUNCTIONS, AND_METHODS) and len(node.args) == 2:
             return self.pred(node.args[0]).and_(self.pred(node.args[1]))
         if g.is_call(node, (torch.Tensor.to,), PASS_METHODS) and node.args:
@@ -179,7 +197,23 @@ class MaskInterpreter:
             index = (index,)
         if isinstance(v, Affine) and all(i is None or i == slice(None) or i is Ellipsis for i in index):
             return _index_views(v, index)
+        if v is None and all(isinstance(i, fx.Node) for i in index):
+            dims = []
+            for i in index:
+                iv = self.value(i)
+                if not isinstance(iv, Affine) or iv.const != 0 or len(iv.coeffs) != 1 or iv.coeffs[0][1] != 1:
+                    return None
+                dims.append(iv.coeffs[0][0])
+            return Gathered(base, tuple(dims))
         return None
+
+
+def _same_document(a: Gathered, b: Gathered) -> bool:
+    """``L[b, q_idx] == L[b, kv_idx]`` for one 2-D label tensor L (either order)."""
+    if a.base is not b.base or len(a.dims) != 2 or a.dims[0] != b.dims[0] or a.dims[0] in (-1, -2):
+        return False
+    t = g.tensor_val(a.base)
+    return t is not None and t.dim() == 2 and {a.dims[1], b.dims[1]} == {-2, -1}
 
 
 def _is_int(t: torch.Tensor) -> bool:
@@ -231,13 +265,13 @@ class MaskStructure:
     left: Optional[int] = None
     """Keys ``j >= i - left``."""
     residuals: list[fx.Node] = field(default_factory=list)
-    understood: bool = True
+    documents: list[fx.Node] = field(default_factory=list)
 
 
 def structure_of(pred: Pred) -> MaskStructure:
     """Turn atoms over the query (dim -2) and key (dim -1) indices into bounds on ``j - i``; atoms of any
     other form stay residual (their comparison node is applied as it is)."""
-    out = MaskStructure(residuals=list(pred.residuals))
+    out = MaskStructure(residuals=list(pred.residuals), documents=list(dict.fromkeys(pred.documents)))
     for atom in pred.atoms:
         terms = atom.expr.terms()
         c = atom.expr.const
@@ -479,10 +513,14 @@ def _analyze_site(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpret
             structure.left = left if structure.left is None else min(structure.left, left)
     if structure.right is not None and structure.right != 0 or (structure.right is None and structure.left is not None):
         return _give_up(site, original)  # bands not anchored at the diagonal: keep the tensors
+    if len(structure.documents) > 1 or (structure.documents and site.q_len != site.kv_len):
+        return _give_up(site, original)
     if structure.right == 0:
         site.causal = True
         if structure.left is not None:
             site.band = (structure.left, 0)
+    if structure.documents:
+        site.segments, site.segment_labels, site.segment_fill = True, structure.documents[0], float("-inf")
     site.keep_nodes = residuals
     _summarize(site, residuals)
 

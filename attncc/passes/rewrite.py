@@ -106,7 +106,10 @@ class _SiteRewriter:
             kwargs["fallback"] = str(site.fallback)  # the model's own exact structure (a band)
         if site.min_len:
             kwargs["min_len"] = site.min_len
-        if site.segment_labels is not None:
+        if isinstance(site.segment_labels, fx.Node):  # document ids the model computes from its inputs
+            kwargs["segments"] = self.m(site.segment_labels)
+            kwargs["segment_fill"] = site.segment_fill
+        elif site.segment_labels is not None:        # constant region labels (Swin)
             kwargs["segments"] = self.constant(f"_attncc_regions_{self.position}", site.segment_labels)
             kwargs["segment_fill"] = site.segment_fill
         out = self.emit("call_function", ATTENTION_OP, q, k, v, **kwargs)

@@ -1,7 +1,10 @@
-"""Exact attention under a region mask (Swin's shifted windows), skipping the mask where it is all zero.
+"""Exact attention under a label mask: Swin's shifted-window regions and packed documents.
 
-Swin attends within windows of N tokens; after the cyclic shift some windows hold tokens of up to four image
-regions, and the model adds a fill value (timm: -100) to the scores between tokens of different regions. Most
+Documents (``-inf`` between tokens of different labels): each batch row runs block-sparse over the blocks where
+a query and a key share a document, so the others are skipped with zero error.
+
+Regions: Swin attends within windows of N tokens; after the cyclic shift some windows hold tokens of up to four
+image regions, and the model adds a fill value (timm: -100) to the scores between tokens of different regions. Most
 windows hold one region, so their mask is zero everywhere: those rows run without any mask, the mixed ones
 with the mask built from the labels. Same numbers as the model (the fill value is kept as it is, not turned
 into -inf).
@@ -14,6 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from attncc.variants.base import ScoreMods
+from attncc.variants.blocks import block_sparse_attention, layout_from_keep
 from attncc.variants.exact import exact_attention
 
 
@@ -43,6 +48,12 @@ def segment_attention(
     for rows_of, with_regions in ((~mixed).nonzero().flatten(), False), (mixed.nonzero().flatten(), True):
         if rows_of.numel() == 0:
             continue
+        if with_regions and fill == float("-inf") and q.dim() == 4 and dropout_p == 0:
+            for r in rows_of.tolist():  # documents: visit only the key blocks of the query's own document
+                out[r:r + 1] = _documents(q[r:r + 1], _rows(k, torch.tensor([r]), rows), _rows(v, torch.tensor([r]), rows),
+                                          labels[r], _rows(bias, torch.tensor([r]), rows),
+                                          _rows(mask, torch.tensor([r]), rows), scale, causal, softcap)
+            continue
         sel_bias = _rows(bias, rows_of, rows)
         if with_regions:
             regions = region_bias(labels[rows_of], fill, q.dtype if q.is_floating_point() else torch.float32)
@@ -50,6 +61,19 @@ def segment_attention(
         out[rows_of] = exact_attention(q[rows_of], _rows(k, rows_of, rows), _rows(v, rows_of, rows), sel_bias,
                                        _rows(mask, rows_of, rows), scale, causal, softcap, dropout_p, dropout_seed)
     return out
+
+
+def _documents(q, k, v, labels, bias, mask, scale, causal, softcap) -> Tensor:
+    """One batch row whose tokens belong to several documents (``-inf`` between documents): block-sparse
+    over the blocks where some query and key share a document, which is exact and skips the others."""
+    def same_document(q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return labels[q_idx] == labels[kv_idx]
+
+    n = q.shape[-2]
+    block = 64 if n >= 256 else 16
+    layout = layout_from_keep(same_document, n, k.shape[-2], block, block, q.device)
+    mods = ScoreMods(scale=scale, causal=causal, softcap=softcap, bias=bias, mask=mask)
+    return block_sparse_attention(q, k, v, layout, mods, same_document)
 
 
 def _rows(t: Optional[Tensor], index: Tensor, rows: int) -> Optional[Tensor]:

@@ -146,3 +146,37 @@ def test_band_of():
     odd[5, 2] = False
     assert band_of(odd) is None
     assert band_of(keep.view(1, 1, n, n).expand(2, 1, n, n)) is None
+
+
+class DocumentMaskAttention(nn.Module):
+    """Packed sequences: a token attends (causally) only within its document, doc ids computed from the
+    input as transformers does for packed batches (cumsum of document starts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(32, 96)
+
+    def forward(self, x, starts):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        docs = starts.cumsum(-1)                                   # [B, N] document id per token
+        bi = torch.arange(b)[:, None, None, None]
+        qi = torch.arange(n)[None, None, :, None]
+        ki = torch.arange(n)[None, None, None, :]
+        keep = (ki <= qi) & (docs[bi, qi] == docs[bi, ki])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+def test_document_masks_become_segments_and_stay_exact():
+    torch._dynamo.reset()
+    model = DocumentMaskAttention().eval()
+    x = torch.randn(2, 150, 32)
+    starts = torch.zeros(2, 150, dtype=torch.long)
+    starts[0, [40, 90]] = 1
+    starts[1, 7] = 1
+    cm = attncc.compile(model, "exact", (x, starts), frontend="dynamo", strict=True)
+    site = cm.report().sites[0]
+    assert site.mask == "segments+causal"
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x, starts), model(x, starts), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

@@ -35,3 +35,17 @@ def test_region_bias_values():
     labels = torch.tensor([[0, 0, 1]])
     b = region_bias(labels, -100.0, torch.float32)[0, 0]
     assert b.tolist() == [[0, 0, -100], [0, 0, -100], [-100, -100, 0]]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_documents_skip_other_documents_exactly(causal):
+    torch.manual_seed(0)
+    b, h, n, d = 2, 2, 300, 16
+    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    labels = torch.zeros(b, n, dtype=torch.int64)
+    labels[0, 100:] = 1
+    labels[0, 230:] = 2
+    out = segment_attention(q, k, v, labels, float("-inf"), None, None, 0.25, causal, 0.0, 0.0, None)
+    keep = labels[:, None, :, None] == labels[:, None, None, :]
+    want = reference(q, k, v, mask=keep, scale=0.25, causal=causal)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
