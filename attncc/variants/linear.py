@@ -64,8 +64,9 @@ FEATURE_MAPS = ("elu", "relu", "taylor")
 EPS = 1e-6
 """Lower clamp of the denominator of rows without softmax terms (see the module docstring)."""
 
-_STATE_BUDGET = 1 << 23
-"""Float32 elements of per-chunk states the causal scan materializes at once (bounds inference memory)."""
+_STATE_BUDGET = 1 << 22
+"""Float32 elements of states or features formed at once by a run of chunks or rows (16 MiB: bounds inference
+memory; larger runs measured slower on CPU, as fresh large buffers cost page faults)."""
 
 # FLOPs per feature the map costs, for cost(): elu is exp + add, relu a max, taylor a product and a weight.
 _FEATURE_FLOPS = {"elu": 2, "relu": 1, "taylor": 2}
@@ -149,9 +150,9 @@ class LinearSpec(VariantSpec):
 
         Counts the feature maps, building the ``[Df, Dv]`` state and ``[Df]`` normalizer from the keys, reading
         them for every query, and, causal, the ``[chunk, chunk]`` intra-chunk products (``D``-wide for every map:
-        taylor's come from the raw ``q.k``) and the running sum of chunk states; the hybrid
-        adds the banded softmax part (as computed: full query blocks against key slabs) and a second scan when
-        bidirectional. Bytes are reading q, k, v and writing the output once.
+        taylor's come from the raw ``q.k``) and the running sum of chunk states. The hybrid counts the banded
+        softmax part as computed (full query blocks against key slabs) and one scan per side of the window
+        that has keys outside it. Bytes are reading q, k, v and writing the output once.
         """
         s = site_sizes(site)
         b, hq, hkv, nq, nk, d, dv = (s[x] for x in ("B", "Hq", "Hkv", "Nq", "Nk", "D", "Dv"))
@@ -175,53 +176,53 @@ class LinearSpec(VariantSpec):
         else:
             w = sympy.Min(self.window, sympy.Max(nq, nk))
             c = sympy.Min(self.chunk, nq)
-            slab = c + w - 1 if causal else c + 2 * w - 2
+            slab = c + sympy.Min(w - 1, nq - 1) + (0 if causal else sympy.Min(w - 1, nk - 1))
             flops += attention_cost(site, nq * slab)["flops"] + 2 * b * hq * nq * slab  # + exp and row sum
-            flops += scan(True) if causal else 2 * scan(True)
+            flops += sympy.Piecewise((scan(True), sympy.StrictLessThan(w, nq)), (0, True))  # left of window
+            if not causal:
+                flops += sympy.Piecewise((scan(True), sympy.StrictLessThan(w, nk)), (0, True))
         return {"flops": flops, "bytes": attention_cost(site, sympy.Integer(0))["bytes"]}
 
     # -- computing -----------------------------------------------------------------------------------------
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         """The efficient path: q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``, v ``[B, Hkv, Nk, Dv]`` ->
-        ``[B, Hq, Nq, Dv]`` in q's dtype (float32 math; 3-D/2-D inputs are read as leading dims of 1).
-        Differentiable; memory and time linear in N (plus the window band)."""
+        ``[B, Hq, Nq, Dv]`` in q's dtype (float32 math; k and v may have batch 1). Differentiable; memory and
+        time linear in N (plus the window band)."""
         q4, k4, v4, keep = _prepare(self, q, k, v, mods)
         out = _linear_forward(q4, k4, v4, keep, self.feature_map, self.window, self.chunk, mods)
-        return out.reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype)
+        return out.to(q.dtype)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         """The oracle: dense float32 ``[B, Hq, Nq, Nk]`` weights from the definition (full taylor features,
         explicit window/outside split, row max of the window scores as stabilizer). Shapes as ``forward``."""
         q4, k4, v4, keep = _prepare(self, q, k, v, mods)
         out = _linear_reference(q4, k4, v4, keep, self.feature_map, self.window, mods)
-        return out.reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype)
+        return out.to(q.dtype)
 
 
 # -- input checks ------------------------------------------------------------------------------------------
 
 
 def _prepare(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods):
-    """Check mods and shapes; return 4-D float32 q, k, v (k/v batch broadcast to q's) and the key-padding
-    mask as ``[B or 1, Nk]`` bool (None without a mask)."""
+    """Check mods and shapes; return float32 q, k, v (k/v batch broadcast to q's) and the key-padding mask as
+    ``[B or 1, Nk]`` bool (None without a mask)."""
     if mods.bias is not None:
         raise AttnccError(f"{spec}: an additive score bias is not supported by linear attention")
     if mods.softcap > 0:
         raise AttnccError(f"{spec}: softcapping (softcap={mods.softcap}) is not supported by linear attention")
-    if not (2 <= q.dim() <= 4 and q.dim() == k.dim() == v.dim()):
-        raise AttnccError(f"{spec}: q, k, v must all be [B, H, N, D] tensors, got shapes "
-                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    q4, k4, v4 = (x.reshape((1,) * (4 - x.dim()) + tuple(x.shape)) for x in (q, k, v))
-    bsz, hq, nq, d = q4.shape
-    hkv, nk = k4.shape[1], k4.shape[2]
-    if (k4.shape[0] not in (1, bsz) or v4.shape[:3] != k4.shape[:3] or k4.shape[-1] != d or hkv == 0
-            or hq % hkv != 0):
+    if not q.dim() == k.dim() == v.dim() == 4:
+        raise AttnccError(f"{spec}: expects [B, H, N, D] tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                          f"v {tuple(v.shape)}")
+    bsz, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    if k.shape[0] not in (1, bsz) or v.shape[:3] != k.shape[:3] or k.shape[-1] != d or hkv == 0 or hq % hkv:
         raise AttnccError(f"{spec}: expected k [B, Hkv, Nk, {d}] and v [B, Hkv, Nk, Dv] with Hq % Hkv == 0, got "
                           f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if mods.causal and nq != nk:
         raise AttnccError(f"{spec}: causal linear attention needs Nq == Nk, got Nq={nq}, Nk={nk}")
-    k4, v4 = k4.expand(bsz, *k4.shape[1:]), v4.expand(bsz, *v4.shape[1:])
-    return q4.float(), k4.float(), v4.float(), _key_keep(spec, mods.mask, bsz, nk)
+    k, v = k.expand(bsz, *k.shape[1:]), v.expand(bsz, *v.shape[1:])
+    return q.float(), k.float(), v.float(), _key_keep(spec, mods.mask, bsz, nk)
 
 
 def _key_keep(spec: LinearSpec, mask: Optional[Tensor], bsz: int, nk: int) -> Optional[Tensor]:
@@ -277,7 +278,7 @@ def _rows(x: Tensor, start: int, length: int) -> Tensor:
     return F.pad(x[..., lo:hi, :], (0, 0, lo - start, start + length - hi))
 
 
-def _causal_scan(qb: Tensor, kb: Tensor, vb: Tensor, valid: Tensor, fmap: str) -> tuple[Tensor, Tensor]:
+def _causal_scan(qb: Tensor, kb: Tensor, vb: Tensor, valid: Optional[Tensor], fmap: str) -> tuple[Tensor, Tensor]:
     """Causal linear attention sums over chunks: row ``t`` gets ``sum_{s <= t} w_ts v_s`` and ``sum_{s <= t} w_ts``
     with ``w_ts = phi(q_t).phi(k_s) * valid_s``.
 
@@ -389,6 +390,8 @@ def _linear_forward(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], fma
     bsz, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hkv
+    if nq == 0 or nk == 0:
+        return q.new_zeros(bsz, hq, nq, dv)  # no query, or no key to see: the empty-row convention
     q5 = q.reshape(bsz, hkv, g, nq, d)
     keepf = keep.to(q.dtype)[:, None, :, None] if keep is not None else None  # [B or 1, 1, Nk, 1]
     c = max(1, min(chunk, nq))
@@ -435,12 +438,13 @@ def _window_combine(q5: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], li
     """Banded softmax terms plus the outside-window linear sums ``lin`` (numerators, denominators), one
     denominator per row.
 
-    Query blocks of ``c`` rows meet key slabs of ``L = c + w - 1`` (causal) or ``c + 2w - 2`` keys, so
-    memory is ``O(Nq * L)``. Returns ``[B, Hkv, g, Nq, Dv]``.
+    Query blocks of ``c`` rows meet key slabs of ``L = c + w - 1`` (causal) or ``c + 2w - 2`` keys (fewer
+    when the sequences are shorter than the window), so memory is ``O(Nq * L)``. Returns ``[B, Hkv, g, Nq, Dv]``.
     """
     bsz, hkv, g, nq, d = q5.shape
     nk = k.shape[2]
-    lo, hi = w - 1, (0 if causal else w - 1)
+    # Keys a block's rows may see: i - lo .. i + hi (no key is further away than the sequences are long).
+    lo, hi = min(w - 1, nq - 1), (0 if causal else min(w - 1, nk - 1))
     slab = c + lo + hi
     qb = _query_blocks(q5 * scale, c)  # scaling the D-wide queries is cheaper than the L-wide scores
     nb = qb.shape[2]

@@ -21,6 +21,7 @@ computed densely on their own (``globals x N``). Work is ``O(N * (Bq + left + ri
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -228,22 +229,25 @@ def local_attention(
 
     # Keys padded by `left` before and `right` (plus the query padding) after, so block r's keys
     # [r*bq - left, r*bq + bq + right) are the window r*bq .. r*bq + width of the padded sequence.
-    kp = F.pad(k.float(), (0, 0, left, npad - n + right))
-    vp = F.pad(v.float(), (0, 0, left, npad - n + right))
+    # The scale goes on the keys: they are copied for the padding anyway, and q then needs no copy.
+    kp = _padded(k, left, npad - n + right, mods.scale, grad)
+    vp = _padded(v, left, npad - n + right, 1.0, grad)
     k_win = kp.unfold(2, width, bq)  # [B, Hkv, nQB, D, width]: overlapping view, no copy
     v_win = vp.unfold(2, width, bq).transpose(-1, -2)  # [B, Hkv, nQB, width, Dv]
-    qs = F.pad(q.float() * mods.scale, (0, 0, 0, npad - n)).view(b, hkv, g, nqb, bq, d)
+    qs = q.float()
+    qs = (F.pad(qs, (0, 0, 0, npad - n)) if npad > n else qs).view(b, hkv, g, nqb, bq, d)
     qs = qs.transpose(2, 3).reshape(b, hkv, nqb, g * bq, d)  # a group's heads share one key window
 
     a = torch.arange(bq, device=dev)[:, None]
     c = torch.arange(width, device=dev)[None, :]
     band_bias = torch.zeros(bq, width, device=dev).masked_fill(~((c >= a) & (c <= a + left + right)), MASKED)
+    band_rows = band_bias.repeat(g, 1)  # [g * bq, width]: the rows of one kv head's query block
     key_pos = (torch.arange(nqb, device=dev) * bq - left)[:, None] + c  # [nQB, width]
     key_bad = (key_pos < prefix) | (key_pos >= n)  # outside the sequence, or a prefix column (added below)
-    bad_blocks = key_bad.any(1).tolist()
+    bad_blocks = key_bad.any(1).nonzero().flatten().tolist()  # the first and last few blocks
 
     if prefix:
-        k_pre, v_pre = k[:, :, :prefix].float(), v[:, :, :prefix].float()
+        k_pre, v_pre = k[:, :, :prefix].float() * mods.scale, v[:, :, :prefix].float()
         pre_bias = None
         if mods.causal:
             rows = torch.arange(npad, device=dev).view(nqb, 1, bq, 1)
@@ -260,15 +264,20 @@ def local_attention(
                 c1 = min(nqb, c0 + step)
                 cc = c1 - c0
                 qc = qs[bi, h, c0:c1]
-                s = torch.bmm(qc, k_win[bi, h, c0:c1]).view(cc, g, bq, width)
-                s = _softcap(s, mods.softcap, grad)
-                s = s + band_bias if grad else s.add_(band_bias)
+                if mods.softcap > 0:
+                    s = torch.bmm(qc, k_win[bi, h, c0:c1]).view(cc, g, bq, width)
+                    s = _softcap(s, mods.softcap, grad)
+                    s = s + band_bias if grad else s.add_(band_bias)
+                else:  # the band mask rides on the matmul's accumulator (one pass less)
+                    s = torch.baddbmm(band_rows.expand(cc, g * bq, width), qc, k_win[bi, h, c0:c1])
+                    s = s.view(cc, g, bq, width)
                 if has_mods:
                     q_pos = torch.arange(c0 * bq, c1 * bq, device=dev).view(cc, bq)
                     k_pos = key_pos[c0:c1].clamp(0, n - 1).view(1, 1, cc, 1, width)
                     s = _apply_mods(s, mods, bi, h, g, q_pos, k_pos, grad)
-                if any(bad_blocks[c0:c1]):
-                    s = s.masked_fill(key_bad[c0:c1].view(cc, 1, 1, width), MASKED)
+                for r in bad_blocks[bisect_left(bad_blocks, c0):bisect_left(bad_blocks, c1)]:
+                    hide = key_bad[r].view(1, 1, width)
+                    s = _hide_block(s, r - c0, hide, grad)
                 if prefix:
                     sp = torch.matmul(qc, k_pre[bi, h].transpose(0, 1)).view(cc, g, bq, prefix)
                     sp = _softcap(sp, mods.softcap, grad)
@@ -296,6 +305,29 @@ def local_attention(
     if globals_:
         out = torch.cat([dense_rows(q, k, v, mods, min(globals_, n)), out[:, :, globals_:]], dim=2)
     return out.to(q.dtype)
+
+
+def _padded(x: Tensor, before: int, after: int, scale: float, grad: bool) -> Tensor:
+    """``x * scale`` in float32 with zero rows before and after the sequence dim, written in one pass."""
+    b, h, n, d = x.shape
+    if grad:
+        x = x.float() * scale if scale != 1.0 else x.float()
+        return F.pad(x, (0, 0, before, after))
+    out = torch.empty(b, h, before + n + after, d, device=x.device)
+    out[:, :, :before].zero_()
+    out[:, :, before + n:].zero_()
+    torch.mul(x, scale, out=out[:, :, before:before + n])
+    return out
+
+
+def _hide_block(s: Tensor, r: int, hide: Tensor, grad: bool) -> Tensor:
+    """Scores of block ``r`` of the chunk ``s [c, g, bq, width]`` set to MASKED where ``hide`` is True."""
+    if not grad:
+        s[r].masked_fill_(hide, MASKED)
+        return s
+    keep = torch.ones(s.shape[0], 1, 1, 1, dtype=torch.bool, device=s.device)
+    keep[r] = False
+    return s.masked_fill(~keep & hide, MASKED)
 
 
 def _softcap(s: Tensor, softcap: float, grad: bool) -> Tensor:
