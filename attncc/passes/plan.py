@@ -47,14 +47,14 @@ def plan_sites(gm: fx.GraphModule, sites: list[AttentionSite], policy: Policy) -
                 site.variant = "exact"
                 site.reason += f"; the model's own window ({site.band[0] + 1} keys) is already narrower: exact"
             continue
-        supported, why = spec.supports(site)
+        supported, why = (False, spec) if isinstance(spec, str) else spec.supports(site)
         if supported and site.layout not in ("bhnd", "(bh)nd"):
             supported, why = False, f"it runs on [B, H, N, D] or [B, N, D] tensors, this site's layout is {site.layout}"
         if supported and site.band is not None and not isinstance(spec, LocalSpec):
             supported, why = False, f"the model already limits this site to a window of {site.band[0] + 1} keys"
         if not supported:
             site.variant, site.spec, site.fallback = "exact", exact, exact
-            site.reason = f"{decision.reason}; {spec.name} does not apply ({why}): exact"
+            site.reason = f"{decision.reason}; {asked.name} does not apply ({why}): exact"
             continue
         site.spec, site.fallback, site.min_len = spec, exact, decision.min_len
         site.variant = str(spec)
@@ -69,7 +69,10 @@ def exact_spec(site: AttentionSite):
 
 
 def _specialize(spec, site: AttentionSite):
-    """Fill in what the variant needs from the site: a ViT's grid; the intersection with a model window."""
+    """Fill in what the variant needs from the site: a ViT's grid; the intersection with a model window.
+
+    Returns the spec to run, or a string: why the variant cannot run on this site.
+    """
     if isinstance(spec, NeighborhoodSpec) and spec.grid is None and site.grid is not None:
         return dataclasses.replace(spec, grid=site.grid, globals=site.grid_prefix)
     if isinstance(spec, LocalSpec) and site.band is not None:
@@ -77,22 +80,10 @@ def _specialize(spec, site: AttentionSite):
         if own_left >= site.band[0]:
             return exact_spec(site)  # the model's window is already narrower: nothing to add
         if spec.sinks or spec.globals:
-            # sinks outside the model's window are hidden by the model's mask; one band cannot say that
-            return _Declined("sinks/globals outside the model's own window cannot be expressed")
+            # the model's mask hides sinks outside its window; a single band cannot say that
+            return "sinks/globals outside the model's own window cannot be expressed"
         return spec.intersect_band(*site.band, causal=site.causal)
     return spec
-
-
-class _Declined:
-    """A variant that turned out not to apply to the site after specialization."""
-
-    name = "local"
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-    def supports(self, site) -> tuple[bool, str]:
-        return False, self.reason
 
 
 def _grid_for(site: AttentionSite, grids: list[tuple[int, ...]]) -> tuple[Optional[tuple[int, ...]], int]:

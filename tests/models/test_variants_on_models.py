@@ -190,3 +190,21 @@ def test_swin_shifted_window_masks_run_exactly_by_region():
     assert "segments" in cm.code()
     with torch.no_grad():
         torch.testing.assert_close(cm(x), model(x), **TOL)
+
+
+@pytest.mark.parametrize("policy, variant, reason", [
+    ("local(window=4)", "local(left=4, right=0)", None),                      # narrower: intersected
+    ("local(window=64)", "exact", "already narrower"),                        # wider than the model's window
+    ("local(window=4, sinks=2)", "exact", "sinks/globals outside the model's own window"),
+])
+def test_local_on_a_model_with_its_own_window(policy, variant, reason):
+    model = hf_model("mistral", num_key_value_heads=2, sliding_window=16)
+    inputs = text_inputs(n=64)
+    cm = attncc.compile(model, policy, inputs, strict=True)
+    for site in cm.report().sites:
+        assert site.variant == variant
+        assert reason is None or reason in site.reason
+    if variant == "exact":
+        with torch.no_grad():
+            torch.testing.assert_close(valid(hidden(cm(**inputs)), inputs["attention_mask"]),
+                                       valid(hidden(model(**inputs)), inputs["attention_mask"]), **TOL)
