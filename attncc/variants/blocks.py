@@ -9,12 +9,17 @@ bias and softcapping), and combines with a softmax over the visited keys. Memory
 a layout without building one either.
 
 A query row with no visible key returns zeros (the softmax of an empty set is taken as the zero vector).
+
+:func:`run_tasks` runs independent chunks of such work on single-threaded CPU worker threads (used by the
+local and neighborhood variants too); see its docstring for why.
 """
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +136,8 @@ def block_sparse_attention(
     tensors that broadcast, positions clamped into ``[0, Nq)`` x ``[0, Nk)``) is applied inside partial blocks;
     ``mods`` (scale, softcap, bias, mask, causal) everywhere. A row with no visible key returns zeros.
     Differentiable. Work is chunked over query blocks so temporaries stay near ``chunk_bytes`` (default: 8 MB
-    on CPU, where cache-resident chunks are fastest; 256 MB elsewhere).
+    on CPU, where cache-resident chunks are fastest; 256 MB elsewhere); on CPU the chunks run on
+    :func:`run_tasks` worker threads, so ``keep`` must be a pure tensor function.
     """
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -155,13 +161,14 @@ def block_sparse_attention(
     if chunk_bytes is None:
         chunk_bytes = (8 << 20) if q.device.type == "cpu" else (256 << 20)
     per_block = 4 * b * hq * bq * kk * 3 + 4 * b * hkv * (g if per_head else 1) * kk * (d + dv)
-    step = max(1, chunk_bytes // per_block)
-    outs = []
-    for c0 in range(0, nqb, step):
+    step = max(1, min(chunk_bytes // per_block, -(-nqb // torch.get_num_threads())))
+
+    def chunk(c0: int) -> Tensor:
         c1 = min(nqb, c0 + step)
-        outs.append(_chunk(qs[:, :, c0:c1], kb, vb, kv_blocks[:, :, c0:c1], None if partial is None
-                           else partial[:, :, c0:c1], c0, layout, mods, keep, g, per_head))
-    out = torch.cat(outs, dim=2)  # [B, Hkv, nQB, g, bq, Dv]
+        return _chunk(qs[:, :, c0:c1], kb, vb, kv_blocks[:, :, c0:c1], None if partial is None
+                      else partial[:, :, c0:c1], c0, layout, mods, keep, g, per_head)
+
+    out = torch.cat(run_tasks(chunk, range(0, nqb, step), q.device), dim=2)  # [B, Hkv, nQB, g, bq, Dv]
     return out.transpose(2, 3).reshape(b, hq, nqb * bq, dv)[:, :, :nq].to(q.dtype)
 
 
@@ -273,6 +280,64 @@ def gather_pairs(t: Tensor, q_pos: Tensor, k_pos: Tensor, hkv: int, g: int) -> T
     return t[bi, hi, qi, ki]
 
 
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_LOCK = threading.Lock()
+_IN_WORKER = threading.local()
+
+
+def _single_threaded_worker() -> None:
+    # get_num_threads first: its one-time per-thread initialization would later overwrite the setting with
+    # the process-wide default. set_num_threads(1) then holds for this thread (the default is restored below).
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+    _IN_WORKER.active = True
+
+
+def _make_pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` single-threaded workers, all started before it is returned.
+
+    ``torch.set_num_threads`` in a worker also changes the process-wide default that threads initializing
+    later copy (inductor's compiled kernels then ran on one thread), so once every worker is up the caller's
+    setting is written back.
+    """
+    pool = ThreadPoolExecutor(threads, initializer=_single_threaded_worker, thread_name_prefix="attncc")
+    ready = threading.Barrier(threads + 1)
+    started = [pool.submit(ready.wait) for _ in range(threads)]  # each blocks a distinct worker until all exist
+    ready.wait()
+    for f in started:
+        f.result()
+    torch.set_num_threads(threads)
+    return pool
+
+
+def run_tasks(work: Callable[[Any], Any], tasks: Sequence[Any], device) -> list:
+    """``[work(t) for t in tasks]``, spread over ``torch.get_num_threads()`` worker threads on CPU.
+
+    Each worker runs single-threaded torch ops, so the tasks run side by side with no per-op OpenMP barrier:
+    with many small ops a barrier costs little on an idle machine but up to a scheduler time slice when
+    another process competes for a core, which made the per-op parallel version several times slower under
+    load. Grad and inference modes (thread-local) are carried into the workers. Serial elsewhere (other
+    devices, one thread or task, or when already inside a worker).
+    """
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads < 2 or len(tasks) < 2 or getattr(_IN_WORKER, "active", False):
+        return [work(t) for t in tasks]
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers != threads:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+            _POOL = _make_pool(threads)
+        pool = _POOL
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def run(task):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return work(task)
+
+    return list(pool.map(run, tasks))
+
+
 def dense_rows(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, rows: int) -> Tensor:
     """Queries ``[0, rows)`` attending every key under ``mods`` (global tokens): ``[B, Hq, rows, Dv]`` float32.
 
@@ -318,5 +383,5 @@ def visited_fraction(layout: BlockLayout) -> float:
 
 __all__ = [
     "BlockLayout", "DEAD", "MASKED", "block_sparse_attention", "dense_layout", "dense_rows", "gather_pairs",
-    "layout_from_keep", "visited_fraction",
+    "layout_from_keep", "run_tasks", "visited_fraction",
 ]

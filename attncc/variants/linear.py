@@ -157,7 +157,7 @@ class LinearSpec(VariantSpec):
         s = site_sizes(site)
         b, hq, hkv, nq, nk, d, dv = (s[x] for x in ("B", "Hq", "Hkv", "Nq", "Nk", "D", "Dv"))
         df = feature_dim(self.feature_map, d)
-        dv1 = dv + 1
+        dv1 = dv + 1  # the normalizer z costs one more value column
         flops = _FEATURE_FLOPS[self.feature_map] * b * (hq * nq + hkv * nk) * df
 
         def scan(causal: bool) -> sympy.Expr:

@@ -21,7 +21,8 @@ The forward tiles the grid: queries go in tiles of ``t`` positions per axis (wit
 sub-sequence); each tile scores a key region holding all its queries' windows (``t + K - 1`` positions per
 axis where undilated and unstrided) and masks per element with one additive term per axis. Where the tile
 size divides the axis, the regions start evenly and are one overlapping strided view of the padded grid;
-elsewhere they are strided slices. Work per query is ``prod(t + K - 1)`` pairs, never ``N x N``.
+elsewhere they are strided slices. Work per query is ``prod(t + K - 1)`` pairs, never ``N x N``. Chunks of
+tile rows run on ``blocks.run_tasks`` worker threads on CPU.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ from torch import Tensor
 
 from attncc.errors import AttnccError
 from attncc.variants.base import ScoreMods, VariantSpec, attention_cost, check_int, site_sizes
-from attncc.variants.blocks import DEAD, MASKED, dense_rows, gather_pairs
+from attncc.variants.blocks import DEAD, MASKED, dense_rows, gather_pairs, run_tasks
 from attncc.variants.local import masked_reference
 
 Axes = Union[int, tuple[int, ...]]
 
-CHUNK_FLOATS = 1 << 21
-"""Scores per chunk of tiles (8 MB): cache-sized chunks keep the elementwise passes fast on CPU."""
+CHUNK_FLOATS = 1 << 20
+"""Scores per chunk of tiles (4 MB): cache-sized chunks keep the elementwise passes fast on CPU."""
 
 
 @dataclass(frozen=True)
@@ -343,17 +344,19 @@ def neighborhood_attention(
     k_pre, v_pre = k[:, :, :globals_].float().unsqueeze(2), v[:, :, :globals_].float().unsqueeze(2)
 
     per_tile_row = math.prod(n_tiles[1:]) * b * hq * tile_q * (tile_k + globals_)
-    step = max(1, CHUNK_FLOATS // per_tile_row)
-    outs = []
-    for c0 in range(0, n_tiles[0], step):
-        c1 = min(n_tiles[0], c0 + step)
+    # Chunks of tile rows small enough for the cache, and at least one per worker thread where possible.
+    step = max(1, min(CHUNK_FLOATS // per_tile_row, -(-n_tiles[0] // torch.get_num_threads())))
+
+    def tile_chunk(task) -> Tensor:
+        """Tile rows [c0, c1) of the first axis -> outputs [B, Hkv, tiles, g, T, Dv]."""
+        c0, c1 = task
         nt = (c1 - c0) * math.prod(n_tiles[1:])
         # [B, Hkv, g, nT0, t0, ..., D] -> [B, Hkv, tiles, g * T, D]: a group's heads share one key region.
         q_c = _slice_axes(qg, axes, "q", first=3, chunk=(c0, c1))
         q_c = q_c.permute(0, 1, *range(3, 3 + 2 * rank, 2), 2, *range(4, 4 + 2 * rank, 2), 3 + 2 * rank)
         q_c = q_c.reshape(b, hkv, nt, g * tile_q, d)
-        k_c = _tiles_first(_slice_axes(kg, axes, "k", first=2, chunk=(c0, c1)), rank).reshape(b, hkv, nt, tile_k, d)
-        v_c = _tiles_first(_slice_axes(vg, axes, "k", first=2, chunk=(c0, c1)), rank).reshape(b, hkv, nt, tile_k, dv)
+        k_c = _tiles_first(_slice_axes(kg, axes, "k", 2, (c0, c1)), rank).reshape(b, hkv, nt, tile_k, d)
+        v_c = _tiles_first(_slice_axes(vg, axes, "k", 2, (c0, c1)), rank).reshape(b, hkv, nt, tile_k, dv)
         s = q_c @ k_c.transpose(-1, -2)  # [B, Hkv, tiles, g*T, R]
         if mods.softcap > 0:
             s = mods.softcap * torch.tanh(s / mods.softcap) if grad else s.div_(mods.softcap).tanh_().mul_(
@@ -386,7 +389,9 @@ def neighborhood_attention(
             o = p[..., :globals_] @ v_pre + p[..., globals_:] @ v_c
         else:
             o = p @ v_c
-        outs.append(o.view(b, hkv, nt, g, tile_q, dv))
+        return o.view(b, hkv, nt, g, tile_q, dv)
+
+    outs = run_tasks(tile_chunk, [(c0, min(n_tiles[0], c0 + step)) for c0 in range(0, n_tiles[0], step)], dev)
     out = torch.cat(outs, dim=2).view(b, hkv, *n_tiles, g, *tiles, dv)
     # [B, Hkv, nT..., g, t..., Dv] -> [B, Hq, nT0 * t0, ...]; then each axis back in position order.
     out = out.permute(0, 1, 2 + rank, *[i for a in range(rank) for i in (2 + a, 3 + rank + a)], 3 + 2 * rank)

@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_flatten
 from attncc.errors import AttnccError
 from attncc.variants.base import ScoreMods
 from attncc.variants.blocks import (
-    BlockLayout, block_sparse_attention, dense_layout, gather_pairs, layout_from_keep, visited_fraction,
+    BlockLayout, block_sparse_attention, dense_layout, gather_pairs, layout_from_keep, run_tasks, visited_fraction,
 )
 from attncc.variants.exact import reference as exact_reference
 
@@ -233,8 +233,13 @@ def test_never_builds_an_n_by_n_tensor():
     keep = _band_keep(32)
     layout = layout_from_keep(keep, n, n, 64, 64, "cpu")
     mask = torch.ones(1, 1, 1, n, dtype=torch.bool)
-    with _LargestTensor() as probe:
-        block_sparse_attention(q, k, v, layout, ScoreMods(scale=0.25, causal=True, mask=mask), keep)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # run_tasks then stays on this thread, where the (thread-local) mode sees every op
+    try:
+        with _LargestTensor() as probe:
+            block_sparse_attention(q, k, v, layout, ScoreMods(scale=0.25, causal=True, mask=mask), keep)
+    finally:
+        torch.set_num_threads(threads)
     assert probe.largest < n * n / 4
 
 
@@ -268,3 +273,40 @@ def test_layout_shape_must_match_inputs():
     q, k, v = _qkv(1, 2, 2, 64, 16)
     with pytest.raises(AttnccError, match="layout"):
         block_sparse_attention(q, k, v, dense_layout(32, 32), ScoreMods(scale=1.0))
+
+
+def test_run_tasks_keeps_order_and_modes():
+    def work(i):
+        return i, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.get_num_threads()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            got = run_tasks(work, list(range(7)), "cpu")
+        assert [g[0] for g in got] == list(range(7))
+        assert all(not grad and inference for _, grad, inference, _ in got)
+        with torch.no_grad():
+            assert not any(grad for _, grad, _, _ in run_tasks(work, [0, 1, 2], "cpu"))
+        # inside a worker, tasks run serially (each worker uses one intra-op thread)
+        nested = run_tasks(lambda i: run_tasks(work, [i, i + 1], "cpu"), [0, 10], "cpu")
+        assert [[g[0] for g in row] for row in nested] == [[0, 1], [10, 11]]
+        assert all(g[3] == 1 for row in nested for g in row)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_run_tasks_leaves_the_thread_count_of_other_threads_alone():
+    import threading
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_tasks(lambda i: i, [0, 1, 2], "cpu")
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert torch.get_num_threads() == 2 and seen == [2]
+    finally:
+        torch.set_num_threads(threads)
