@@ -8,7 +8,6 @@ import math
 import pytest
 import sympy
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from attncc.errors import AttnccError
 from attncc.site import AttentionSite
@@ -18,6 +17,7 @@ from attncc.variants.block_sparse import (
     PATTERNS, BigBirdPattern, BlockSparseSpec, MaskModPattern, PowerPattern, RadialPattern,
     mask_mod_pattern,
 )
+from variant_helpers import LargestTensor, rel_rms
 
 BLOCK = 16  # small blocks so that short test sequences still have many of them
 
@@ -31,9 +31,7 @@ def qkv(n, d, hq=4, hkv=4, b=2, dtype=torch.float32, seed=0, nk=None):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def rel_rms(a, b):
-    a, b = a.float(), b.float()
-    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-12))
+
 
 
 def band_mod(q_idx, kv_idx):
@@ -231,17 +229,7 @@ def test_degenerate_limit_is_exact(spec, causal):
 # ------------------------------------------------------------------------------------------ no N x N
 
 
-class MaxNumel(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.max = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.max = max(self.max, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -252,9 +240,9 @@ def test_forward_builds_no_n_by_n_tensor(name):
     q, k, v = qkv(n, 16, hq=1, hkv=1, b=1)
     mods = ScoreMods(scale=0.25, causal=True)
     spec.forward(q, k, v, mods)  # layouts are cached: the mask_mod predicate ran once, by rows of blocks
-    with MaxNumel() as probe:
+    with LargestTensor() as probe:
         spec.forward(q, k, v, mods)
-    assert probe.max < n * n // 4
+    assert probe.largest < n * n // 4
 
 
 # ------------------------------------------------------------------------------------------- gradients

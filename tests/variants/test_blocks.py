@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from attncc.errors import AttnccError
 from attncc.variants.base import ScoreMods
@@ -15,15 +13,10 @@ from attncc.variants.blocks import (
     BlockLayout, block_sparse_attention, dense_layout, gather_pairs, layout_from_keep, run_tasks, visited_fraction,
 )
 from attncc.variants.exact import reference as exact_reference
+from variant_helpers import LargestTensor, random_qkv
 
 
-def _qkv(b, hq, hkv, n, d, dv=None, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    dv = d if dv is None else dv
-    q = torch.randn(b, hq, n, d, generator=gen)
-    k = torch.randn(b, hkv, n, d, generator=gen)
-    v = torch.randn(b, hkv, n, dv, generator=gen)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+
 
 
 def _oracle(q, k, v, mods, keep):
@@ -96,7 +89,7 @@ def test_layout_from_keep_scalar_predicate_is_dense():
 @pytest.mark.parametrize("heads", [(4, 2), (4, 1), (2, 2)], ids=lambda h: f"hq{h[0]}-hkv{h[1]}")
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_forward_matches_oracle(n, d, heads, causal):
-    q, k, v = _qkv(2, heads[0], heads[1], n, d, dv=d + 8)
+    q, k, v = random_qkv(2, heads[0], heads[1], n, d, dv=d + 8)
     keep = _band_keep(20)
     layout = layout_from_keep(keep, n, n, 16, 32, "cpu")
     mods = ScoreMods(scale=d ** -0.5, causal=causal)
@@ -109,7 +102,7 @@ def test_forward_matches_oracle(n, d, heads, causal):
 @pytest.mark.parametrize("mask_kind", ["padding", "dense", "per-head-query"])
 def test_forward_applies_every_mod(mask_kind):
     b, hq, hkv, n = 2, 4, 2, 100
-    q, k, v = _qkv(b, hq, hkv, n, 16)
+    q, k, v = random_qkv(b, hq, hkv, n, 16)
     gen = torch.Generator().manual_seed(1)
     mask = {
         "padding": torch.rand(b, 1, 1, n, generator=gen) > 0.3,
@@ -126,7 +119,7 @@ def test_forward_applies_every_mod(mask_kind):
 
 
 def test_dense_layout_is_exact_attention():
-    q, k, v = _qkv(1, 4, 1, 257, 48)
+    q, k, v = random_qkv(1, 4, 1, 257, 48)
     mods = ScoreMods(scale=0.2, causal=True)
     out = block_sparse_attention(q, k, v, dense_layout(257, 257), mods)
     expected = exact_reference(q, k, v, scale=0.2, causal=True)
@@ -136,7 +129,7 @@ def test_dense_layout_is_exact_attention():
 @pytest.mark.parametrize("lead", ["batch-head", "head", "kv-head"])
 def test_per_head_layouts_with_padding_entries(lead):
     b, hq, hkv, n, blk = 2, 4, 2, 100, 16
-    q, k, v = _qkv(b, hq, hkv, n, 16)
+    q, k, v = random_qkv(b, hq, hkv, n, 16)
     nqb = -(-n // blk)
     gen = torch.Generator().manual_seed(3)
     heads = {"batch-head": (b, hq), "head": (hq,), "kv-head": (1, hkv)}[lead]
@@ -157,7 +150,7 @@ def test_per_head_layouts_with_padding_entries(lead):
 
 
 def test_rows_without_visible_keys_are_zero():
-    q, k, v = _qkv(1, 2, 2, 64, 16)
+    q, k, v = random_qkv(1, 2, 2, 64, 16)
     kv = torch.tensor([[0, -1], [-1, -1], [1, 2], [3, -1]])
     layout = BlockLayout(16, 16, 64, 64, kv, torch.zeros(4, 2, dtype=torch.bool))
     mask = torch.ones(1, 1, 1, 64, dtype=torch.bool)
@@ -171,7 +164,7 @@ def test_rows_without_visible_keys_are_zero():
 
 
 def test_chunking_does_not_change_the_result():
-    q, k, v = _qkv(2, 4, 2, 257, 16)
+    q, k, v = random_qkv(2, 4, 2, 257, 16)
     keep = _band_keep(40)
     layout = layout_from_keep(keep, 257, 257, 16, 16, "cpu")
     mods = ScoreMods(scale=0.25, causal=True)
@@ -181,7 +174,7 @@ def test_chunking_does_not_change_the_result():
 
 
 def test_bf16_relative_rms():
-    q, k, v = _qkv(1, 4, 2, 257, 80, dtype=torch.bfloat16)
+    q, k, v = random_qkv(1, 4, 2, 257, 80, dtype=torch.bfloat16)
     keep = _band_keep(30)
     layout = layout_from_keep(keep, 257, 257, 32, 32, "cpu")
     mods = ScoreMods(scale=80 ** -0.5, causal=True)
@@ -193,7 +186,7 @@ def test_bf16_relative_rms():
 
 
 def test_gradients_match_the_oracle():
-    q, k, v = _qkv(1, 4, 2, 37, 16)
+    q, k, v = random_qkv(1, 4, 2, 37, 16)
     bias = torch.randn(1, 4, 37, 37)
     q, k, v, bias = (t.requires_grad_(True) for t in (q, k, v, bias))
     keep = _band_keep(5)
@@ -212,31 +205,19 @@ def test_gradients_match_the_oracle():
 # -- no N x N tensor ----------------------------------------------------------------------------------------
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces."""
 
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def test_never_builds_an_n_by_n_tensor():
     n = 2048
-    q, k, v = _qkv(1, 1, 1, n, 16)
+    q, k, v = random_qkv(1, 1, 1, n, 16)
     keep = _band_keep(32)
     layout = layout_from_keep(keep, n, n, 64, 64, "cpu")
     mask = torch.ones(1, 1, 1, n, dtype=torch.bool)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # run_tasks then stays on this thread, where the (thread-local) mode sees every op
     try:
-        with _LargestTensor() as probe:
+        with LargestTensor() as probe:
             block_sparse_attention(q, k, v, layout, ScoreMods(scale=0.25, causal=True, mask=mask), keep)
     finally:
         torch.set_num_threads(threads)
@@ -270,7 +251,7 @@ def test_layout_validation(kwargs, field):
 
 
 def test_layout_shape_must_match_inputs():
-    q, k, v = _qkv(1, 2, 2, 64, 16)
+    q, k, v = random_qkv(1, 2, 2, 64, 16)
     with pytest.raises(AttnccError, match="layout"):
         block_sparse_attention(q, k, v, dense_layout(32, 32), ScoreMods(scale=1.0))
 

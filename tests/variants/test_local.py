@@ -9,8 +9,6 @@ import ast
 import pytest
 import sympy
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from attncc.errors import AttnccError
 from attncc.site import AttentionSite
@@ -20,15 +18,10 @@ from attncc.variants.exact import reference as exact_reference
 from attncc.variants import local as local_module
 from attncc.variants.local import LocalSpec, local_attention
 from attncc.variants.parse import parse_variant
+from variant_helpers import LargestTensor, random_qkv
 
 
-def _qkv(b, hq, hkv, n, d, dv=None, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    dv = d if dv is None else dv
-    q = torch.randn(b, hq, n, d, generator=gen)
-    k = torch.randn(b, hkv, n, d, generator=gen)
-    v = torch.randn(b, hkv, n, dv, generator=gen)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+
 
 
 def _site(**fields):
@@ -55,7 +48,7 @@ SPECS = {
 @pytest.mark.parametrize("spec_id", list(SPECS))
 def test_forward_matches_reference(n, d, heads, causal, spec_id):
     spec = SPECS[spec_id]
-    q, k, v = _qkv(2, heads[0], heads[1], n, d, dv=d + 8)
+    q, k, v = random_qkv(2, heads[0], heads[1], n, d, dv=d + 8)
     mods = ScoreMods(scale=d ** -0.5, causal=causal)
     out = spec.forward(q, k, v, mods)
     assert out.shape == (2, heads[0], n, d + 8) and out.dtype == torch.float32
@@ -76,7 +69,7 @@ def test_reference_pattern_is_the_documented_one():
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_forward_applies_every_mod(mask_kind, causal):
     b, hq, hkv, n = 2, 4, 2, 100
-    q, k, v = _qkv(b, hq, hkv, n, 16)
+    q, k, v = random_qkv(b, hq, hkv, n, 16)
     gen = torch.Generator().manual_seed(1)
     mask = torch.rand(b, 1, 1, n, generator=gen) > 0.3 if mask_kind == "padding" else \
         torch.rand(b, hq, n, n, generator=gen) > 0.2
@@ -87,7 +80,7 @@ def test_forward_applies_every_mod(mask_kind, causal):
 
 
 def test_rows_without_visible_keys_are_zero():
-    q, k, v = _qkv(1, 2, 2, 40, 16)
+    q, k, v = random_qkv(1, 2, 2, 40, 16)
     mask = torch.ones(1, 1, 1, 40, dtype=torch.bool)
     mask[..., 20:30] = False  # with a window of 2, queries 22..27 see only masked keys
     out = LocalSpec(window=2).forward(q, k, v, ScoreMods(scale=0.25, mask=mask))
@@ -99,20 +92,20 @@ def test_rows_without_visible_keys_are_zero():
 @pytest.mark.parametrize("spec", [LocalSpec(window=257), LocalSpec(left=300, right=400, sinks=3)],
                          ids=["window-n", "left-right-beyond-n"])
 def test_window_covering_the_sequence_is_exact(causal, spec):
-    q, k, v = _qkv(1, 4, 2, 257, 48)
+    q, k, v = random_qkv(1, 4, 2, 257, 48)
     out = spec.forward(q, k, v, ScoreMods(scale=0.2, causal=causal))
     torch.testing.assert_close(out, exact_reference(q, k, v, scale=0.2, causal=causal), rtol=1e-5, atol=1e-5)
 
 
 def test_causal_band_reaching_back_to_zero_is_exact():
-    q, k, v = _qkv(1, 2, 2, 100, 16)
+    q, k, v = random_qkv(1, 2, 2, 100, 16)
     out = LocalSpec(left=99, right=0).forward(q, k, v, ScoreMods(scale=0.25, causal=True))
     torch.testing.assert_close(out, exact_reference(q, k, v, scale=0.25, causal=True), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("block", [1, 7, 64])
 def test_block_size_does_not_change_the_result(block):
-    q, k, v = _qkv(1, 4, 2, 100, 16)
+    q, k, v = random_qkv(1, 4, 2, 100, 16)
     mods = ScoreMods(scale=0.25, causal=False)
     out = local_attention(q, k, v, mods, left=11, right=4, prefix=3, globals_=1, block=block)
     expected = LocalSpec(left=11, right=4, sinks=3, globals=1).reference(q, k, v, mods)
@@ -121,7 +114,7 @@ def test_block_size_does_not_change_the_result(block):
 
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
 def test_chunking_does_not_change_the_result(monkeypatch, grad):
-    q, k, v = _qkv(2, 4, 2, 257, 16)
+    q, k, v = random_qkv(2, 4, 2, 257, 16)
     spec = LocalSpec(window=20, sinks=3, globals=1)
     mods = ScoreMods(scale=0.25, causal=True, mask=torch.rand(2, 1, 1, 257) > 0.2)
     monkeypatch.setattr(local_module, "CHUNK_FLOATS", 1)  # one query block per chunk
@@ -132,7 +125,7 @@ def test_chunking_does_not_change_the_result(monkeypatch, grad):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_bf16_relative_rms(causal):
-    q, k, v = _qkv(1, 4, 2, 257, 80, dtype=torch.bfloat16)
+    q, k, v = random_qkv(1, 4, 2, 257, 80, dtype=torch.bfloat16)
     spec = LocalSpec(window=32, sinks=4)
     mods = ScoreMods(scale=80 ** -0.5, causal=causal)
     out = spec.forward(q, k, v, mods)
@@ -144,7 +137,7 @@ def test_bf16_relative_rms(causal):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_gradients_match_the_reference(causal):
-    q, k, v = _qkv(1, 4, 2, 37, 16)
+    q, k, v = random_qkv(1, 4, 2, 37, 16)
     bias = torch.randn(1, 4, 37, 37)
     q, k, v, bias = (t.requires_grad_(True) for t in (q, k, v, bias))
     spec = LocalSpec(window=4, sinks=2, globals=1)
@@ -156,30 +149,18 @@ def test_gradients_match_the_reference(causal):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces."""
 
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_never_builds_an_n_by_n_tensor(causal):
     n = 2048
-    q, k, v = _qkv(1, 1, 1, n, 16)
+    q, k, v = random_qkv(1, 1, 1, n, 16)
     mods = ScoreMods(scale=0.25, causal=causal, mask=torch.ones(1, 1, 1, n, dtype=torch.bool))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # run_tasks then stays on this thread, where the (thread-local) mode sees every op
     try:
-        with _LargestTensor() as probe:
+        with LargestTensor() as probe:
             LocalSpec(window=32, sinks=4, globals=2).forward(q, k, v, mods)
     finally:
         torch.set_num_threads(threads)
@@ -263,7 +244,7 @@ def test_cost_below_dense_and_symbolic():
 
 
 def test_forward_rejects_cross_shapes():
-    q, _, _ = _qkv(1, 2, 2, 10, 16)
+    q, _, _ = random_qkv(1, 2, 2, 10, 16)
     k, v = torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
     with pytest.raises(AttnccError, match="as many queries as keys"):
         LocalSpec(window=3).forward(q, k, v, ScoreMods(scale=0.25))

@@ -10,8 +10,6 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from attncc.errors import AttnccError
 from attncc.site import AttentionSite
@@ -21,15 +19,10 @@ from attncc.variants.exact import reference as exact_reference
 from attncc.variants import neighborhood as neighborhood_module
 from attncc.variants.neighborhood import NeighborhoodSpec, axis_neighbors, neighborhood_attention
 from attncc.variants.parse import parse_variant
+from variant_helpers import LargestTensor, random_qkv
 
 
-def _qkv(b, hq, hkv, n, d, dv=None, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    dv = d if dv is None else dv
-    q = torch.randn(b, hq, n, d, generator=gen)
-    k = torch.randn(b, hkv, n, d, generator=gen)
-    v = torch.randn(b, hkv, n, dv, generator=gen)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+
 
 
 def _site(**fields):
@@ -97,7 +90,7 @@ CASES = {
 def test_forward_matches_reference(case, heads, d):
     spec = CASES[case]
     n = _tokens(spec)
-    q, k, v = _qkv(2, heads[0], heads[1], n, d, dv=d + 8)
+    q, k, v = random_qkv(2, heads[0], heads[1], n, d, dv=d + 8)
     mods = ScoreMods(scale=d ** -0.5)
     out = spec.forward(q, k, v, mods)
     assert out.shape == (2, heads[0], n, d + 8) and out.dtype == torch.float32
@@ -108,7 +101,7 @@ def test_forward_matches_reference(case, heads, d):
 def test_forward_applies_every_mod(mask_kind):
     spec = CASES["n100-k5x3-dil2x1-g1"]
     b, hq, hkv, n = 2, 4, 2, 100
-    q, k, v = _qkv(b, hq, hkv, n, 16)
+    q, k, v = random_qkv(b, hq, hkv, n, 16)
     gen = torch.Generator().manual_seed(1)
     mask = torch.rand(b, 1, 1, n, generator=gen) > 0.3 if mask_kind == "padding" else \
         torch.rand(b, hq, n, n, generator=gen) > 0.2
@@ -120,14 +113,14 @@ def test_forward_applies_every_mod(mask_kind):
 def test_causal_mods_are_still_applied():
     # supports() declines causal sites; a direct causal call still means "and j <= i".
     spec = CASES["n257-k7-g1"]
-    q, k, v = _qkv(1, 2, 2, 257, 16)
+    q, k, v = random_qkv(1, 2, 2, 257, 16)
     mods = ScoreMods(scale=0.25, causal=True)
     torch.testing.assert_close(spec.forward(q, k, v, mods), spec.reference(q, k, v, mods), rtol=1e-5, atol=1e-5)
 
 
 def test_rows_without_visible_keys_are_zero():
     spec = NeighborhoodSpec(kernel=3, grid=(8, 8))
-    q, k, v = _qkv(1, 2, 2, 64, 16)
+    q, k, v = random_qkv(1, 2, 2, 64, 16)
     mask = torch.ones(1, 1, 1, 64, dtype=torch.bool)
     mask[..., :24] = False  # rows 0-2 of the grid; grid row 0 and 1 queries see only rows 0-2
     out = spec.forward(q, k, v, ScoreMods(scale=0.25, mask=mask))
@@ -139,7 +132,7 @@ def test_rows_without_visible_keys_are_zero():
 def test_kernel_covering_the_grid_is_exact(grid, globals_):
     spec = NeighborhoodSpec(kernel=tuple(grid), grid=grid, globals=globals_)
     n = _tokens(spec)
-    q, k, v = _qkv(1, 4, 2, n, 48)
+    q, k, v = random_qkv(1, 4, 2, n, 48)
     out = spec.forward(q, k, v, ScoreMods(scale=0.2))
     torch.testing.assert_close(out, exact_reference(q, k, v, scale=0.2), rtol=1e-5, atol=1e-5)
 
@@ -147,7 +140,7 @@ def test_kernel_covering_the_grid_is_exact(grid, globals_):
 @pytest.mark.parametrize("tiles", [(1, 1), (3, 5), (16, 16)], ids=str)
 def test_tile_size_does_not_change_the_result(tiles):
     spec = CASES["n257-k7-g1"]
-    q, k, v = _qkv(1, 4, 2, 257, 16)
+    q, k, v = random_qkv(1, 4, 2, 257, 16)
     mods = ScoreMods(scale=0.25)
     out = neighborhood_attention(q, k, v, mods, (16, 16), (7, 7), (1, 1), (1, 1), 1, tiles=tiles)
     torch.testing.assert_close(out, spec.reference(q, k, v, mods), rtol=1e-5, atol=1e-5)
@@ -156,7 +149,7 @@ def test_tile_size_does_not_change_the_result(tiles):
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
 def test_chunking_does_not_change_the_result(monkeypatch, grad):
     spec = CASES["n257-k7-g1"]
-    q, k, v = _qkv(2, 4, 2, 257, 16)
+    q, k, v = random_qkv(2, 4, 2, 257, 16)
     mods = ScoreMods(scale=0.25, mask=torch.rand(2, 1, 1, 257, generator=torch.Generator().manual_seed(2)) > 0.2)
     monkeypatch.setattr(neighborhood_module, "CHUNK_FLOATS", 1)  # one row of tiles per chunk
     with torch.set_grad_enabled(grad):
@@ -166,7 +159,7 @@ def test_chunking_does_not_change_the_result(monkeypatch, grad):
 
 def test_bf16_relative_rms():
     spec = CASES["n257-k7-g1"]
-    q, k, v = _qkv(1, 4, 2, 257, 80, dtype=torch.bfloat16)
+    q, k, v = random_qkv(1, 4, 2, 257, 80, dtype=torch.bfloat16)
     mods = ScoreMods(scale=80 ** -0.5)
     out = spec.forward(q, k, v, mods)
     assert out.dtype == torch.bfloat16
@@ -178,7 +171,7 @@ def test_bf16_relative_rms():
 def test_gradients_match_the_reference():
     spec = NeighborhoodSpec(kernel=3, dilation=(1, 2), grid=(5, 7), globals=1)
     n = _tokens(spec)
-    q, k, v = _qkv(1, 4, 2, n, 16)
+    q, k, v = random_qkv(1, 4, 2, n, 16)
     bias = torch.randn(1, 4, n, n)
     q, k, v, bias = (t.requires_grad_(True) for t in (q, k, v, bias))
     mods = ScoreMods(scale=0.25, softcap=3.0, bias=bias)
@@ -189,30 +182,18 @@ def test_gradients_match_the_reference():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces."""
 
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def test_never_builds_an_n_by_n_tensor():
     spec = NeighborhoodSpec(kernel=5, grid=(48, 48), globals=1)
     n = _tokens(spec)
-    q, k, v = _qkv(1, 1, 1, n, 16)
+    q, k, v = random_qkv(1, 1, 1, n, 16)
     mods = ScoreMods(scale=0.25, mask=torch.ones(1, 1, 1, n, dtype=torch.bool))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # run_tasks then stays on this thread, where the (thread-local) mode sees every op
     try:
-        with _LargestTensor() as probe:
+        with LargestTensor() as probe:
             spec.forward(q, k, v, mods)
     finally:
         torch.set_num_threads(threads)
@@ -255,7 +236,7 @@ def test_canonical_text_round_trips(case):
 
 
 def test_forward_needs_a_grid():
-    q, k, v = _qkv(1, 2, 2, 50, 16)
+    q, k, v = random_qkv(1, 2, 2, 50, 16)
     with pytest.raises(AttnccError, match="grid must be set"):
         NeighborhoodSpec(kernel=3).forward(q, k, v, ScoreMods(scale=0.25))
     with pytest.raises(AttnccError, match="do not match"):

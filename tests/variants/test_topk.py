@@ -9,13 +9,13 @@ import math
 import pytest
 import sympy
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from attncc.errors import AttnccError
 from attncc.site import AttentionSite
 from attncc.variants import exact
 from attncc.variants.base import ScoreMods
 from attncc.variants.topk import TopKSpec
+from variant_helpers import LargestTensor, rel_rms
 
 BLOCK = 16
 
@@ -28,9 +28,7 @@ def qkv(n, d, hq=4, hkv=4, b=2, dtype=torch.float32, seed=0):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def rel_rms(a, b):
-    a, b = a.float(), b.float()
-    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-12))
+
 
 
 def block_sets(blocks):
@@ -210,26 +208,16 @@ def test_threshold_grows_the_selection():
 # ------------------------------------------------------------------------------------------ no N x N
 
 
-class MaxNumel(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.max = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.max = max(self.max, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_forward_builds_no_n_by_n_tensor(causal):
     n = 2048
     q, k, v = qkv(n, 16, hq=1, hkv=1, b=1)
-    with MaxNumel() as probe:
+    with LargestTensor() as probe:
         TopKSpec(block=64, density=0.125).forward(q, k, v, ScoreMods(scale=0.25, causal=causal))
-    assert probe.max < n * n // 4
+    assert probe.largest < n * n // 4
 
 
 # ------------------------------------------------------------------------------------------- gradients

@@ -1,0 +1,38 @@
+"""Helpers shared by the variant tests: random inputs, a relative-RMS error, and a probe for the largest tensor."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+def random_qkv(b, hq, hkv, n, d, dv=None, dtype=torch.float32, seed=0):
+    """q ``[b, hq, n, d]``, k ``[b, hkv, n, d]``, v ``[b, hkv, n, dv]`` from a seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    dv = d if dv is None else dv
+    q = torch.randn(b, hq, n, d, generator=gen)
+    k = torch.randn(b, hkv, n, d, generator=gen)
+    v = torch.randn(b, hkv, n, dv, generator=gen)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def rel_rms(a, b) -> float:
+    """``rms(a - b) / rms(b)`` in float64."""
+    a, b = a.double(), b.double()
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-12))
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records in ``largest`` the element count of the largest tensor any op produces inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
