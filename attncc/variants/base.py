@@ -97,6 +97,18 @@ def check_int(spec: VariantSpec, field_name: str, value, minimum: int = 0, allow
         raise spec.invalid(field_name, f"must be an integer >= {minimum}, got {value!r}")
 
 
+def check_self_attention(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor) -> int:
+    """N of ``[B, H, N, D]`` self-attention inputs (Nq == Nk, Hq a multiple of Hkv); an error naming the variant
+    otherwise."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise AttnccError(f"{spec.name}: expects [B, H, N, D] tensors, got q {tuple(q.shape)}")
+    if q.shape[-2] != k.shape[-2]:
+        raise AttnccError(f"{spec.name}: needs as many queries as keys, got Nq={q.shape[-2]}, Nk={k.shape[-2]}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise AttnccError(f"{spec.name}: query heads {q.shape[1]} are not a multiple of kv heads {k.shape[1]}")
+    return q.shape[-2]
+
+
 def sym(value, name: str) -> sympy.Expr:
     """A site size as a sympy expression: an Integer where static, a positive Symbol where dynamic."""
     return sympy.Integer(value) if isinstance(value, int) else sympy.Symbol(str(value) or name, positive=True)

@@ -44,7 +44,7 @@ from torch import Tensor
 from attncc.errors import AttnccError
 from attncc.variants.base import ScoreMods, VariantSpec, attention_cost, check_int, site_sizes
 from attncc.variants.blocks import BlockLayout, block_sparse_attention, layout_from_keep
-from attncc.variants.exact import expand_kv_heads
+from attncc.variants.exact import masked_reference
 
 # --------------------------------------------------------------------------------------------- patterns
 
@@ -304,38 +304,6 @@ def _rows(t: Optional[Tensor], start: int, stop: int, nq: int) -> Optional[Tenso
     if t is None or t.dim() < 2 or t.shape[-2] == 1:
         return t
     return t[..., start:stop, :]
-
-
-def masked_reference(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, keep: Optional[Tensor]) -> Tensor:
-    """Plain float32 oracle: exact attention restricted to ``keep`` (bool, broadcastable to [B, Hq, Nq, Nk]).
-
-    q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``, v ``[B, Hkv, Nk, Dv]`` -> ``[B, Hq, Nq, Dv]`` in q's dtype.
-    Builds the full score matrix (it is the oracle). Rows with no visible key return zeros, with finite
-    gradients (no NaN from softmax over an all -inf row).
-    """
-    qe, ke, ve, gqa = expand_kv_heads(q, k, v)
-    if gqa:
-        g = qe.shape[-3] // ke.shape[-3]
-        ke, ve = ke.repeat_interleave(g, dim=-3), ve.repeat_interleave(g, dim=-3)
-    s = (qe.float() @ ke.float().transpose(-2, -1)) * mods.scale
-    if mods.softcap > 0:
-        s = mods.softcap * torch.tanh(s / mods.softcap)
-    if mods.bias is not None:
-        s = s + mods.bias.float()
-    if mods.mask is not None:
-        s = s.masked_fill(~mods.mask, float("-inf"))
-    if mods.causal:
-        nq, nk = s.shape[-2:]
-        future = torch.arange(nk, device=s.device)[None, :] > torch.arange(nq, device=s.device)[:, None]
-        s = s.masked_fill(future, float("-inf"))
-    if keep is not None:
-        s = s.masked_fill(~keep, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    denom = p.sum(dim=-1, keepdim=True)
-    out = (p @ ve.float()) / torch.where(denom > 0, denom, torch.ones_like(denom))
-    return out.to(q.dtype)
 
 
 def block_keep_to_elements(block_keep: Tensor, block_q: int, block_k: int, nq: int, nk: int) -> Tensor:

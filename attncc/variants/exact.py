@@ -113,6 +113,38 @@ def reference(
     return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype)
 
 
+def masked_reference(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, keep: Optional[Tensor]) -> Tensor:
+    """Plain float32 oracle: exact attention restricted to ``keep`` (bool, broadcastable to [B, Hq, Nq, Nk]).
+
+    q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``, v ``[B, Hkv, Nk, Dv]`` -> ``[B, Hq, Nq, Dv]`` in q's dtype.
+    Builds the full score matrix (it is the oracle). Rows with no visible key return zeros, with finite
+    gradients (no NaN from softmax over an all -inf row).
+    """
+    qe, ke, ve, gqa = expand_kv_heads(q, k, v)
+    if gqa:
+        g = qe.shape[-3] // ke.shape[-3]
+        ke, ve = ke.repeat_interleave(g, dim=-3), ve.repeat_interleave(g, dim=-3)
+    s = (qe.float() @ ke.float().transpose(-2, -1)) * mods.scale
+    if mods.softcap > 0:
+        s = mods.softcap * torch.tanh(s / mods.softcap)
+    if mods.bias is not None:
+        s = s + mods.bias.float()
+    if mods.mask is not None:
+        s = s.masked_fill(~mods.mask, float("-inf"))
+    if mods.causal:
+        nq, nk = s.shape[-2:]
+        future = torch.arange(nk, device=s.device)[None, :] > torch.arange(nq, device=s.device)[:, None]
+        s = s.masked_fill(future, float("-inf"))
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    out = (p @ ve.float()) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return out.to(q.dtype)
+
+
 def _dropout_keep(shape, p: float, seed: Tensor, device) -> Tensor:
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))

@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attncc.errors import AttnccError
-from attncc.variants import exact as exact_variant
-from attncc.variants.base import ScoreMods, VariantSpec, attention_cost, check_int, site_sizes
+from attncc.variants.base import (
+    ScoreMods, VariantSpec, attention_cost, check_int, check_self_attention, site_sizes,
+)
+from attncc.variants.exact import masked_reference
 from attncc.variants.blocks import (
     DEAD, MASKED, block_sparse_attention, dense_layout, dense_rows, gather_pairs, run_tasks,
 )
@@ -168,7 +170,7 @@ class LocalSpec(VariantSpec):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         """Banded attention: q ``[B, Hq, N, Dqk]``, k ``[B, Hkv, N, Dqk]``, v ``[B, Hkv, N, Dv]`` ->
         ``[B, Hq, N, Dv]`` in q's dtype (float32 math). Differentiable."""
-        n = _check_self(self, q, k, v)
+        n = check_self_attention(self, q, k, v)
         if self.covers(n, mods.causal):
             return block_sparse_attention(q, k, v, dense_layout(n, n, device=q.device), mods)
         left, right = self.bounds(mods.causal)
@@ -176,29 +178,10 @@ class LocalSpec(VariantSpec):
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         """Dense float32 oracle: the pattern as an ``N x N`` mask ANDed with ``mods.mask``; empty rows -> 0."""
-        n = _check_self(self, q, k, v)
+        n = check_self_attention(self, q, k, v)
         idx = torch.arange(n, device=q.device)
         keep = self.keep(idx[:, None], idx[None, :], mods.causal)
         return masked_reference(q, k, v, mods, keep)
-
-
-def _check_self(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor) -> int:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise AttnccError(f"{spec.name}: expects [B, H, N, D] tensors, got q {tuple(q.shape)}")
-    if q.shape[-2] != k.shape[-2]:
-        raise AttnccError(f"{spec.name}: needs as many queries as keys, got Nq={q.shape[-2]}, Nk={k.shape[-2]}")
-    if q.shape[1] % k.shape[1] != 0:
-        raise AttnccError(f"{spec.name}: query heads {q.shape[1]} are not a multiple of kv heads {k.shape[1]}")
-    return q.shape[-2]
-
-
-def masked_reference(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, keep: Tensor) -> Tensor:
-    """``exact.reference`` with ``keep`` (broadcastable to ``[B, Hq, Nq, Nk]``) ANDed into the mask, rows with
-    no visible key set to zero (the convention of every sparse variant)."""
-    mask = keep if mods.mask is None else keep & mods.mask
-    out = exact_variant.reference(q.float(), k.float(), v.float(), bias=mods.bias, mask=mask, scale=mods.scale,
-                                  causal=mods.causal, softcap=mods.softcap)
-    return torch.nan_to_num(out, nan=0.0).to(q.dtype)
 
 
 def _block_size(left: int, right: int, n: int) -> int:
@@ -362,4 +345,4 @@ def _pairs_of_head(t: Tensor, bi: int, h: int, g: int, q_pos: Tensor, k_pos: Ten
     return gather_pairs(t, q_pos, k_pos, 1, g)[0, 0]
 
 
-__all__ = ["LocalSpec", "local_attention", "masked_reference"]
+__all__ = ["LocalSpec", "local_attention"]

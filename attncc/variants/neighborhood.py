@@ -37,9 +37,11 @@ import torch
 from torch import Tensor
 
 from attncc.errors import AttnccError
-from attncc.variants.base import ScoreMods, VariantSpec, attention_cost, check_int, site_sizes
+from attncc.variants.base import (
+    ScoreMods, VariantSpec, attention_cost, check_int, check_self_attention, site_sizes,
+)
 from attncc.variants.blocks import DEAD, MASKED, dense_rows, gather_pairs, run_tasks
-from attncc.variants.local import masked_reference
+from attncc.variants.exact import masked_reference
 
 Axes = Union[int, tuple[int, ...]]
 
@@ -182,14 +184,14 @@ class NeighborhoodSpec(VariantSpec):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         """Tiled neighborhood attention: q ``[B, Hq, N, Dqk]``, k ``[B, Hkv, N, Dqk]``, v ``[B, Hkv, N, Dv]``
         with ``N = globals + prod(grid)`` -> ``[B, Hq, N, Dv]`` in q's dtype (float32 math). Differentiable."""
-        n = _check_inputs(self, q, k, v)
+        n = check_self_attention(self, q, k, v)
         grid = self._grid_for_run(n)
         kernel, dilation, stride = self.axes(len(grid))
         return neighborhood_attention(q, k, v, mods, grid, kernel, dilation, stride, self.globals)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         """Dense float32 oracle with the pattern as an ``N x N`` mask; empty rows -> 0."""
-        n = _check_inputs(self, q, k, v)
+        n = check_self_attention(self, q, k, v)
         return masked_reference(q, k, v, mods, self.keep(n, q.device))
 
 
@@ -199,16 +201,6 @@ def _is_int(x) -> bool:
 
 def _per_axis(value: Axes, rank: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, tuple) else (value,) * rank
-
-
-def _check_inputs(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor) -> int:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise AttnccError(f"{spec.name}: expects [B, H, N, D] tensors, got q {tuple(q.shape)}")
-    if q.shape[-2] != k.shape[-2]:
-        raise AttnccError(f"{spec.name}: needs as many queries as keys, got Nq={q.shape[-2]}, Nk={k.shape[-2]}")
-    if q.shape[1] % k.shape[1] != 0:
-        raise AttnccError(f"{spec.name}: query heads {q.shape[1]} are not a multiple of kv heads {k.shape[1]}")
-    return q.shape[-2]
 
 
 def window_starts(length: int, kernel: int, stride: int) -> list[int]:

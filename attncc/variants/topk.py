@@ -32,7 +32,8 @@ from torch import Tensor
 
 from attncc.errors import AttnccError
 from attncc.variants.base import ScoreMods, VariantSpec, attention_cost, check_int, site_sizes
-from attncc.variants.block_sparse import block_keep_to_elements, blocks_to_keep, masked_reference
+from attncc.variants.block_sparse import block_keep_to_elements, blocks_to_keep
+from attncc.variants.exact import masked_reference
 from attncc.variants.blocks import BlockLayout, block_sparse_attention
 
 

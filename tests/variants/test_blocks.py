@@ -12,7 +12,7 @@ from attncc.variants.base import ScoreMods
 from attncc.variants.blocks import (
     BlockLayout, block_sparse_attention, dense_layout, gather_pairs, layout_from_keep, run_tasks, visited_fraction,
 )
-from attncc.variants.exact import reference as exact_reference
+from attncc.variants.exact import masked_reference, reference as exact_reference
 from variant_helpers import LargestTensor, random_qkv
 
 
@@ -20,11 +20,8 @@ from variant_helpers import LargestTensor, random_qkv
 
 
 def _oracle(q, k, v, mods, keep):
-    """exact.reference with ``keep`` ANDed into the mask; rows with no visible key are 0."""
-    mask = keep if mods.mask is None else keep & mods.mask
-    out = exact_reference(q.float(), k.float(), v.float(), bias=mods.bias, mask=mask, scale=mods.scale,
-                          causal=mods.causal, softcap=mods.softcap)
-    return torch.nan_to_num(out, nan=0.0)
+    """The sparse variants' float32 oracle with ``keep`` ANDed into the mask; rows with no visible key are 0."""
+    return masked_reference(q.float(), k.float(), v.float(), mods, keep)
 
 
 def _band_keep(width):
