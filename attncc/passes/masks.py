@@ -465,24 +465,11 @@ def _analyze_site(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpret
             site.sdpa_mask = None
     remaining = []
     for step in site.steps:
-        if step.kind == "add" and step.value == 1.0 and additive_as_keep(step.node) is not None:
-            keep_terms.append(additive_as_keep(step.node))
-        elif step.kind == "keep" and (step.value == float("-inf") or _large_negative(step.value)) \
-                and _bool(step.node):
-            keep_terms.append(step.node)
-        elif step.kind == "fill" and (step.value == float("-inf") or _large_negative(step.value)) \
-                and g.is_call(step.node, (operator.invert, torch.logical_not, torch.bitwise_not),
-                              {"__invert__", "logical_not", "bitwise_not"}) and _bool(step.node.args[0]):
-            keep_terms.append(step.node.args[0])
-        elif step.kind == "fill" and (step.value == float("-inf") or _large_negative(step.value)) \
-                and _bool(step.node) and _inverted_constant(gm, step.node) is not None:
-            keep_terms.append(("constant", _inverted_constant(gm, step.node)))
-        elif step.kind == "fill" and (step.value == float("-inf") or _large_negative(step.value)) \
-                and _bool(step.node) and sliced_constant(gm, step.node) is not None \
-                and band_of(~sliced_constant(gm, step.node).bool()) is not None:
-            keep_terms.append(("constant", ~sliced_constant(gm, step.node).bool()))
-        else:
+        term = _keep_term(gm, step)
+        if term is None:
             remaining.append(step)
+        else:
+            keep_terms.append(term)
     site.steps = remaining
     pred = Pred()
     constants: list[torch.Tensor] = []
@@ -557,14 +544,32 @@ def window_segments(gm: fx.GraphModule, steps: list) -> Optional[tuple[list, tor
     return steps[:-3], labels, fill
 
 
+def _keep_term(gm: fx.GraphModule, step):
+    """What a score step contributes as a keep-mask: a bool node (True = attend), ``("constant", tensor)`` for
+    a constant mask evaluated here, or None when the step is not a mask (a bias, a small fill value)."""
+    if step.kind == "add":
+        return additive_as_keep(step.node) if step.value == 1.0 else None
+    if step.kind not in ("keep", "fill") or not (step.value == float("-inf") or _large_negative(step.value)):
+        return None
+    if not _bool(step.node):
+        return None
+    if step.kind == "keep":
+        return step.node
+    if g.is_call(step.node, (operator.invert, torch.logical_not, torch.bitwise_not),
+                 {"__invert__", "logical_not", "bitwise_not"}) and _bool(step.node.args[0]):
+        return step.node.args[0]
+    value = constant_value(gm, step.node)
+    if value is not None and value.dtype == torch.bool:
+        return ("constant", ~value)
+    whole = sliced_constant(gm, step.node)
+    if whole is not None and band_of(~whole.bool()) is not None:
+        return ("constant", ~whole.bool())
+    return None
+
+
 def _bool(node) -> bool:
     t = g.tensor_val(node)
     return t is not None and t.dtype == torch.bool
-
-
-def _inverted_constant(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tensor]:
-    value = constant_value(gm, node)
-    return None if value is None or value.dtype != torch.bool else ~value
 
 
 def _give_up(site: AttentionSite, original) -> None:
