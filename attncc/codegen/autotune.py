@@ -1,0 +1,106 @@
+"""Autotuning: a small pruned set of launch configs per kernel, timed on the real inputs, remembered per
+(kernel, sequence-length bucket) in the kernel cache.
+
+Generators list candidate :class:`Config` s already pruned for the site (tiles no larger than the sequence,
+head dims that fit in shared memory); :func:`choose` times each one with the caller's ``run(config)`` (which
+builds the real block layout for that config's tile sizes, so sparse kernels are tuned on the sparsity they
+will see) and stores the winner. The next call with the same kernel and length bucket, in this process or a
+later one, reuses it without timing. Under ``TRITON_INTERPRET=1`` timings mean nothing: the first candidate
+is used and nothing is stored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from attncc.codegen.cache import default_cache, require_miss_allowed
+from attncc.codegen.source import interpreting
+from attncc.errors import AttnccError
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration: constexpr tile sizes (``params``) plus Triton's ``num_warps``/``num_stages``."""
+
+    params: tuple[tuple[str, int], ...]
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @staticmethod
+    def of(num_warps: int = 4, num_stages: int = 2, **params: int) -> "Config":
+        return Config(tuple(sorted(params.items())), num_warps, num_stages)
+
+    def __getitem__(self, name: str) -> int:
+        return dict(self.params)[name]
+
+    def launch_kwargs(self) -> dict:
+        """Keyword arguments for ``kernel[grid](..., **config.launch_kwargs())``."""
+        kwargs = dict(self.params)
+        if not interpreting():
+            kwargs.update(num_warps=self.num_warps, num_stages=self.num_stages)
+        return kwargs
+
+    def as_json(self) -> dict:
+        return {"params": dict(self.params), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    @staticmethod
+    def from_json(data: dict) -> "Config":
+        return Config.of(data["num_warps"], data["num_stages"], **data["params"])
+
+    def __str__(self) -> str:
+        inner = ", ".join(f"{k}={v}" for k, v in self.params)
+        return f"{inner}, warps={self.num_warps}, stages={self.num_stages}"
+
+
+def length_bucket(n: int) -> int:
+    """Sequence lengths tune together within a power-of-two bucket (1000 and 1024 share 1024)."""
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+@dataclass
+class TuneRecord:
+    """What :func:`choose` measured (kept in memory for benchmarks and ``attncc cache info``)."""
+
+    config: Config
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def choose(kernel: dict, bucket: int, configs: Sequence[Config], run: Callable[[Config], None],
+           device: torch.device) -> Config:
+    """The fastest of ``configs`` for ``kernel`` (its cache descriptor) at length ``bucket``.
+
+    ``run(config)`` launches the kernel once on the real inputs. Configs that fail to launch (too many
+    resources on this GPU) are skipped; if all fail, the first one's error is raised.
+    """
+    if not configs:
+        raise AttnccError("autotune: no candidate configs")
+    if len(configs) == 1 or interpreting() or device.type != "cuda":
+        return configs[0]
+    descriptor = {"kernel": kernel, "bucket": bucket, "device": torch.cuda.get_device_name(device),
+                  "configs": [c.as_json() for c in configs]}
+    cache = default_cache()
+    entry = cache.get("tuning", descriptor)
+    if entry is not None:
+        return Config.from_json(entry.payload["best"])
+    require_miss_allowed(f"autotuning {kernel.get('entry', 'a kernel')} at length bucket {bucket}")
+    from triton.testing import do_bench
+
+    timings: dict[str, float] = {}
+    best, best_ms, first_error = None, math.inf, None
+    for config in configs:
+        try:
+            ms = do_bench(lambda: run(config), warmup=5, rep=20)
+        except Exception as error:  # out of shared memory / registers on this GPU: not a candidate here
+            first_error = first_error or error
+            continue
+        timings[str(config)] = ms
+        if ms < best_ms:
+            best, best_ms = config, ms
+    if best is None:
+        raise AttnccError(f"autotune: no config of {kernel.get('entry', 'the kernel')} runs: {first_error}")
+    cache.put("tuning", descriptor, {"best": best.as_json(), "timings_ms": timings})
+    return best
