@@ -1,4 +1,4 @@
-"""The ``attncc`` command line: ``attncc inspect MODEL`` and ``attncc demo``.
+"""The ``attncc`` command line: ``attncc inspect MODEL``, ``attncc demo`` and ``attncc cache list|info|clear``.
 
 Every user mistake (unknown model spec, missing file, bad policy, a model that cannot be captured) prints one
 line ``attncc: error: ...`` and exits with status 2; ``ATTNCC_DEBUG=1`` shows the traceback instead.
@@ -149,6 +149,98 @@ def demo(seq_len, batch, repeat):
     table.add_row("original", f"{t_orig * 1e3:.1f}", "1.00x", "-")
     table.add_row("attncc exact", f"{t_cc * 1e3:.1f}", f"{t_orig / t_cc:.2f}x", f"{error:.2e}")
     console.print(table)
+
+
+@cli.group()
+def cache():
+    """The kernel cache: generated Triton kernels and autotuning results (folder: ATTNCC_CACHE_DIR)."""
+
+
+def _entry_summary(descriptor: dict) -> str:
+    """The descriptor fields that say what an entry is, compactly (env and entry name shown elsewhere)."""
+    parts = []
+    for name, value in descriptor.items():
+        if name in ("entry", "env", "kernel", "configs"):
+            continue
+        parts.append(f"{name}={json.dumps(value, separators=(',', ':'), default=str)}")
+    text = " ".join(parts)
+    return text if len(text) <= 70 else text[:67] + "..."
+
+
+@cache.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
+def cache_list(as_json):
+    """List every cache entry: kind, key, kernel, what it was generated for, and whether it verifies."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from attncc.codegen.cache import default_cache
+
+    store = default_cache()
+    rows = []
+    for path, entry in store.entries():
+        if entry is None:
+            rows.append({"kind": path.parent.name, "key": path.stem, "status": "damaged (will be rebuilt)",
+                         "bytes": path.stat().st_size})
+            continue
+        descriptor = entry.descriptor
+        kernel = descriptor.get("kernel", {}) if entry.kind == "tuning" else descriptor
+        env = kernel.get("env", {})
+        row = {"kind": entry.kind, "key": entry.key, "status": "ok", "bytes": path.stat().st_size,
+               "entry": kernel.get("entry", ""), "arch": env.get("arch", ""), "what": _entry_summary(kernel)}
+        if entry.kind == "tuning":
+            row["what"] = f"bucket={descriptor.get('bucket')} best: {entry.payload.get('best', {}).get('params')}"
+        rows.append(row)
+    if as_json:
+        click.echo(json.dumps({"folder": str(store.root), "entries": rows}, indent=2))
+        return
+    console = Console(width=160)
+    if not rows:
+        console.print(f"no entries in {store.root}")
+        return
+    table = Table(title=f"{len(rows)} entries in {store.root}", title_justify="left")
+    for column in ("kind", "key", "kernel", "arch", "what", "bytes", "status"):
+        table.add_column(column, justify="right" if column == "bytes" else "left",
+                         overflow="fold" if column == "what" else "ellipsis")
+    for row in rows:
+        table.add_row(row["kind"], row["key"][:12], row.get("entry", ""), row.get("arch", ""), row.get("what", ""),
+                      str(row["bytes"]), row["status"])
+    console.print(table)
+
+
+@cache.command("info")
+def cache_info():
+    """Where the cache is, what it holds, and the switches in effect."""
+    from attncc.codegen.cache import default_cache, disk_enabled, hits_required
+
+    store = default_cache()
+    entries = store.entries()
+    counts = {kind: sum(1 for p, _ in entries if p.parent.name == kind) for kind in ("kernel", "tuning")}
+    damaged = sum(1 for _, e in entries if e is None)
+    size = sum(p.stat().st_size for p, _ in entries)
+    triton_dir = store.root / "triton"
+    triton_size = sum(p.stat().st_size for p in triton_dir.rglob("*") if p.is_file()) if triton_dir.is_dir() else 0
+    lines = [
+        f"folder:            {store.root}",
+        f"kernels:           {counts['kernel']}",
+        f"tuning results:    {counts['tuning']}",
+        f"damaged entries:   {damaged}",
+        f"entry bytes:       {size}",
+        f"triton binaries:   {triton_size} bytes in {triton_dir}",
+        f"disk cache:        {'on' if disk_enabled() else 'off (ATTNCC_DISABLE_CACHE)'}",
+        f"assert cache hit:  {'on (ATTNCC_ASSERT_CACHE_HIT)' if hits_required() else 'off'}",
+    ]
+    click.echo("\n".join(lines))
+
+
+@cache.command("clear")
+def cache_clear():
+    """Delete every entry and the Triton binaries attncc keeps under the cache folder (nothing else there)."""
+    from attncc.codegen.cache import default_cache
+
+    store = default_cache()
+    removed = store.clear()
+    click.echo(f"removed {removed} entries from {store.root}")
 
 
 def main(argv=None) -> int:

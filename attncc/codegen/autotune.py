@@ -12,8 +12,8 @@ is used and nothing is stored.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -61,39 +61,38 @@ def length_bucket(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
-@dataclass
-class TuneRecord:
-    """What :func:`choose` measured (kept in memory for benchmarks and ``attncc cache info``)."""
-
-    config: Config
-    timings_ms: dict[str, float] = field(default_factory=dict)
-
-
 def choose(kernel: dict, bucket: int, configs: Sequence[Config], run: Callable[[Config], None],
-           device: torch.device) -> Config:
+           device: torch.device, timer: Optional[Callable[[Callable[[], None]], float]] = None) -> Config:
     """The fastest of ``configs`` for ``kernel`` (its cache descriptor) at length ``bucket``.
 
-    ``run(config)`` launches the kernel once on the real inputs. Configs that fail to launch (too many
-    resources on this GPU) are skipped; if all fail, the first one's error is raised.
+    ``run(config)`` launches the kernel once on the real inputs; ``timer(fn)`` returns fn's time in ms
+    (default ``triton.testing.do_bench`` on a GPU; without a timer, interpreted or CPU runs take the first
+    config). Configs that fail to launch (too many resources on this GPU) are skipped; if all fail, the first
+    one's error is raised.
     """
     if not configs:
         raise AttnccError("autotune: no candidate configs")
-    if len(configs) == 1 or interpreting() or device.type != "cuda":
+    if len(configs) == 1 or (timer is None and (interpreting() or device.type != "cuda")):
         return configs[0]
-    descriptor = {"kernel": kernel, "bucket": bucket, "device": torch.cuda.get_device_name(device),
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    descriptor = {"kernel": kernel, "bucket": bucket, "device": device_name,
                   "configs": [c.as_json() for c in configs]}
     cache = default_cache()
     entry = cache.get("tuning", descriptor)
     if entry is not None:
         return Config.from_json(entry.payload["best"])
     require_miss_allowed(f"autotuning {kernel.get('entry', 'a kernel')} at length bucket {bucket}")
-    from triton.testing import do_bench
+    if timer is None:
+        from triton.testing import do_bench
+
+        def timer(fn):
+            return do_bench(fn, warmup=5, rep=20)
 
     timings: dict[str, float] = {}
     best, best_ms, first_error = None, math.inf, None
     for config in configs:
         try:
-            ms = do_bench(lambda: run(config), warmup=5, rep=20)
+            ms = timer(lambda: run(config))
         except Exception as error:  # out of shared memory / registers on this GPU: not a candidate here
             first_error = first_error or error
             continue

@@ -1,0 +1,45 @@
+"""A process that loads and runs one small generated kernel through the kernel cache (for cache tests).
+
+Usage: ``python cache_worker.py TAG`` (TAG goes into the descriptor, so tests choose which entry). Exit 0 and
+prints ``ok`` when the kernel ran correctly; a CacheMissError prints ``attncc: error: ...`` and exits 3.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from attncc.codegen.cache import CacheMissError  # noqa: E402
+from attncc.codegen.source import SourceWriter, launch, load_kernel  # noqa: E402
+
+
+def generate(tag: str) -> str:
+    w = SourceWriter()
+    w.lines("""
+        import triton
+        import triton.language as tl
+    """)
+    w.line(f"# tag {tag}")
+    w.line("@triton.jit")
+    with w.block("def add_one(x_ptr, n, BLOCK: tl.constexpr):"):
+        w.line("offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)")
+        w.line("tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)")
+    return w.text()
+
+
+def run(tag: str) -> None:
+    kernel = load_kernel("add_one", {"family": "cache-test", "tag": tag}, lambda: generate(tag), torch.device("cpu"))
+    x = torch.zeros(10)
+    launch(kernel, (1,), x, 10, BLOCK=16)
+    assert torch.equal(x, torch.ones(10)), x
+
+
+if __name__ == "__main__":
+    try:
+        run(sys.argv[1] if len(sys.argv) > 1 else "default")
+    except CacheMissError as error:
+        print(f"attncc: error: {error}")
+        sys.exit(3)
+    print("ok")
