@@ -1,10 +1,15 @@
 """Dispatch of one attncc op call to the variant that runs it, on the selected backend.
 
-Today every call runs the variant's PyTorch path (CPU or any device); the Triton kernels come with codegen/.
+Backends: ``triton`` (the generated kernels in ``attncc.codegen``; CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``) and ``torch`` (each variant's PyTorch path; any device). ``ATTNCC_BACKEND`` picks:
+``auto`` (default: triton for CUDA tensors, torch otherwise), ``triton`` or ``torch``. Calls no kernel covers
+(attention dropout, region masks, inputs that need gradients: the kernels are forward-only and backward
+recomputes through the torch path) run on the torch path whatever the setting.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -17,15 +22,44 @@ from attncc.variants.exact import ExactSpec, exact_attention
 from attncc.variants.segments import segment_attention
 from attncc.variants.parse import parse_variant
 
-BACKENDS = ("torch",)
+BACKENDS = ("auto", "triton", "torch")
 
 
 def selected_backend() -> str:
-    """The backend ``ATTNCC_BACKEND`` forces, or 'torch' (the only one built so far)."""
-    name = os.environ.get("ATTNCC_BACKEND", "torch").strip().lower() or "torch"
+    """The backend ``ATTNCC_BACKEND`` names (``auto`` when unset)."""
+    name = os.environ.get("ATTNCC_BACKEND", "auto").strip().lower() or "auto"
     if name not in BACKENDS:
-        raise AttnccError(f"ATTNCC_BACKEND={name!r} is not available: choose one of {', '.join(BACKENDS)}")
+        raise AttnccError(f"ATTNCC_BACKEND={name!r} is not a backend: choose one of {', '.join(BACKENDS)}")
     return name
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether Triton imports (it ships with CUDA builds of torch; CPU users install it for the interpreter)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def backend_for(q: Tensor) -> str:
+    """``triton`` or ``torch`` for a call with query tensor ``q`` under the ``ATTNCC_BACKEND`` setting."""
+    name = selected_backend()
+    if name == "torch":
+        return "torch"
+    if name == "auto":
+        return "triton" if q.is_cuda and triton_available() else "torch"
+    if not triton_available():
+        raise AttnccError("ATTNCC_BACKEND=triton but Triton is not installed (pip install triton)")
+    if not q.is_cuda:
+        from attncc.codegen.source import interpreting
+
+        if not interpreting():
+            raise AttnccError(
+                f"ATTNCC_BACKEND=triton needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on "
+                f"{q.device.type} tensors in Triton's interpreter")
+    return "triton"
 
 
 def run_attention(
@@ -38,25 +72,72 @@ def run_attention(
     q ``[*batch, Nq, Dqk]``, k ``[*batch_kv, Nk, Dqk]``, v ``[*batch_kv, Nk, Dv]``; returns ``[*batch, Nq, Dv]``.
     The exact variant takes any rank; the others run in ``[B, H, N, D]`` (3-D inputs get a head dim of 1).
     """
-    selected_backend()
     spec = parse_variant(fallback if min_len and k.shape[-2] < min_len else variant)
+    backend = backend_for(q)
     if segments is not None:
         if not isinstance(spec, ExactSpec):
             raise AttnccError(f"{spec.name}: region masks (segments) run exact only")
         return segment_attention(q, k, v, segments, segment_fill, bias, mask, scale, causal, softcap, dropout_p,
                                  dropout_seed)
-    if isinstance(spec, ExactSpec):
+    if isinstance(spec, ExactSpec) and (backend == "torch" or dropout_p > 0 or _needs_grad(q, k, v, bias)):
         return exact_attention(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed)
     if dropout_p > 0:
         raise AttnccError(f"{spec.name}: attention dropout is not supported (run the model in eval mode)")
     if mask is not None and mask.dtype == torch.bool and mask.dim() >= 2 and mask.shape[-2] == 1 and bool(mask.all()):
         mask = None  # a padding mask with nothing padded (the usual unpadded batch): skip its per-block work
     rank = q.dim()
-    if rank == 3:
-        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
-        bias = bias.unsqueeze(-3) if bias is not None and bias.dim() >= 3 else bias
-        mask = mask.unsqueeze(-3) if mask is not None and mask.dim() >= 3 else mask
-    elif rank != 4:
-        raise AttnccError(f"{spec.name}: expects [B, H, N, D] or [B, N, D] inputs, got rank {rank}")
-    out = spec.forward(q, k, v, ScoreMods(scale=scale, causal=causal, softcap=softcap, bias=bias, mask=mask))
+    if isinstance(spec, ExactSpec) and (rank != 4 or k.dim() != 4):
+        q, k, v, bias, mask, restore = _as_heads(q, k, v, bias, mask)
+        if restore is None:
+            return exact_attention(q, k, v, bias, mask, scale, causal, softcap, 0.0, None)
+        rank = 4
+    else:
+        restore = None
+        if rank == 3:
+            q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+            bias = bias.unsqueeze(-3) if bias is not None and bias.dim() >= 3 else bias
+            mask = mask.unsqueeze(-3) if mask is not None and mask.dim() >= 3 else mask
+        elif rank != 4:
+            raise AttnccError(f"{spec.name}: expects [B, H, N, D] or [B, N, D] inputs, got rank {rank}")
+    mods = ScoreMods(scale=scale, causal=causal, softcap=softcap, bias=bias, mask=mask)
+    out = None
+    if backend == "triton" and not _needs_grad(q, k, v, bias):
+        from attncc.runtime.triton_backend import triton_attention
+
+        out = triton_attention(spec, q, k, v, mods)
+    if out is None:
+        out = spec.forward(q, k, v, mods)
+    if restore is not None:
+        return restore(out)
     return out.squeeze(1) if rank == 3 else out
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    """True when autograd will differentiate this call (the kernels are forward-only)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _as_heads(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor]):
+    """Exact attention of any rank as ``[B, H, N, D]``: leading dims of q flattened into B with one head when k
+    has the same leading dims; returns the reshaped tensors and how to shape the output back (None: not
+    expressible, run the torch path)."""
+    lead = q.shape[:-2]
+    if k.shape[:-2] != lead or v.shape[:-2] != lead:
+        return q, k, v, bias, mask, None
+    n_q, n_k = q.shape[-2], k.shape[-2]
+
+    def flat(t: Optional[Tensor], rows: int) -> Optional[Tensor]:
+        if t is None:
+            return None
+        t = t.expand(*lead, rows, n_k) if t.dim() < len(lead) + 2 or t.shape[:-2] != lead else t
+        return t.reshape(-1, 1, t.shape[-2], n_k)
+
+    def shape(t: Tensor) -> Tensor:
+        return t.reshape(-1, 1, *t.shape[-2:])
+
+    try:
+        bias4 = flat(bias, bias.shape[-2] if bias is not None and bias.dim() >= 2 else n_q)
+        mask4 = flat(mask, mask.shape[-2] if mask is not None and mask.dim() >= 2 else n_q)
+    except RuntimeError:
+        return q, k, v, bias, mask, None
+    return shape(q), shape(k), shape(v), bias4, mask4, lambda out: out.reshape(*lead, n_q, out.shape[-1])
