@@ -47,7 +47,11 @@ def plan_sites(gm: fx.GraphModule, sites: list[AttentionSite], policy: Policy) -
                 site.variant = "exact"
                 site.reason += f"; the model's own window ({site.band[0] + 1} keys) is already narrower: exact"
             continue
-        supported, why = (False, spec) if isinstance(spec, str) else spec.supports(site)
+        packed = _packed_documents(site) and not isinstance(spec, str)
+        # Documents the model computes from its inputs (HF packs sequences by position_ids): the variant runs
+        # while every row holds one document, and rows packed with several run exact (decided per call).
+        checked = dataclasses.replace(site, segments=False) if packed else site
+        supported, why = (False, spec) if isinstance(spec, str) else spec.supports(checked)
         if supported and site.layout not in ("bhnd", "(bh)nd"):
             supported, why = False, f"it runs on [B, H, N, D] or [B, N, D] tensors, this site's layout is {site.layout}"
         if supported and site.band is not None and not isinstance(spec, LocalSpec):
@@ -58,7 +62,15 @@ def plan_sites(gm: fx.GraphModule, sites: list[AttentionSite], policy: Policy) -
             continue
         site.spec, site.fallback, site.min_len = spec, exact, decision.min_len
         site.variant = str(spec)
+        if packed:
+            site.reason += "; batches packed with several documents run exact"
     return sites
+
+
+def _packed_documents(site: AttentionSite) -> bool:
+    """True when the site's only segment mask is document ids computed from the inputs (``-inf`` between
+    documents), as transformers builds for packed sequences."""
+    return bool(site.segments) and isinstance(site.segment_labels, fx.Node) and site.segment_fill == float("-inf")
 
 
 def exact_spec(site: AttentionSite):

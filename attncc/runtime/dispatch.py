@@ -74,9 +74,19 @@ def run_attention(
     """
     spec = parse_variant(fallback if min_len and k.shape[-2] < min_len else variant)
     backend = backend_for(q)
+    if segments is not None and not isinstance(spec, ExactSpec):
+        if segment_fill == float("-inf") and _one_document_per_row(segments):
+            segments = None  # one document per row: the document mask hides nothing
+        else:
+            spec = parse_variant(fallback)  # several documents in a row: the model's exact semantics
+            if not isinstance(spec, ExactSpec):  # the model's own band: add the documents as a bool mask
+                if segment_fill != float("-inf"):
+                    raise AttnccError(f"{spec.name}: region masks with a finite fill run exact only")
+                same = segments[..., :, None] == segments[..., None, :]           # [B, N, N], rare: packed rows
+                same = same[:, None] if q.dim() == 4 else same
+                mask = same if mask is None else mask & same
+                segments = None
     if segments is not None:
-        if not isinstance(spec, ExactSpec):
-            raise AttnccError(f"{spec.name}: region masks (segments) run exact only")
         return segment_attention(q, k, v, segments, segment_fill, bias, mask, scale, causal, softcap, dropout_p,
                                  dropout_seed)
     if isinstance(spec, ExactSpec) and (backend == "torch" or dropout_p > 0 or _needs_grad(q, k, v, bias)):
@@ -110,6 +120,11 @@ def run_attention(
     if restore is not None:
         return restore(out)
     return out.squeeze(1) if rank == 3 else out
+
+
+def _one_document_per_row(labels: Tensor) -> bool:
+    """True when every row of document ids ``[R, N]`` holds a single document (one read of the result)."""
+    return bool((labels == labels[..., :1]).all())
 
 
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:
