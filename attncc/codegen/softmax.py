@@ -37,7 +37,7 @@ from torch import Tensor
 
 from attncc.codegen.autotune import Config, choose, length_bucket
 from attncc.codegen.source import (
-    SourceWriter, interpreting, launch, load_kernel, next_power_of_2, torch_to_triton_dtype,
+    SourceWriter, interpreting, launch, load_kernel, next_power_of_2, process_memo, torch_to_triton_dtype,
 )
 from attncc.codegen.visits import BandVisit, DenseVisit, LayoutVisit, Predicate, TokenMap
 from attncc.errors import AttnccError
@@ -519,8 +519,15 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, visit=De
         return out
     if nk == 0:
         return out.zero_()
-    descriptor = plan.descriptor()
-    kernel = load_kernel(KERNEL_NAME, descriptor, lambda: generate_source(plan), q.device)
+    # Per-call Python work matters at short lengths (~150 us for descriptors, hashing and config lookup on a
+    # slow host): a plan seen before at these sizes reuses its kernel and config directly.
+    memo_key = (plan, nq, nk, n_q_visit, n_k_visit, getattr(visit, "block_sizes", None), q.device)
+    memo = _LAUNCHES.get(memo_key)
+    if memo is None:
+        descriptor = plan.descriptor()
+        kernel = load_kernel(KERNEL_NAME, descriptor, lambda: generate_source(plan), q.device)
+    else:
+        kernel, memo_config = memo
 
     values = {"Q": q, "K": k, "V": v, "Out": out, "H": hq, "NQ": nq, "NK": nk, "qk_scale": float(mods.scale) * LOG2E}
     values.update(_strides("q", q) | _strides("k", k) | _strides("v", v) | _strides("o", out))
@@ -552,11 +559,18 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, visit=De
         grid = (-(-n_q_visit // bm), b * hq)
         launch(kernel, grid, *[call[n] for n in names], **cfg.launch_kwargs())
 
-    if config is None:
+    if config is None and memo is not None:
+        config = memo_config
+    elif config is None:
         configs = candidate_configs(plan, n_q_visit, n_k_visit, visit, shared_limit(q.device))
         config = choose(descriptor, length_bucket(nk), configs, run, q.device)
+        _LAUNCHES[memo_key] = (kernel, config)
     run(config)
     return out
+
+
+_LAUNCHES: dict = process_memo()
+"""(plan, sizes, device) -> (kernel, chosen config), for this process."""
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:

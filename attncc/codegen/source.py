@@ -28,6 +28,15 @@ from attncc.codegen.cache import default_cache, disk_enabled, hits_required, req
 
 _LOADED: dict[str, Any] = {}
 _LOAD_LOCK = threading.Lock()
+_MEMOS: list[dict] = []
+
+
+def process_memo() -> dict:
+    """A dict for a launcher's per-process shortcuts (plan -> kernel and config); :func:`clear_loaded` empties
+    it with the loaded kernels."""
+    memo: dict = {}
+    _MEMOS.append(memo)
+    return memo
 
 
 def interpreting() -> bool:
@@ -171,6 +180,8 @@ def clear_loaded() -> None:
     """Forget kernels loaded in this process (tests use it to act like a fresh process)."""
     with _LOAD_LOCK:
         _LOADED.clear()
+        for memo in _MEMOS:
+            memo.clear()
 
 
 def cached_kernel_count() -> int:

@@ -29,7 +29,23 @@ def generate(tag: str) -> str:
     return w.text()
 
 
+def run_attention() -> None:
+    """The real kernels through the public op: exact causal and a local band with sinks."""
+    import attncc
+    from attncc.variants.exact import reference
+
+    os.environ["ATTNCC_BACKEND"] = "triton"
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    out = attncc.attention(q, k, v, causal=True)
+    torch.testing.assert_close(out, reference(q, k, v, causal=True), rtol=1e-4, atol=1e-5)
+    attncc.attention(q, k, v, variant="local(window=8, sinks=2)", causal=True)
+
+
 def run(tag: str) -> None:
+    if tag == "attention":
+        run_attention()
+        return
     kernel = load_kernel("add_one", {"family": "cache-test", "tag": tag}, lambda: generate(tag), torch.device("cpu"))
     x = torch.zeros(10)
     launch(kernel, (1,), x, 10, BLOCK=16)

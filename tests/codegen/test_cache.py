@@ -99,6 +99,14 @@ def test_second_process_with_assert_cache_hit_runs(folder):
     assert second.returncode == 0 and second.stdout.strip() == "ok", second.stderr
 
 
+def test_warm_start_of_the_attention_kernels(folder):
+    first = _worker(folder, "attention")
+    assert first.returncode == 0 and first.stdout.strip() == "ok", first.stderr
+    assert len(_entries(folder)) == 2  # the dense-causal and the band kernel
+    second = _worker(folder, "attention", ATTNCC_ASSERT_CACHE_HIT="1")
+    assert second.returncode == 0 and second.stdout.strip() == "ok", second.stderr
+
+
 def test_assert_cache_hit_fails_on_a_cold_cache(folder):
     cold = _worker(folder, "cold", ATTNCC_ASSERT_CACHE_HIT="1")
     assert cold.returncode == 3
