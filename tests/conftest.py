@@ -1,7 +1,17 @@
-"""Suite-wide: tests marked ``gpu`` run only where a CUDA GPU is present."""
+"""Suite-wide: tests marked ``gpu`` run only where a CUDA GPU is present; without one, Triton kernels run in
+Triton's CPU interpreter.
+
+TRITON_INTERPRET must be set before ``triton`` is first imported (Triton's own library functions are
+decorated at import, interpreted or not), so it is set here, before any test module imports anything.
+"""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

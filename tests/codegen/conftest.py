@@ -1,16 +1,13 @@
-"""Kernel tests run Triton's CPU interpreter unless a CUDA GPU is present (then `gpu`-marked tests run too).
+"""Kernel tests run in Triton's CPU interpreter unless a CUDA GPU is present (``tests/conftest.py`` sets
+TRITON_INTERPRET); with a GPU, the `gpu`-marked real-size tests run too."""
 
-TRITON_INTERPRET must be set before any kernel is defined; generated kernels are defined when first loaded,
-so setting it here, at collection, is early enough.
-"""
-
-import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).parent.parent / "variants"))  # variant_helpers (random q/k/v, rel_rms)
 
 
 @pytest.fixture
