@@ -243,7 +243,9 @@ def test_window_source_combines_only_with_linear_sums():
 def test_bf16_dots_widen_to_float32_in_the_interpreter(monkeypatch):
     """The interpreter's bf16 tl.dot is wrong: plans made there dot in float32 (``dot_f32`` in the key)."""
     from attncc.codegen import linear as module
+    from attncc.codegen.source import clear_loaded
 
+    clear_loaded()  # no launch memo from an earlier test may skip load_kernel
     seen = []
 
     def record_and_stop(name, descriptor, generate, device):
