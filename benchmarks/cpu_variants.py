@@ -143,12 +143,13 @@ def local_mask_mod(spec, causal: bool):
     return mask_mod
 
 
-def block_sparse_mask_mod(spec, n: int, causal: bool):
+def block_sparse_mask_mod(spec, n: int, causal: bool, device=None):
     """attncc block_sparse with a named pattern: the pattern's ``[nQB, nKB]`` block grid (the pattern's own,
-    so BigBird's seeded random blocks are the same ones), every pair inside a visited block, causality on top."""
+    so BigBird's seeded random blocks are the same ones, on ``device``), every pair inside a visited block,
+    causality on top."""
     block = spec.block
     nb = -(-n // block)
-    grid = spec.pattern.block_mask(nb, nb, causal)
+    grid = spec.pattern.block_mask(nb, nb, causal).to(device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         keep = grid[q_idx // block, kv_idx // block]

@@ -379,26 +379,11 @@ def causal_mask_mod(b, h, q_idx, kv_idx):
     return kv_idx <= q_idx
 
 
-def block_sparse_mask_mod(spec, n: int, causal: bool, device: torch.device):
-    """attncc block_sparse with a named pattern: every pair inside a block of the pattern's own ``[nQB, nKB]``
-    grid (so BigBird's seeded random blocks are the same ones), causality on top. The grid lives on the device
-    the mask is built on."""
-    block = spec.block
-    nb = -(-n // block)
-    grid = spec.pattern.block_mask(nb, nb, causal).to(device)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        keep = grid[q_idx // block, kv_idx // block]
-        if causal:
-            keep = keep & (kv_idx <= q_idx)
-        return keep
-
-    return mask_mod
-
-
 def flex_mask_mod(text: str, n: int, causal: bool, device: torch.device):
     """The FlexAttention mask_mod of variant ``text`` (None: no mask at all, dense bidirectional attention)."""
-    from cpu_variants import local_mask_mod, neighborhood_mask_mod  # the CPU benchmark's restatements
+    from cpu_variants import (  # the CPU benchmark's restatements
+        block_sparse_mask_mod, local_mask_mod, neighborhood_mask_mod,
+    )
 
     from attncc.variants.parse import parse_variant
 

@@ -52,7 +52,7 @@ from attncc.codegen.source import (SourceWriter, interpreting, launch, load_kern
                                    process_memo, torch_to_triton_dtype)
 from attncc.errors import AttnccError
 from attncc.variants.base import ScoreMods
-from attncc.variants.linear import EPS, LinearSpec, _key_keep
+from attncc.variants.linear import EPS, LinearSpec, _key_keep, check_inputs
 
 LOG2E = 1.4426950408889634
 
@@ -155,20 +155,7 @@ def linear_attention(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor, mods: Sc
 
 def _check(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> None:
     """Reject what the kernels (and the variant) do not take, in one sentence each."""
-    if mods.bias is not None:
-        raise AttnccError(f"{spec}: an additive score bias is not supported by linear attention")
-    if mods.softcap > 0:
-        raise AttnccError(f"{spec}: softcapping (softcap={mods.softcap}) is not supported by linear attention")
-    if not q.dim() == k.dim() == v.dim() == 4:
-        raise AttnccError(f"{spec}: expects [B, H, N, D] tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                          f"v {tuple(v.shape)}")
-    bsz, hq, nq, d = q.shape
-    hkv = k.shape[1]
-    if k.shape[0] not in (1, bsz) or v.shape[:3] != k.shape[:3] or k.shape[-1] != d or hkv == 0 or hq % hkv:
-        raise AttnccError(f"{spec}: expected k [B, Hkv, Nk, {d}] and v [B, Hkv, Nk, Dv] with Hq % Hkv == 0, got "
-                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if mods.causal and nq != k.shape[2]:
-        raise AttnccError(f"{spec}: causal linear attention needs Nq == Nk, got Nq={nq}, Nk={k.shape[2]}")
+    check_inputs(spec, q, k, v, mods)
     if not q.dtype == k.dtype == v.dtype:
         raise AttnccError(f"{spec}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.device == k.device == v.device:

@@ -204,9 +204,9 @@ class LinearSpec(VariantSpec):
 # -- input checks ------------------------------------------------------------------------------------------
 
 
-def _prepare(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods):
-    """Check mods and shapes; return float32 q, k, v (k/v batch broadcast to q's) and the key-padding mask as
-    ``[B or 1, Nk]`` bool (None without a mask)."""
+def check_inputs(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> None:
+    """Reject what linear attention does not take (bias, softcap, shapes), one sentence each (the kernels in
+    ``attncc.codegen.linear`` check the same)."""
     if mods.bias is not None:
         raise AttnccError(f"{spec}: an additive score bias is not supported by linear attention")
     if mods.softcap > 0:
@@ -221,6 +221,13 @@ def _prepare(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods)
                           f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if mods.causal and nq != nk:
         raise AttnccError(f"{spec}: causal linear attention needs Nq == Nk, got Nq={nq}, Nk={nk}")
+
+
+def _prepare(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods):
+    """Check mods and shapes; return float32 q, k, v (k/v batch broadcast to q's) and the key-padding mask as
+    ``[B or 1, Nk]`` bool (None without a mask)."""
+    check_inputs(spec, q, k, v, mods)
+    bsz, nk = q.shape[0], k.shape[2]
     k, v = k.expand(bsz, *k.shape[1:]), v.expand(bsz, *v.shape[1:])
     return q.float(), k.float(), v.float(), _key_keep(spec, mods.mask, bsz, nk)
 
