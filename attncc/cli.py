@@ -156,15 +156,25 @@ def cache():
     """The kernel cache: generated Triton kernels and autotuning results (folder: ATTNCC_CACHE_DIR)."""
 
 
+SUMMARY_FIRST = ("visit", "variant", "spec", "layout", "dtype", "d", "dv", "group", "causal")
+"""Descriptor fields that say most about a kernel, shown first by ``attncc cache list``."""
+
+
 def _entry_summary(descriptor: dict) -> str:
-    """The descriptor fields that say what an entry is, compactly (env and entry name shown elsewhere)."""
+    """What an entry was generated for, compactly: the telling fields first, unset ones (None, False, empty)
+    and bookkeeping (env, entry name, family, version) left out."""
+    skip = {"entry", "env", "kernel", "configs", "family", "version"}
+    names = [n for n in SUMMARY_FIRST if n in descriptor] + sorted(n for n in descriptor if n not in SUMMARY_FIRST)
     parts = []
-    for name, value in descriptor.items():
-        if name in ("entry", "env", "kernel", "configs"):
+    for name in names:
+        value = descriptor[name]
+        if name in skip or value in (None, False, "", "{}", {}, []):
             continue
-        parts.append(f"{name}={json.dumps(value, separators=(',', ':'), default=str)}")
+        text = value if isinstance(value, str) and name in ("dtype", "variant", "spec", "visit", "layout") else (
+            json.dumps(value, separators=(",", ":"), default=str))
+        parts.append(f"{name}={text}")
     text = " ".join(parts)
-    return text if len(text) <= 70 else text[:67] + "..."
+    return text if len(text) <= 90 else text[:87] + "..."
 
 
 @cache.command("list")

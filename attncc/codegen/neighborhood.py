@@ -450,7 +450,7 @@ def _layout(tiling: NeighborhoodTiling, block_m: int, block_n: int, device: str)
 def neighborhood_visit(spec: NeighborhoodSpec, n: int, device=None) -> LayoutVisit:
     """The kernel visit of ``spec`` over ``n = globals + prod(grid)`` tokens: layouts (built on ``device``
     for each tile size the kernel tries), token map and element predicate."""
-    tiling = NeighborhoodTiling.of(spec, spec._grid_for_run(n))
+    tiling = NeighborhoodTiling.of(spec, spec.grid_for_run(n))
     return LayoutVisit(
         layout_for=lambda block_m, block_n: tiling.layout(block_m, block_n, device),
         predicate=tiling.predicate(), token_map=tiling.token_map(), descriptor=tiling.descriptor())

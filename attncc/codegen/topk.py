@@ -404,7 +404,7 @@ def select_blocks(spec: TopKSpec, scores: Tensor, nk: int, causal: bool,
     """
     batch, hq, nqb, nkb = scores.shape
     if spec.threshold is None:
-        kept = spec._blocks_kept(nkb)
+        kept = spec.blocks_kept(nkb)
         width = min(nkb, max(kept, spec.local + spec.sinks))
     else:
         kept, width = 0, nkb

@@ -120,7 +120,7 @@ class NeighborhoodSpec(VariantSpec):
 
     def keep(self, n: int, device=None) -> Tensor:
         """The pattern as a dense ``[N, N]`` bool mask (for references and tests; O(N^2))."""
-        grid = self._grid_for_run(n)
+        grid = self.grid_for_run(n)
         kernel, dilation, stride = self.axes(len(grid))
         vis = torch.ones(1, 1, dtype=torch.bool, device=device)
         for length, k, d, s in zip(grid, kernel, dilation, stride):
@@ -130,7 +130,8 @@ class NeighborhoodSpec(VariantSpec):
         keep[self.globals:, self.globals:] = vis
         return keep
 
-    def _grid_for_run(self, n: int) -> tuple[int, ...]:
+    def grid_for_run(self, n: int) -> tuple[int, ...]:
+        """The grid of an ``n``-token call, or an error saying why this spec cannot run on ``n`` tokens."""
         if self.grid is None:
             raise AttnccError(f"{self.name}: grid must be set to run (the planner fills it from the site), e.g. "
                               f"neighborhood(kernel=7, grid=(14, 14))")
@@ -185,7 +186,7 @@ class NeighborhoodSpec(VariantSpec):
         """Tiled neighborhood attention: q ``[B, Hq, N, Dqk]``, k ``[B, Hkv, N, Dqk]``, v ``[B, Hkv, N, Dv]``
         with ``N = globals + prod(grid)`` -> ``[B, Hq, N, Dv]`` in q's dtype (float32 math). Differentiable."""
         n = check_self_attention(self, q, k, v)
-        grid = self._grid_for_run(n)
+        grid = self.grid_for_run(n)
         kernel, dilation, stride = self.axes(len(grid))
         return neighborhood_attention(q, k, v, mods, grid, kernel, dilation, stride, self.globals)
 

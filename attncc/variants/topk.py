@@ -130,7 +130,9 @@ class TopKSpec(VariantSpec):
 
     # ---------------------------------------------------------------------------------------------- cost
 
-    def _blocks_kept(self, nkb: int) -> int:
+    def blocks_kept(self, nkb: int) -> int:
+        """Key blocks the k/density budget keeps per query block out of ``nkb`` (``nkb`` for a threshold rule,
+        which decides per row); the Triton selection uses the same count."""
         if self.k is not None:
             return min(nkb, self.k)
         if self.density is not None:
@@ -145,7 +147,7 @@ class TopKSpec(VariantSpec):
         if isinstance(site.q_len, int) and isinstance(site.kv_len, int):
             nq, nk = site.q_len, site.kv_len
             nkb = _ceil_div(nk, b)
-            kept = max(self._blocks_kept(nkb), min(nkb, self.local + self.sinks))
+            kept = max(self.blocks_kept(nkb), min(nkb, self.local + self.sinks))
             total = 0
             for qb in range(_ceil_div(nq, b)):
                 rows = min(b, nq - qb * b)
@@ -205,7 +207,7 @@ class TopKSpec(VariantSpec):
         if self.threshold is not None:
             keep = self._by_mass(scores, allowed)
         else:
-            kept = self._blocks_kept(nkb)
+            kept = self.blocks_kept(nkb)
             width = min(nkb, max(kept, self.local + self.sinks))
             top = scores.masked_fill(forced, float("inf")).topk(width, dim=-1)
             # Forced blocks (+inf) come first; past the budget only forced ones stay.
