@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -105,6 +106,7 @@ class KernelCache:
         self._root = root
         self._memory: dict[tuple[str, str, str], Entry] = {}  # (folder, kind, key)
         self._lock = threading.Lock()
+        self._warned = False
 
     @property
     def root(self) -> Path:
@@ -152,7 +154,14 @@ class KernelCache:
         if disk_enabled():
             path = self.path(kind, key)
             record = {"kind": kind, "key": key, "descriptor": descriptor, "payload": payload, "sha256": digest}
-            _atomic_write(path, _canonical(record))
+            try:
+                _atomic_write(path, _canonical(record))
+            except OSError as error:  # a read-only or full disk: work on, from memory only
+                path = None
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(f"attncc: cannot write the kernel cache in {self.root} ({error}); kernels stay "
+                                  f"in memory for this process (set ATTNCC_CACHE_DIR to a writable folder)")
         entry = Entry(kind, key, descriptor, payload, digest, path)
         with self._lock:
             self._memory[(str(self.root), kind, key)] = entry
@@ -199,6 +208,7 @@ class KernelCache:
         """Drop the in-memory table (tests use this to act like a fresh process)."""
         with self._lock:
             self._memory.clear()
+            self._warned = False
 
 
 def verify_record(record: dict, kind: str, key: str) -> bool:

@@ -138,6 +138,17 @@ def test_disable_cache_writes_nothing(folder, monkeypatch):
     assert not folder.exists() or not _entries(folder)
 
 
+def test_unwritable_cache_folder_warns_and_runs_from_memory(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(blocker))
+    _fresh_process_state()
+    with pytest.warns(UserWarning, match="cannot write the kernel cache"):
+        cache_worker.run("unwritable")
+    _fresh_process_state()
+    assert blocker.read_text() == "a file where the cache folder should be"
+
+
 def test_kernel_loaded_once_per_process(folder):
     calls = []
 
