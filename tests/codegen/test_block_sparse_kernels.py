@@ -96,3 +96,13 @@ def test_block_sparse_kernel_real_size(causal):
     mods = ScoreMods(scale=128 ** -0.5, causal=causal)
     out = block_sparse_attention(spec, q, k, v, mods)
     assert rel_rms(out.float(), spec.forward(q.float(), k.float(), v.float(), mods).float()) < 2e-2
+
+
+def test_mask_mod_kernel_with_fewer_queries_than_keys(device):
+    spec = parse_variant(f"block_sparse(pattern={STRIPES!r}, block=16)")
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 37, 16, generator=gen).to(device)
+    k, v = (torch.randn(1, 1, 100, 16, generator=gen).to(device) for _ in range(2))
+    mods = ScoreMods(scale=0.25)
+    torch.testing.assert_close(block_sparse_attention(spec, q, k, v, mods), spec.reference(q, k, v, mods),
+                               rtol=1e-4, atol=2e-5)
