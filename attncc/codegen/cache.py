@@ -50,8 +50,10 @@ def cache_dir() -> Path:
     configured = os.environ.get("ATTNCC_CACHE_DIR", "").strip()
     if configured:
         return Path(configured).expanduser()
-    import platformdirs
-
+    try:
+        import platformdirs
+    except ImportError:  # a bare environment (attncc run from a checkout): the XDG convention
+        return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "attncc"
     return Path(platformdirs.user_cache_dir("attncc", appauthor=False))
 
 
