@@ -9,6 +9,7 @@ One module per kernel family, each generating source that holds only the code pa
   those variants;
 * ``linear``: chunked linear attention (causal and bidirectional, fused feature maps, window hybrid).
 
-``source`` turns generated text into kernels through the on-disk cache (``cache``); ``autotune`` picks launch
-configs per kernel and sequence-length bucket. Nothing here imports ``attncc.passes``.
+``writer`` helps generators write source; ``source`` turns generated text into kernels through the on-disk
+cache (``cache``); ``autotune`` picks launch configs per kernel and sequence-length bucket.
+Nothing here imports ``attncc.passes``.
 """

@@ -36,9 +36,8 @@ import torch
 from torch import Tensor
 
 from attncc.codegen.autotune import Config, choose, length_bucket
-from attncc.codegen.source import (
-    SourceWriter, interpreting, launch, load_kernel, next_power_of_2, process_memo, torch_to_triton_dtype,
-)
+from attncc.codegen.source import interpreting, launch, load_kernel, process_memo
+from attncc.codegen.writer import SourceWriter, next_power_of_2, torch_to_triton_dtype
 from attncc.codegen.visits import BandVisit, DenseVisit, LayoutVisit, Predicate, TokenMap
 from attncc.errors import AttnccError
 from attncc.variants.base import ScoreMods

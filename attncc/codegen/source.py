@@ -20,7 +20,7 @@ import os
 import threading
 import types
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
@@ -127,68 +127,9 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         require_miss_allowed(f"Triton compiled {getattr(kernel, '__name__', 'a kernel')}")
 
 
-def next_power_of_2(n: int) -> int:
-    """Smallest power of two >= n (and >= 16, the smallest tile ``tl.dot`` takes)."""
-    return max(16, 1 << (max(1, int(n)) - 1).bit_length())
-
-
-def torch_to_triton_dtype(dtype: torch.dtype) -> str:
-    """The ``tl`` dtype name of a torch floating dtype, for generated source."""
-    names = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16"}
-    if dtype not in names:
-        from attncc.errors import AttnccError
-
-        raise AttnccError(f"triton backend: unsupported dtype {dtype} (float32, float16 or bfloat16)")
-    return names[dtype]
-
-
-class SourceWriter:
-    """Indented lines of generated Python: ``w.line("x = 1")``; ``with w.block("if c:"):`` indents."""
-
-    def __init__(self):
-        self._lines: list[str] = []
-        self._depth = 0
-
-    def line(self, text: str = "") -> None:
-        self._lines.append(("    " * self._depth + text) if text else "")
-
-    def lines(self, text: str) -> None:
-        """Several lines at the current depth (common leading whitespace of ``text`` removed)."""
-        import textwrap
-
-        for raw in textwrap.dedent(text).strip("\n").splitlines():
-            self.line(raw)
-
-    def block(self, header: str):
-        writer = self
-
-        class _Block:
-            def __enter__(self_inner):
-                writer.line(header)
-                writer._depth += 1
-
-            def __exit__(self_inner, *exc):
-                writer._depth -= 1
-
-        return _Block()
-
-    def text(self) -> str:
-        return "\n".join(self._lines) + "\n"
-
-
 def clear_loaded() -> None:
     """Forget kernels loaded in this process (tests use it to act like a fresh process)."""
     with _LOAD_LOCK:
         _LOADED.clear()
         for memo in _MEMOS:
             memo.clear()
-
-
-def cached_kernel_count() -> int:
-    """Kernels loaded in this process."""
-    return len(_LOADED)
-
-
-def kernel_cache_dir() -> Optional[Path]:
-    """The folder entries go to, or None when the disk cache is disabled."""
-    return default_cache().root if disk_enabled() else None

@@ -12,7 +12,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 
 from attncc.codegen.cache import CacheMissError  # noqa: E402
-from attncc.codegen.source import SourceWriter, launch, load_kernel  # noqa: E402
+from attncc.codegen.source import launch, load_kernel  # noqa: E402
+from attncc.codegen.writer import SourceWriter  # noqa: E402
 
 
 def generate(tag: str) -> str:
