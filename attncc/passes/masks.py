@@ -197,6 +197,17 @@ class MaskInterpreter:
             index = (index,)
         if isinstance(v, Affine) and all(i is None or i == slice(None) or i is Ellipsis for i in index):
             return _index_views(v, index)
+        if isinstance(v, Affine) and len(index) == v.ndim and all(isinstance(i, fx.Node) for i in index):
+            # position_ids[batch_idx, q_idx] with affine position ids (arange, expanded over the batch):
+            # substitute each index expression for its axis
+            indices = [self.value(i) for i in index]
+            if not all(isinstance(iv, Affine) for iv in indices):
+                return None
+            result = Affine((), v.const, max(iv.ndim for iv in indices))
+            for axis, iv in enumerate(indices):
+                coeff = v.terms().get(axis - v.ndim, 0)
+                result = result.plus(Affine.of({d: c * coeff for d, c in iv.coeffs}, iv.const * coeff, iv.ndim))
+            return result
         if v is None and all(isinstance(i, fx.Node) for i in index):
             dims = []
             for i in index:

@@ -210,15 +210,17 @@ def test_local_on_a_model_with_its_own_window(policy, variant, reason):
                                        valid(hidden(model(**inputs)), inputs["attention_mask"]), **TOL)
 
 
-def test_llama_without_attention_mask_packs_documents_and_local_still_applies():
-    """transformers 5.x builds document ids from position_ids when traced (packed sequences): the variant runs
-    while every row is one document, and a packed batch runs the model's exact semantics."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_llama_without_attention_mask_packs_documents_and_local_still_applies(batch):
+    """transformers 5.x builds document ids from position_ids when traced (packed sequences), and compares
+    position ids gathered per batch row for causality: the mask is read as documents + causal; the variant
+    runs while every row is one document, and a packed batch runs the model's exact semantics."""
     model = hf_model("llama", "sdpa", num_key_value_heads=2)
-    ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 100, (batch, 40), generator=torch.Generator().manual_seed(3))
     window = 8
     cm = attncc.compile(model, f"local(window={window})", {"input_ids": ids, "use_cache": False}, strict=True)
     for site in cm.report().sites:
-        assert "segments" in site.mask and site.variant == f"local(window={window})"
+        assert site.mask == "segments+causal" and site.variant == f"local(window={window})"
         assert "packed with several documents run exact" in site.reason
     i, j = torch.arange(40)[:, None], torch.arange(40)[None, :]
     mask4d = ((j <= i) & (j >= i - window))[None, None]
@@ -226,7 +228,7 @@ def test_llama_without_attention_mask_packs_documents_and_local_still_applies():
         want = hidden(model(input_ids=ids, attention_mask=mask4d))
         have = hidden(cm(input_ids=ids, use_cache=False))
         torch.testing.assert_close(have, want, **TOL)
-        packed = torch.cat([torch.arange(25), torch.arange(15)])[None]
+        packed = torch.cat([torch.arange(25), torch.arange(15)])[None].expand(batch, -1)
         want = hidden(model(input_ids=ids, position_ids=packed, use_cache=False))
         have = hidden(cm(input_ids=ids, position_ids=packed, use_cache=False))
     torch.testing.assert_close(have, want, **TOL)
