@@ -22,6 +22,10 @@ from attncc.codegen.source import interpreting
 from attncc.errors import AttnccError
 
 
+class NoRunnableConfig(AttnccError):
+    """Every candidate config failed to launch on this GPU (e.g. too much shared memory for a huge head dim)."""
+
+
 @dataclass(frozen=True)
 class Config:
     """One launch configuration: constexpr tile sizes (``params``) plus Triton's ``num_warps``/``num_stages``."""
@@ -100,6 +104,6 @@ def choose(kernel: dict, bucket: int, configs: Sequence[Config], run: Callable[[
         if ms < best_ms:
             best, best_ms = config, ms
     if best is None:
-        raise AttnccError(f"autotune: no config of {kernel.get('entry', 'the kernel')} runs: {first_error}")
+        raise NoRunnableConfig(f"autotune: no config of {kernel.get('entry', 'the kernel')} runs: {first_error}")
     cache.put("tuning", descriptor, {"best": best.as_json(), "timings_ms": timings})
     return best

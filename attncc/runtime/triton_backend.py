@@ -9,6 +9,7 @@ reason is logged once per reason at debug level).
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Optional
 
 import torch
@@ -30,6 +31,32 @@ def triton_attention(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: S
             _SAID.add(reason)
             log.debug("attncc: %s runs on the torch path: %s", spec, reason)
         return None
+    try:
+        return _run_kernels(spec, q, k, v, mods)
+    except Exception as error:
+        if not _out_of_resources(error):
+            raise
+        # a shape no launch config fits on this GPU (huge head dims): the PyTorch path still runs it
+        reason = f"no kernel config fits this GPU ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+        if reason not in _SAID:
+            _SAID.add(reason)
+            warnings.warn(f"attncc: {spec} runs on the PyTorch path: {reason}")
+        return None
+
+
+def _out_of_resources(error: BaseException) -> bool:
+    from attncc.codegen.autotune import NoRunnableConfig
+
+    if isinstance(error, NoRunnableConfig):
+        return True
+    try:
+        from triton.runtime.errors import OutOfResources
+    except ImportError:
+        return False
+    return isinstance(error, OutOfResources)
+
+
+def _run_kernels(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Optional[Tensor]:
     name = spec.name
     if name == "exact":
         from attncc.codegen.softmax import DenseVisit, softmax_attention

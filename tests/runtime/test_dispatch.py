@@ -77,3 +77,19 @@ def test_kernel_forward_and_torch_backward_give_the_torch_gradients(monkeypatch,
         grads[backend] = (out.detach(), *[t.grad for t in leaves])
     for have, want in zip(grads["triton"], grads["torch"]):
         torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_shape_no_kernel_config_fits_falls_back_to_torch_with_a_warning(monkeypatch, qkv):
+    from attncc.codegen.autotune import NoRunnableConfig
+
+    monkeypatch.setenv("ATTNCC_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def too_big(*args, **kwargs):
+        raise NoRunnableConfig("autotune: no config of softmax_attention_fwd runs: out of shared memory")
+
+    monkeypatch.setattr("attncc.codegen.softmax.softmax_attention", too_big)
+    with pytest.warns(UserWarning, match="runs on the PyTorch path: no kernel config fits this GPU"):
+        out = attncc.attention(*qkv, causal=True)
+    monkeypatch.setenv("ATTNCC_BACKEND", "torch")
+    torch.testing.assert_close(out, attncc.attention(*qkv, causal=True))
