@@ -93,8 +93,11 @@ def run_attention(
         return exact_attention(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed)
     if dropout_p > 0:
         raise AttnccError(f"{spec.name}: attention dropout is not supported (run the model in eval mode)")
-    if mask is not None and mask.dtype == torch.bool and mask.dim() >= 2 and mask.shape[-2] == 1 and bool(mask.all()):
-        mask = None  # a padding mask with nothing padded (the usual unpadded batch): skip its per-block work
+    if backend == "torch" and mask is not None and mask.dtype == torch.bool and mask.dim() >= 2 \
+            and mask.shape[-2] == 1 and bool(mask.all()):
+        # a padding mask with nothing padded (the usual unpadded batch): skip its per-block work on the torch
+        # path (the kernels read it as one vector per key block, cheaper than a device sync to check it)
+        mask = None
     rank = q.dim()
     if isinstance(spec, ExactSpec) and (rank != 4 or k.dim() != 4):
         q, k, v, bias, mask, restore = _as_heads(q, k, v, bias, mask)
