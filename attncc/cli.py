@@ -245,7 +245,7 @@ def cache_info():
 
 @cache.command("clear")
 def cache_clear():
-    """Delete every entry and the Triton binaries attncc keeps under the cache folder (nothing else there)."""
+    """Delete the entries and the Triton binaries attncc wrote under the cache folder (nothing else there)."""
     from attncc.codegen.cache import default_cache
 
     store = default_cache()

@@ -20,9 +20,11 @@ Environment: ``ATTNCC_CACHE_DIR`` (default: the user's cache folder, ``~/.cache/
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -35,6 +37,12 @@ from attncc.errors import AttnccError
 
 KINDS = ("kernel", "tuning")
 """Entry kinds: a generated kernel module's source, and the autotuner's choice for one kernel and length."""
+
+
+_ENTRY_NAME = re.compile(r"[0-9a-f]{32}\.json")
+_TEMP_NAME = re.compile(r"\.[0-9a-f]{32}\..*\.tmp")
+TRITON_MARKER = ".created-by-attncc"
+"""Written into ``<cache>/triton`` when attncc points Triton's cache there (so ``clear`` may remove it)."""
 
 
 class CacheMissError(AttnccError):
@@ -194,14 +202,27 @@ class KernelCache:
         return found
 
     def clear(self) -> int:
-        """Delete every entry (and Triton's compiled binaries kept under this folder); returns entries removed."""
+        """Delete every entry, and Triton's compiled binaries where attncc put them under this folder; returns
+        the number of entries removed.
+
+        Only what attncc wrote goes: entry files (``<kind>/<32 hex digits>.json`` and unfinished temp files) and
+        ``triton/`` when its marker says attncc created it. Other files, even in those folders, stay (the folder
+        may be one the user shares with other things).
+        """
         removed = 0
         for kind in KINDS:
             folder = self.root / kind
-            if folder.is_dir():
-                removed += sum(1 for _ in folder.glob("*.json"))
-                shutil.rmtree(folder, ignore_errors=True)
-        shutil.rmtree(self.root / "triton", ignore_errors=True)
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                if _ENTRY_NAME.fullmatch(path.name) or _TEMP_NAME.fullmatch(path.name):
+                    removed += path.suffix == ".json"
+                    path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        triton_dir = self.root / "triton"
+        if (triton_dir / TRITON_MARKER).is_file():
+            shutil.rmtree(triton_dir, ignore_errors=True)
         with self._lock:
             self._memory.clear()
         return removed

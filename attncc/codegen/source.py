@@ -24,7 +24,9 @@ from typing import Any, Callable
 
 import torch
 
-from attncc.codegen.cache import default_cache, disk_enabled, hits_required, require_miss_allowed
+from attncc.codegen.cache import (
+    TRITON_MARKER, default_cache, disk_enabled, hits_required, require_miss_allowed,
+)
 
 _LOADED: dict[str, Any] = {}
 _LOAD_LOCK = threading.Lock()
@@ -107,7 +109,13 @@ def _use_attncc_triton_cache() -> None:
     """Keep Triton's compiled binaries beside attncc's entries (``<cache>/triton``) unless the user chose a
     Triton cache folder; ``attncc cache clear`` then clears both."""
     if disk_enabled() and "TRITON_CACHE_DIR" not in os.environ:
-        os.environ["TRITON_CACHE_DIR"] = str(default_cache().root / "triton")
+        folder = default_cache().root / "triton"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / TRITON_MARKER).touch()
+        except OSError:
+            return  # an unwritable cache folder: Triton keeps its default
+        os.environ["TRITON_CACHE_DIR"] = str(folder)
 
 
 def _triton_cache_files() -> int:

@@ -49,11 +49,27 @@ def test_info_and_clear(folder, capsys):
     assert f"folder:            {folder}" in out and "kernels:           1" in out
     assert "tuning results:    1" in out
     (folder / "notes.txt").write_text("the user's own file")
+    (folder / "kernel" / "README").write_text("the user's file inside an entry folder")
+    (folder / "triton").mkdir()
+    (folder / "triton" / "model.bin").write_text("a folder attncc did not create")
     assert main(["cache", "clear"]) == 0
     assert "removed 2 entries" in capsys.readouterr().out
-    assert (folder / "notes.txt").read_text() == "the user's own file"  # only attncc's folders go
+    # only what attncc wrote goes
+    assert (folder / "notes.txt").read_text() == "the user's own file"
+    assert (folder / "kernel" / "README").exists() and (folder / "triton" / "model.bin").exists()
+    assert not (folder / "tuning").exists()
     assert main(["cache", "list"]) == 0
     assert "no entries" in capsys.readouterr().out
+
+
+def test_clear_removes_the_triton_binaries_attncc_put_there(folder, capsys):
+    from attncc.codegen.cache import TRITON_MARKER
+
+    (folder / "triton" / "abc123").mkdir(parents=True)
+    (folder / "triton" / TRITON_MARKER).touch()
+    (folder / "triton" / "abc123" / "kernel.cubin").write_bytes(b"\0")
+    assert main(["cache", "clear"]) == 0
+    assert not (folder / "triton").exists()
 
 
 def test_cache_help_runs_as_a_script(folder):
