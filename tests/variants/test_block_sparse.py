@@ -17,18 +17,13 @@ from attncc.variants.block_sparse import (
     PATTERNS, BigBirdPattern, BlockSparseSpec, MaskModPattern, PowerPattern, RadialPattern,
     mask_mod_pattern,
 )
-from variant_helpers import LargestTensor, rel_rms
+from variant_helpers import LargestTensor, assert_gradients_match, random_qkv, rel_rms
 
 BLOCK = 16  # small blocks so that short test sequences still have many of them
 
 
 def qkv(n, d, hq=4, hkv=4, b=2, dtype=torch.float32, seed=0, nk=None):
-    gen = torch.Generator().manual_seed(seed)
-    nk = n if nk is None else nk
-    q = torch.randn(b, hq, n, d, generator=gen)
-    k = torch.randn(b, hkv, nk, d, generator=gen)
-    v = torch.randn(b, hkv, nk, d, generator=gen)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+    return random_qkv(b, hq, hkv, n, d, dtype=dtype, seed=seed, nk=nk)
 
 
 
@@ -253,14 +248,7 @@ def test_gradients_match_reference(name):
     spec = SPECS[name]
     q, k, v = qkv(70, 16, hkv=2, b=1)
     bias = torch.randn(1, 4, 70, 70)
-    grads = []
-    for fn in (spec.forward, spec.reference):
-        inputs = [t.clone().requires_grad_() for t in (q, k, v, bias)]
-        mods = ScoreMods(scale=0.25, causal=True, softcap=4.0, bias=inputs[3])
-        out = fn(*inputs[:3], mods)
-        grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, 16)).sum(), inputs))
-    for got, want in zip(*grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert_gradients_match(spec, q, k, v, bias, torch.linspace(-1, 1, 16), scale=0.25, causal=True, softcap=4.0)
 
 
 # ------------------------------------------------------------------------------------ validation & text

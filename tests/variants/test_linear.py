@@ -14,7 +14,7 @@ from attncc.variants.exact import dense_attention_cost
 from attncc.variants.exact import reference as exact_reference
 from attncc.variants.linear import LinearSpec, _linear_reference, feature_dim, feature_map
 from attncc.variants.parse import parse_variant
-from variant_helpers import LargestTensor, rel_rms
+from variant_helpers import LargestTensor, random_qkv, rel_rms
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,12 +28,7 @@ def _one_intra_op_thread():
 
 
 def _qkv(b, hq, hkv, nq, nk, d, dv=None, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    dv = d if dv is None else dv
-    q = torch.randn(b, hq, nq, d, generator=g)
-    k = torch.randn(b, hkv, nk, d, generator=g)
-    v = torch.randn(b, hkv, nk, dv, generator=g)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+    return random_qkv(b, hq, hkv, nq, d, dv, dtype, seed, nk=nk)
 
 
 def _mods(q, causal=False, mask=None):

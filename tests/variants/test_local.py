@@ -18,7 +18,7 @@ from attncc.variants.exact import reference as exact_reference
 from attncc.variants import local as local_module
 from attncc.variants.local import LocalSpec, local_attention
 from attncc.variants.parse import parse_variant
-from variant_helpers import LargestTensor, random_qkv
+from variant_helpers import LargestTensor, assert_gradients_match, random_qkv
 
 
 
@@ -139,14 +139,9 @@ def test_bf16_relative_rms(causal):
 def test_gradients_match_the_reference(causal):
     q, k, v = random_qkv(1, 4, 2, 37, 16)
     bias = torch.randn(1, 4, 37, 37)
-    q, k, v, bias = (t.requires_grad_(True) for t in (q, k, v, bias))
-    spec = LocalSpec(window=4, sinks=2, globals=1)
-    mods = ScoreMods(scale=0.25, causal=causal, softcap=3.0, bias=bias)
     weight = torch.randn(1, 4, 37, 16, generator=torch.Generator().manual_seed(5))
-    grads = torch.autograd.grad((spec.forward(q, k, v, mods) * weight).sum(), (q, k, v, bias))
-    expected = torch.autograd.grad((spec.reference(q, k, v, mods) * weight).sum(), (q, k, v, bias))
-    for got, want in zip(grads, expected):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert_gradients_match(LocalSpec(window=4, sinks=2, globals=1), q, k, v, bias, weight, scale=0.25,
+                           causal=causal, softcap=3.0)
 
 
 

@@ -19,7 +19,7 @@ from attncc.variants.exact import reference as exact_reference
 from attncc.variants import neighborhood as neighborhood_module
 from attncc.variants.neighborhood import NeighborhoodSpec, axis_neighbors, neighborhood_attention
 from attncc.variants.parse import parse_variant
-from variant_helpers import LargestTensor, random_qkv
+from variant_helpers import LargestTensor, assert_gradients_match, random_qkv
 
 
 
@@ -173,13 +173,8 @@ def test_gradients_match_the_reference():
     n = _tokens(spec)
     q, k, v = random_qkv(1, 4, 2, n, 16)
     bias = torch.randn(1, 4, n, n)
-    q, k, v, bias = (t.requires_grad_(True) for t in (q, k, v, bias))
-    mods = ScoreMods(scale=0.25, softcap=3.0, bias=bias)
     weight = torch.randn(1, 4, n, 16, generator=torch.Generator().manual_seed(5))
-    grads = torch.autograd.grad((spec.forward(q, k, v, mods) * weight).sum(), (q, k, v, bias))
-    expected = torch.autograd.grad((spec.reference(q, k, v, mods) * weight).sum(), (q, k, v, bias))
-    for got, want in zip(grads, expected):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert_gradients_match(spec, q, k, v, bias, weight, scale=0.25, softcap=3.0)
 
 
 

@@ -7,14 +7,30 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
-def random_qkv(b, hq, hkv, n, d, dv=None, dtype=torch.float32, seed=0):
-    """q ``[b, hq, n, d]``, k ``[b, hkv, n, d]``, v ``[b, hkv, n, dv]`` from a seeded generator."""
+def random_qkv(b, hq, hkv, n, d, dv=None, dtype=torch.float32, seed=0, nk=None):
+    """q ``[b, hq, n, d]``, k ``[b, hkv, nk, d]``, v ``[b, hkv, nk, dv]`` from a seeded generator (``nk``
+    defaults to ``n``)."""
     gen = torch.Generator().manual_seed(seed)
     dv = d if dv is None else dv
+    nk = n if nk is None else nk
     q = torch.randn(b, hq, n, d, generator=gen)
-    k = torch.randn(b, hkv, n, d, generator=gen)
-    v = torch.randn(b, hkv, n, dv, generator=gen)
+    k = torch.randn(b, hkv, nk, d, generator=gen)
+    v = torch.randn(b, hkv, nk, dv, generator=gen)
     return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def assert_gradients_match(spec, q, k, v, bias, weight, **mods):
+    """Gradients of ``sum(out * weight)`` w.r.t. q, k, v and bias: ``spec.forward`` against
+    ``spec.reference`` with ``ScoreMods(bias=bias, **mods)`` (rtol 1e-4, atol 1e-5)."""
+    from attncc.variants.base import ScoreMods
+
+    grads = []
+    for fn in (spec.forward, spec.reference):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, bias)]
+        out = fn(*leaves[:3], ScoreMods(bias=leaves[3], **mods))
+        grads.append(torch.autograd.grad((out * weight).sum(), leaves))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def rel_rms(a, b) -> float:
