@@ -109,6 +109,19 @@ def check_self_attention(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor) -> 
     return q.shape[-2]
 
 
+def unapplied_site_features(spec: VariantSpec, site, band: bool) -> str:
+    """Why ``spec`` cannot replace ``site`` for what the site does besides plain scores: attention dropout, the
+    model's segment mask and (when ``band``) its sliding-window band, none of which the variant applies; ''
+    when none of them is present."""
+    if site.dropout_p > 0:
+        return f"{spec.name} does not apply dropout (p={site.dropout_p})"
+    if band and site.band is not None:
+        return f"the model's sliding-window (band) mask is not applied by {spec.name}"
+    if site.segments:
+        return f"the model's segment (block-diagonal) mask is not applied by {spec.name}"
+    return ""
+
+
 def sym(value, name: str) -> sympy.Expr:
     """A site size as a sympy expression: an Integer where static, a positive Symbol where dynamic."""
     return sympy.Integer(value) if isinstance(value, int) else sympy.Symbol(str(value) or name, positive=True)

@@ -42,7 +42,9 @@ import torch
 from torch import Tensor
 
 from attncc.errors import AttnccError
-from attncc.variants.base import ScoreMods, VariantSpec, attention_cost, check_int, site_sizes
+from attncc.variants.base import (
+    ScoreMods, VariantSpec, attention_cost, check_int, site_sizes, unapplied_site_features,
+)
 from attncc.variants.blocks import BlockLayout, block_sparse_attention, layout_from_keep
 from attncc.variants.exact import masked_reference
 
@@ -356,12 +358,9 @@ class BlockSparseSpec(VariantSpec):
 
     def supports(self, site) -> tuple[bool, str]:
         """Self-attention-shaped sites (Nq == Nk for named patterns) without dropout or band/segment masks."""
-        if site.dropout_p > 0:
-            return False, f"block_sparse does not apply dropout (p={site.dropout_p})"
-        if site.band is not None:
-            return False, "the model's sliding-window (band) mask is not applied by block_sparse"
-        if site.segments:
-            return False, "the model's segment (block-diagonal) mask is not applied by block_sparse"
+        reason = unapplied_site_features(self, site, band=True)
+        if reason:
+            return False, reason
         if isinstance(self.pattern, NamedPattern) and site.q_len != site.kv_len:
             return False, (
                 f"pattern {self.pattern.kind} needs as many queries as keys (Nq={site.q_len}, Nk={site.kv_len})"

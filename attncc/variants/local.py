@@ -34,7 +34,7 @@ from torch import Tensor
 
 from attncc.errors import AttnccError
 from attncc.variants.base import (
-    ScoreMods, VariantSpec, attention_cost, check_int, check_self_attention, site_sizes,
+    ScoreMods, VariantSpec, attention_cost, check_int, check_self_attention, site_sizes, unapplied_site_features,
 )
 from attncc.variants.exact import masked_reference
 from attncc.variants.blocks import (
@@ -127,10 +127,9 @@ class LocalSpec(VariantSpec):
                           "site is cross-attention"
         if isinstance(site.q_len, int) and isinstance(site.kv_len, int) and site.q_len != site.kv_len:
             return False, f"local attention needs as many queries as keys (Nq={site.q_len}, Nk={site.kv_len})"
-        if site.dropout_p > 0:
-            return False, f"local does not apply dropout (p={site.dropout_p})"
-        if site.segments:
-            return False, "the model's segment (block-diagonal) mask is not applied by local"
+        reason = unapplied_site_features(self, site, band=False)
+        if reason:
+            return False, reason
         left, right = self.bounds(site.causal)
         extra = []
         if self.sinks:

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from attncc.errors import AttnccError
 from attncc.variants.base import (
-    ScoreMods, VariantSpec, attention_cost, check_int, check_self_attention, site_sizes,
+    ScoreMods, VariantSpec, attention_cost, check_int, check_self_attention, site_sizes, unapplied_site_features,
 )
 from attncc.variants.blocks import DEAD, MASKED, dense_rows, gather_pairs, run_tasks
 from attncc.variants.exact import masked_reference
@@ -149,10 +149,9 @@ class NeighborhoodSpec(VariantSpec):
             return False, "neighborhood attention needs self-attention over grid tokens, this site is cross-attention"
         if site.causal:
             return False, "neighborhood attention is bidirectional, this site is causal"
-        if site.dropout_p > 0:
-            return False, f"neighborhood does not apply dropout (p={site.dropout_p})"
-        if site.segments:
-            return False, "the model's segment (block-diagonal) mask is not applied by neighborhood"
+        reason = unapplied_site_features(self, site, band=False)
+        if reason:
+            return False, reason
         grid, prefix = (self.grid, self.globals) if self.grid is not None else (site.grid, site.grid_prefix)
         if grid is None:
             return False, "the site's token grid is unknown (not a patch grid); give grid=(H, W) or (T, H, W)"

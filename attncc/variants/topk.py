@@ -31,7 +31,9 @@ import torch
 from torch import Tensor
 
 from attncc.errors import AttnccError
-from attncc.variants.base import ScoreMods, VariantSpec, attention_cost, check_int, site_sizes
+from attncc.variants.base import (
+    ScoreMods, VariantSpec, attention_cost, check_int, site_sizes, unapplied_site_features,
+)
 from attncc.variants.block_sparse import block_keep_to_elements, blocks_to_keep
 from attncc.variants.exact import masked_reference
 from attncc.variants.blocks import BlockLayout, block_sparse_attention
@@ -111,12 +113,9 @@ class TopKSpec(VariantSpec):
     def supports(self, site) -> tuple[bool, str]:
         """Sites with Nq == Nk (the local/diagonal blocks align queries with keys), without dropout or
         band/segment masks; bias, softcap, padding and dense masks are applied."""
-        if site.dropout_p > 0:
-            return False, f"topk does not apply dropout (p={site.dropout_p})"
-        if site.band is not None:
-            return False, "the model's sliding-window (band) mask is not applied by topk"
-        if site.segments:
-            return False, "the model's segment (block-diagonal) mask is not applied by topk"
+        reason = unapplied_site_features(self, site, band=True)
+        if reason:
+            return False, reason
         if site.q_len != site.kv_len:
             return False, f"topk needs as many queries as keys (Nq={site.q_len}, Nk={site.kv_len})"
         return True, f"dynamic top-k block sparsity ({self._budget_text()})"
