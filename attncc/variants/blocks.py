@@ -220,11 +220,7 @@ def _chunk(qs, kb, vb, kv_blocks, partial, c0, layout, mods, keep, g, per_head) 
     if mods.mask is not None:
         m = gather_pairs(mods.mask, q_pos, k_pos, hkv, g)
         keep_mask = m if keep_mask is None else keep_mask & m
-    if keep_mask is not None:
-        s = s.masked_fill(~keep_mask, MASKED)
-    p = torch.softmax(s, dim=-1)
-    if keep_mask is not None:
-        p = p * (s.amax(-1, keepdim=True) > DEAD)
+    p = masked_softmax(s, keep_mask)
     if per_head:
         return p @ vg
     return (p.view(b, hkv, c, g * bq, -1) @ vg.squeeze(3)).view(b, hkv, c, g, bq, dv)
@@ -361,12 +357,17 @@ def dense_rows(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, rows: int) -> T
     if mods.causal:
         causal = torch.arange(nk, device=dev) <= torch.arange(rows, device=dev)[:, None]
         keep = causal if keep is None else keep & causal
-    if keep is not None:
-        s = s.masked_fill(~keep, MASKED)
-    p = torch.softmax(s, dim=-1)
-    if keep is not None:
-        p = p * (s.amax(-1, keepdim=True) > DEAD)
+    p = masked_softmax(s, keep)
     return (p.view(b, hkv, g * rows, nk) @ v.float()).view(b, hq, rows, -1)
+
+
+def masked_softmax(s: Tensor, keep: Optional[Tensor]) -> Tensor:
+    """Softmax over the last dim of float scores ``s`` with the pairs where ``keep`` is False hidden
+    (``MASKED``); a row with no visible key gives zeros. ``keep`` None: a plain softmax."""
+    if keep is None:
+        return torch.softmax(s, dim=-1)
+    s = s.masked_fill(~keep, MASKED)
+    return torch.softmax(s, dim=-1) * (s.amax(-1, keepdim=True) > DEAD)
 
 
 def dense_layout(nq: int, nk: int, block_q: int = 64, block_k: int = 64, device=None) -> BlockLayout:
