@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import logging
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -11,11 +16,15 @@ import torch.fx as fx
 import torch.nn as nn
 
 from attncc.errors import AttnccError
-from attncc.frontend import CallArgs, dynamo_capture, placeholder_values, try_symbolic_trace
+from attncc.frontend import CallArgs, dynamo_capture, placeholder_values, run_captured, try_symbolic_trace
 from attncc.measure import run_measuring
+from attncc.module_names import ModuleNames
 from attncc.passes import PassResult, run_pipeline
 from attncc.policy import Policy, PolicyLike, as_policy
 from attncc.report import RejectedReport, Report, SiteReport
+from attncc.site import RejectedSite
+from attncc.uncaptured import (eager_attention_calls, graph_attention_calls, graph_break_reasons,
+                               snapshot_graph_breaks, uncaptured_sites)
 
 log = logging.getLogger("attncc")
 
@@ -28,23 +37,57 @@ class Capture:
 
     frontend: str
     results: list[PassResult] = field(default_factory=list)
+    uncaptured: list[RejectedSite] = field(default_factory=list)
+    """Attention that ran outside these graphs (Dynamo graph breaks, skipped frames), by module."""
+    graph_calls: list[int] = field(default_factory=list)
+    """How often each graph ran during the capturing call (Dynamo can run one graph per layer)."""
+    attention_calls: list[Counter] = field(default_factory=list)
+    """Softmax/SDPA nodes per module of each graph as captured, before any rewrite."""
+
+
+_structure_version = 0
+"""Bumped whenever any module anywhere registers a submodule, parameter or buffer (PEFT injecting adapters, a
+user swapping a layer): an fx-captured graph holds the modules it was traced with, so it is checked again."""
+
+
+def _structure_changed(*_args) -> None:
+    global _structure_version
+    _structure_version += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_structure_changed)
+nn.modules.module.register_module_parameter_registration_hook(_structure_changed)
+nn.modules.module.register_module_buffer_registration_hook(_structure_changed)
 
 
 class CompiledModule(nn.Module):
-    """The model with its attention rewritten. ``cm(...)`` returns what ``model(...)`` returns.
+    """The model with its attention rewritten, standing in for it. ``cm(...)`` returns what ``model(...)`` returns.
 
-    It shares the model's parameters (no copy); ``cm.model`` is the original module, untouched.
+    It shares the model's submodules, parameters and buffers (no copy): ``cm.state_dict()``,
+    ``cm.named_parameters()`` and ``cm.named_modules()`` use the model's names, and attribute access falls through
+    to the model (``cm.config``, ``cm.device``, ``cm.generate(...)``). A method of the model called through ``cm``
+    (``cm.generate``, a sentence-transformers ``encode``) runs with the model's forward routed through attncc, so
+    its own calls of ``self(...)`` run the rewritten graphs. ``cm.original_model`` is the model, unmodified.
     """
 
     def __init__(self, model: nn.Module, policy: Policy, example_inputs: Any = None, frontend: str = "auto",
                  backend: Union[str, Callable] = "eager", strict: bool = False, measure_error: bool = True):
         super().__init__()
+        # share the model's registries: names, state_dict keys and module swaps (PEFT) are the model's own
+        self.__dict__["_modules"] = model._modules
+        self.__dict__["_parameters"] = model._parameters
+        self.__dict__["_buffers"] = model._buffers
+        self.__dict__["_non_persistent_buffers_set"] = model._non_persistent_buffers_set
+        self.__dict__["_attncc_model"] = model
+        self.training = model.training
         self.measure_error = measure_error
-        self.model = model
         self.policy = policy
         self.frontend = frontend
         self.backend = backend
         self.strict = strict
+        self._names = ModuleNames(model)
+        self._structure_seen = _structure_version
+        self._fingerprint = _structure_fingerprint(model)
         self._fx_graphs: dict[tuple, PassResult] = {}
         self._fx_captures: dict[tuple, Capture] = {}
         self._dynamo: Optional[Callable] = None
@@ -53,23 +96,106 @@ class CompiledModule(nn.Module):
         if example_inputs is not None:
             self.capture(example_inputs)
 
+    # ---------------------------------------------------------------------------------- standing in for it
+    @property
+    def original_model(self) -> nn.Module:
+        """The model attncc compiled, unmodified (calling it runs the original attention)."""
+        return self.__dict__["_attncc_model"]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # the shared submodules, parameters and buffers
+        except AttributeError:
+            pass
+        model = self.__dict__.get("_attncc_model")
+        if model is None:
+            raise AttributeError(name)
+        value = getattr(model, name)
+        if inspect.ismethod(value) and value.__self__ is model:
+            return self._routed(value)
+        return value
+
+    def _routed(self, method: Callable) -> Callable:
+        """``method`` of the model, run with the model's forward routed through the rewritten graphs."""
+
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            with self._routing():
+                return method(*args, **kwargs)
+
+        return call
+
+    @contextlib.contextmanager
+    def _routing(self):
+        model = self.original_model
+        if model.__dict__.get("forward") is self._route:  # already routed (a routed method calling another)
+            yield
+            return
+        saved = model.__dict__.get("forward", _MISSING)
+        model.__dict__["forward"] = self._route
+        try:
+            yield
+        finally:
+            if saved is _MISSING:
+                model.__dict__.pop("forward", None)
+            else:
+                model.__dict__["forward"] = saved
+
+    def _route(self, *args, **kwargs):
+        return self._run(CallArgs(args, kwargs))
+
+    def state_dict(self, *args, **kwargs):
+        return self.original_model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        return self.original_model.load_state_dict(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "CompiledModule":
+        self.original_model.train(mode)
+        self.training = mode
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.half()/.cuda() may replace buffers (and parameters): fx graphs hold the tensors they were traced
+        # with, so they are traced again at the next call
+        self.original_model._apply(fn, *args, **kwargs)
+        self._fx_graphs.clear()
+        self._fx_captures.clear()
+        return self
+
+    def forward(self, *args, **kwargs):
+        model = self.original_model
+        if (model._forward_hooks or model._forward_pre_hooks) and not torch.compiler.is_compiling():
+            # the model's own __call__ runs its hooks, with its forward routed through the rewritten graphs
+            with self._routing():
+                return model(*args, **kwargs)
+        return self._run(CallArgs(args, kwargs))
+
     # ------------------------------------------------------------------------------------------- capture
     def capture(self, example_inputs: Any) -> None:
         """Capture (and rewrite) now for these inputs instead of at the first call."""
         call = CallArgs.from_example(example_inputs)
-        with torch.no_grad():
+        with torch.no_grad(), self._routing():
             self._run(call)
 
     def _fx_graph(self, call: CallArgs) -> Optional[PassResult]:
         if self.frontend == "dynamo":
             return None
-        key = (self.model.training, call.signature_key())
+        if self._structure_seen != _structure_version:  # some module somewhere changed: is it one of ours?
+            self._structure_seen = _structure_version
+            fingerprint = _structure_fingerprint(self.original_model)
+            if fingerprint != self._fingerprint:
+                self._fingerprint = fingerprint
+                self._names = ModuleNames(self.original_model)
+                self._fx_graphs.clear()
+                self._fx_captures.clear()
+        key = (self.original_model.training, call.signature_key())
         if key in self._fx_graphs:
             self._latest = self._fx_captures[key]
             return self._fx_graphs[key]
         if self._dynamo is not None and self.frontend == "auto":
             return None  # this model already needed Dynamo once; stay with it
-        traced = try_symbolic_trace(self.model, call)
+        traced = try_symbolic_trace(self.original_model, call)
         if traced is None:
             if self.frontend == "fx":
                 raise AttnccError("torch.fx.symbolic_trace cannot trace this model; use frontend='dynamo'")
@@ -81,21 +207,26 @@ class CompiledModule(nn.Module):
         return capture.results[0]
 
     def _run_pipeline(self, gm: fx.GraphModule, index: int) -> PassResult:
+        self._names.annotate(gm)
         try:
-            return run_pipeline(gm, self.policy, graph_index=index, verify=self.strict)
+            return run_pipeline(gm, self.policy, graph_index=index, verify=self.strict, modules=self._names)
         except Exception as error:  # a bug in attncc must not stop the user's model: run the graph as it was
             if self.strict:
                 raise
-            log.warning("attncc: graph %d left unchanged: %s: %s", index, type(error).__name__, error)
-            from attncc.site import RejectedSite
-
-            return PassResult(gm, [], [RejectedSite("", f"attncc internal error: {type(error).__name__}: {error}")])
+            reason = f"attncc internal error, graph left unchanged: {type(error).__name__}: {error}"
+            _warn(f"attncc: graph {index}: {reason}")
+            return PassResult(gm, [], [RejectedSite("", reason)])
 
     def _on_dynamo_graph(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         if self._pending is None:
             self._pending = Capture("dynamo")
-        result = self._run_pipeline(gm, len(self._pending.results))
-        self._pending.results.append(result)
+        capture = self._pending
+        position = len(capture.results)
+        self._names.annotate(gm)
+        capture.attention_calls.append(graph_attention_calls(gm))
+        capture.graph_calls.append(0)
+        result = self._run_pipeline(gm, position)
+        capture.results.append(result)
         rewritten = result.graph_module
         if self.backend == "eager":
             compiled = rewritten.forward
@@ -103,7 +234,13 @@ class CompiledModule(nn.Module):
             from torch._dynamo import lookup_backend
 
             compiled = lookup_backend(self.backend)(rewritten, example_inputs)
-        return self._measuring_first_call(result, compiled)
+        run = self._measuring_first_call(result, compiled)
+
+        def counted(*args):
+            capture.graph_calls[position] += 1
+            return run(*args)
+
+        return counted
 
     def _measuring_first_call(self, result: PassResult, compiled: Callable) -> Callable:
         """``compiled``, except that its first call runs the graph through the error-measuring interpreter."""
@@ -128,19 +265,39 @@ class CompiledModule(nn.Module):
                 return out
             return result.graph_module(*call.args, **call.kwargs)
         if self._dynamo is None:
-            self._dynamo = dynamo_capture(self.model, self._on_dynamo_graph)
+            self._dynamo = dynamo_capture(self.original_model, self._on_dynamo_graph)
         self._pending = None
+        breaks_before = snapshot_graph_breaks()
         try:
-            out = self._dynamo(*call.args, **call.kwargs)
+            out = run_captured(self._dynamo, call.args, call.kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             raise AttnccError(f"attncc failed on a captured graph: {error.inner_exception}") from error
-        if self._pending is not None and self._pending.results:
-            self._latest = self._pending
-        self._pending = None
+        capture, self._pending = self._pending, None
+        if capture is not None and capture.results:
+            if snapshot_graph_breaks() != breaks_before or len(capture.results) > 1:
+                self._account_uncaptured(capture, call, graph_break_reasons(breaks_before))
+            self._latest = capture
+        elif self._latest is None:
+            self._loud("Dynamo captured no graph of the model (is torch.compile disabled for it, or a "
+                       "TorchDispatchMode active?): it ran with its attention unchanged")
         return out
 
-    def forward(self, *args, **kwargs):
-        return self._run(CallArgs(args, kwargs))
+    def _account_uncaptured(self, capture: Capture, call: CallArgs, reason: str) -> None:
+        """Report attention that ran eagerly next to the graphs of ``capture`` (see ``attncc.uncaptured``)."""
+        in_graphs: Counter = Counter()
+        for calls, counts in zip(capture.graph_calls, capture.attention_calls):
+            for module, n in counts.items():
+                in_graphs[module] += n * calls
+        eager = eager_attention_calls(self.original_model, self._names, call.args, call.kwargs)
+        capture.uncaptured = uncaptured_sites(eager, in_graphs, reason)
+        for missed in capture.uncaptured:
+            self._loud(f"{missed.module or '<root>'}: {missed.reason}")
+
+    def _loud(self, message: str) -> None:
+        """Tell the user: raise with strict=True, else warn."""
+        if self.strict:
+            raise AttnccError(f"attncc: {message}")
+        _warn(f"attncc: {message}")
 
     # -------------------------------------------------------------------------------------------- report
     @property
@@ -166,8 +323,28 @@ class CompiledModule(nn.Module):
                 error = result.errors.get(position) if result.errors else None
                 sites.append(SiteReport.from_site(site, error))
             rejected.extend(RejectedReport.from_rejected(r) for r in result.rejected)
+        rejected.extend(RejectedReport.from_rejected(r) for r in self._latest.uncaptured)
         return Report(sites, rejected, frontend=self._latest.frontend, graphs=len(self._latest.results),
                       policy=str(self.policy))
+
+
+_MISSING = object()
+
+
+def _structure_fingerprint(model: nn.Module) -> int:
+    """Identity of every submodule, parameter and buffer of ``model`` by name: changes when one is replaced."""
+    return hash(tuple((name, id(obj)) for named in (model.named_modules(remove_duplicate=False),
+                                                   model.named_parameters(remove_duplicate=False),
+                                                   model.named_buffers(remove_duplicate=False))
+                      for name, obj in named))
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, AttnccWarning, stacklevel=3)
+
+
+class AttnccWarning(UserWarning):
+    """What attncc left alone or could not see (also in ``report().rejected``)."""
 
 
 def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any = None, *, frontend: str = "auto",
@@ -185,7 +362,8 @@ def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any 
         frontend: ``"auto"`` (fx.symbolic_trace, else Dynamo), ``"fx"`` or ``"dynamo"``.
         backend: with Dynamo capture, what runs the rewritten graphs: ``"eager"`` or any ``torch.compile``
             backend (``"inductor"``, ``"aot_eager"`` ...), so attncc composes with torch.compile.
-        strict: raise on internal errors instead of running an affected graph unchanged (tests use this).
+        strict: raise instead of warning when a graph is left unchanged (an internal error), when attention ran
+            outside the captured graphs, or when nothing could be captured.
         measure_error: at the first call of each captured graph (the example inputs, when given), also run
             exact attention at every approximate site and report the error (relative L2, cosine).
 

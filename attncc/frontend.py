@@ -53,9 +53,9 @@ def try_symbolic_trace(model: nn.Module, call: CallArgs) -> Optional[fx.GraphMod
 
     On success every node carries ``meta['val']`` (FakeTensors propagated from ``call``).
     """
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
+    try:  # the class forward: the instance's may be routed through attncc while capturing
+        params = list(inspect.signature(type(model).forward).parameters.values())[1:]
+    except (TypeError, ValueError, IndexError):
         return None
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
         return None
@@ -101,8 +101,46 @@ def propagate_fake_values(gm: fx.GraphModule, call: CallArgs) -> None:
 
 
 def dynamo_capture(model: nn.Module, on_graph: Callable[[fx.GraphModule, list], Callable]) -> Callable:
-    """``model`` wrapped by ``torch.compile`` with a backend that passes each captured graph to ``on_graph``.
+    """The class forward of ``model``, bound to it, wrapped by ``torch.compile`` with a backend that passes each
+    captured graph to ``on_graph``.
 
-    ``on_graph(gm, example_inputs)`` returns the callable Dynamo runs in the graph's place.
+    ``on_graph(gm, example_inputs)`` returns the callable Dynamo runs in the graph's place. The class forward (not
+    ``model.__call__``) is compiled because the compiled module runs the model's own ``__call__``, hooks and all,
+    with the instance's ``forward`` routed here.
     """
-    return torch.compile(model, backend=on_graph, dynamic=None)
+    forward = type(model).forward.__get__(model)
+    return torch.compile(forward, backend=on_graph, dynamic=None)
+
+
+RECOMPILE_LIMIT = 256
+"""Dynamo's cache entries per function attncc allows while it runs a model: each ``attncc.compile`` is a new
+backend, so compiling models that share code (every instance of a transformers class, one model compiled with
+several policies) adds entries to the same functions; at Dynamo's default (8) the ninth would silently run the
+original model."""
+
+
+def run_captured(compiled: Callable, args: tuple, kwargs: dict) -> Any:
+    """Call a ``dynamo_capture`` result with room for many attncc compiles, and failing loudly (AttnccError)
+    instead of Dynamo's silent fallback to the original code when its recompile limit is still reached."""
+    from torch._dynamo import config
+
+    patch = {}
+    for name, floor in (("recompile_limit", RECOMPILE_LIMIT), ("cache_size_limit", RECOMPILE_LIMIT),
+                        ("accumulated_recompile_limit", 16 * RECOMPILE_LIMIT),
+                        ("accumulated_cache_size_limit", 16 * RECOMPILE_LIMIT)):
+        if hasattr(config, name) and getattr(config, name) < floor:
+            patch[name] = floor
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(config, name) and not getattr(config, "suppress_errors", False):
+            patch[name] = True
+            break
+    try:
+        with config.patch(patch):
+            return compiled(*args, **kwargs)
+    except Exception as error:
+        if type(error).__name__ not in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit"):
+            raise
+        from attncc.errors import AttnccError
+
+        raise AttnccError("Dynamo's recompile limit was reached for this model, so it would run with its attention "
+                          "unchanged; call torch._dynamo.reset() or raise torch._dynamo.config.recompile_limit") from error

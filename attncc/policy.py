@@ -14,8 +14,9 @@ and the general one a list of rules (or a YAML/JSON file of them)::
         attncc.Rule(kind="self", causal=True, variant="local(window=256, sinks=4)", min_len=2048),
     ])
 
-A selector is any combination of ``match`` (fnmatch glob on the module path), ``layers`` (inclusive range of
-the first integer in the module path: ``"4-11"``, ``[4, 11]`` or ``7``), ``kind`` (``self``/``cross``) and
+A selector is any combination of ``match`` (fnmatch glob on the module's name as ``model.named_modules()`` gives
+it), ``layers`` (inclusive range of the layer number: the module's index in the model's first stack of repeated
+layers, ``"4-11"``, ``[4, 11]`` or ``7``), ``kind`` (``self``/``cross``) and
 ``causal`` (true/false). ``min_len``: below this key length the site runs exact at run time (no recapture).
 """
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from attncc.errors import AttnccError
+from attncc.module_names import first_integer
 
 RULE_FIELDS = ("variant", "match", "layers", "kind", "causal", "min_len")
 KINDS = ("self", "cross")
@@ -46,9 +48,11 @@ class Rule:
     variant: str = "exact"
     """Variant text (``"exact"``, ``"none"``, ``"local(window=256, sinks=4)"``, ...)."""
     match: Optional[str] = None
-    """fnmatch glob on the site's module path, e.g. ``"*.layers.*.self_attn"``; None matches every module."""
+    """fnmatch glob on the site's module name (as ``model.named_modules()`` gives it), e.g.
+    ``"*.layers.*.self_attn"``; None matches every module."""
     layers: Optional[tuple[int, int]] = None
-    """Inclusive range of the layer index (the first integer in the module path)."""
+    """Inclusive range of the layer number (the module's index in the model's first stack of repeated layers,
+    ``model.layers.7.self_attn`` -> 7; see ``attncc.module_names``)."""
     kind: Optional[str] = None
     """'self' or 'cross'; None matches both."""
     causal: Optional[bool] = None
@@ -86,7 +90,7 @@ class Rule:
         if self.match is not None and not fnmatch.fnmatchcase(site.module, self.match):
             return False
         if self.layers is not None:
-            layer = layer_index(site.module)
+            layer = site.layer if site.layer is not None else layer_index(site.module)
             if layer is None or not self.layers[0] <= layer <= self.layers[1]:
                 return False
         if self.kind is not None and site.kind != self.kind:
@@ -110,11 +114,9 @@ class Rule:
 
 
 def layer_index(module: str) -> Optional[int]:
-    """The first integer component of a module path (``model.layers.3.self_attn`` -> 3), None if there is none."""
-    for part in module.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
+    """The first integer component of a module path (``model.layers.3.self_attn`` -> 3), None if there is none;
+    used only for sites whose layer number the model's structure did not give (``AttentionSite.layer``)."""
+    return first_integer(module)
 
 
 def _layer_range(value, name: str) -> Optional[tuple[int, int]]:

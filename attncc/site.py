@@ -39,7 +39,7 @@ class AttentionSite:
     """
 
     module: str
-    """Dotted path of the module the computation lives in (from nn_module_stack), '' for the root."""
+    """The name ``model.named_modules()`` gives the module the computation lives in, '' for the root."""
     source: str
     """How the model spelled it: 'sdpa' or 'explicit'."""
     q: fx.Node
@@ -83,6 +83,9 @@ class AttentionSite:
     dropout_p: float = 0.0
     """Dropout on the probabilities, 0 in eval mode."""
     dtype: Optional[torch.dtype] = None
+    layer: Optional[int] = None
+    """The layer number policies select on (``Rule(layers=...)``): the module's index in the model's first stack of
+    repeated layers (``attncc.module_names``); None where the structure gives none."""
     graph_index: int = 0
     """Which captured graph the site is in."""
     index: int = 0

@@ -11,6 +11,7 @@ from typing import Optional
 import torch.fx as fx
 
 from attncc.measure import SiteError
+from attncc.module_names import ModuleNames
 from attncc.passes.canonicalize import canonicalize
 from attncc.passes.detect import detect_sites
 from attncc.passes.masks import analyze_masks
@@ -34,10 +35,18 @@ class PassResult:
     """Measured error per site position, filled by the first run of the graph (None until then)."""
 
 
-def run_pipeline(gm: fx.GraphModule, policy: Policy, graph_index: int = 0, verify: bool = False) -> PassResult:
-    """canonicalize -> detect -> analyze masks -> plan -> rewrite on one graph."""
+def run_pipeline(gm: fx.GraphModule, policy: Policy, graph_index: int = 0, verify: bool = False,
+                 modules: Optional[ModuleNames] = None) -> PassResult:
+    """canonicalize -> detect -> analyze masks -> plan -> rewrite on one graph.
+
+    ``modules`` (the compiled model's names) gives each site its layer number; the frontend has already named
+    the nodes' modules by identity (``ModuleNames.annotate``).
+    """
     canonical = canonicalize(gm)
     sites, rejected = detect_sites(canonical, graph_index)
+    if modules is not None:
+        for site in sites:
+            site.layer = modules.layer_of(site.module)
     analyze_masks(canonical, sites)
     plan_sites(canonical, sites, policy)
     # policy 'none' runs the captured graph exactly as it was; detection only reports

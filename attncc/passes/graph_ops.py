@@ -178,20 +178,16 @@ def scalar_constant(x: Any) -> Optional[float]:
 
 
 def module_path(node: fx.Node) -> str:
-    """Dotted module path from ``nn_module_stack`` (Dynamo's ``L['self'].layers.0`` becomes ``layers.0``)."""
+    """The name ``named_modules()`` gives the module a node was computed in ('' for the root).
+
+    The frontend sets it by module identity (``attncc.module_names``); a module the model does not contain (one
+    made during forward) keeps Dynamo's source string, made readable.
+    """
+    from attncc.module_names import META_KEY, readable_source
+
+    if META_KEY in node.meta:
+        return node.meta[META_KEY]
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
-    return clean_module_path(path)
-
-
-def clean_module_path(path: str) -> str:
-    import re
-
-    path = re.sub(r"^L\['self'\]\.?", "", path)
-    path = re.sub(r"^L\['(\w+)'\]\.?", "", path)
-    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    return path.strip(".")
+    return readable_source(list(stack.values())[-1][0])
