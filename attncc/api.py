@@ -175,7 +175,7 @@ class CompiledModule(nn.Module):
     def capture(self, example_inputs: Any) -> None:
         """Capture (and rewrite) now for these inputs instead of at the first call."""
         call = CallArgs.from_example(example_inputs)
-        with torch.no_grad(), self._routing():
+        with torch.no_grad():
             self._run(call)
 
     def _fx_graph(self, call: CallArgs) -> Optional[PassResult]:
@@ -209,13 +209,18 @@ class CompiledModule(nn.Module):
     def _run_pipeline(self, gm: fx.GraphModule, index: int) -> PassResult:
         self._names.annotate(gm)
         try:
-            return run_pipeline(gm, self.policy, graph_index=index, verify=self.strict, modules=self._names)
+            result = run_pipeline(gm, self.policy, graph_index=index, verify=self.strict, modules=self._names)
         except Exception as error:  # a bug in attncc must not stop the user's model: run the graph as it was
             if self.strict:
                 raise
             reason = f"attncc internal error, graph left unchanged: {type(error).__name__}: {error}"
             _warn(f"attncc: graph {index}: {reason}")
             return PassResult(gm, [], [RejectedSite("", reason)])
+        if result.rejected:
+            listed = "; ".join(f"{r.module or '<root>'}: {r.reason}" for r in result.rejected[:4])
+            more = f" (and {len(result.rejected) - 4} more)" if len(result.rejected) > 4 else ""
+            _warn(f"attncc: {len(result.rejected)} attention-like computation(s) left unchanged: {listed}{more}")
+        return result
 
     def _on_dynamo_graph(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         if self._pending is None:
@@ -288,7 +293,15 @@ class CompiledModule(nn.Module):
         for calls, counts in zip(capture.graph_calls, capture.attention_calls):
             for module, n in counts.items():
                 in_graphs[module] += n * calls
-        eager = eager_attention_calls(self.original_model, self._names, call.args, call.kwargs)
+        model = self.original_model
+        routed = model.__dict__.get("forward") is self._route
+        if routed:  # count the original model's own attention, not a second run of this one
+            del model.__dict__["forward"]
+        try:
+            eager = eager_attention_calls(model, self._names, call.args, call.kwargs)
+        finally:
+            if routed:
+                model.__dict__["forward"] = self._route
         capture.uncaptured = uncaptured_sites(eager, in_graphs, reason)
         for missed in capture.uncaptured:
             self._loud(f"{missed.module or '<root>'}: {missed.reason}")

@@ -130,6 +130,10 @@ def run_captured(compiled: Callable, args: tuple, kwargs: dict) -> Any:
                         ("accumulated_cache_size_limit", 16 * RECOMPILE_LIMIT)):
         if hasattr(config, name) and getattr(config, name) < floor:
             patch[name] = floor
+    # a float attribute (an attention module's scaling) that differs between two models of one class would
+    # become a run-time graph input at the second compile: keep floats constants, as they are in one model
+    if hasattr(config, "specialize_float"):
+        patch["specialize_float"] = True
     for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
         if hasattr(config, name) and not getattr(config, "suppress_errors", False):
             patch[name] = True
