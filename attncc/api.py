@@ -90,6 +90,7 @@ class CompiledModule(nn.Module):
         self._fingerprint = _structure_fingerprint(model)
         self._fx_graphs: dict[tuple, PassResult] = {}
         self._fx_captures: dict[tuple, Capture] = {}
+        self._fx_compiled: dict[fx.GraphModule, Callable] = {}
         self._dynamo: Optional[Callable] = None
         self._latest: Optional[Capture] = None
         self._pending: Optional[Capture] = None
@@ -268,7 +269,7 @@ class CompiledModule(nn.Module):
                 result.errors = {}
                 out, result.errors = run_measuring(result.graph_module, placeholder_values(result.graph_module, call))
                 return out
-            return result.graph_module(*call.args, **call.kwargs)
+            return self._compiled_fx(result.graph_module)(*call.args, **call.kwargs)
         if self._dynamo is None:
             self._dynamo = dynamo_capture(self.original_model, self._on_dynamo_graph)
         self._pending = None
@@ -286,6 +287,17 @@ class CompiledModule(nn.Module):
             self._loud("Dynamo captured no graph of the model (is torch.compile disabled for it, or a "
                        "TorchDispatchMode active?): it ran with its attention unchanged")
         return out
+
+    def _compiled_fx(self, gm: fx.GraphModule) -> Callable:
+        """What runs an fx-captured graph: ``gm`` itself for backend ``"eager"``, else ``torch.compile(gm,
+        backend=self.backend)`` (made once per graph), so ``backend`` means on the fx frontend what it means with
+        Dynamo capture. The attncc op has a fake implementation, so the rewritten graph compiles whole."""
+        if self.backend == "eager":
+            return gm
+        if gm not in self._fx_compiled:
+            self._fx_compiled[gm] = torch.compile(gm, backend=self.backend)
+        return self._fx_compiled[gm]
+
 
     def _account_uncaptured(self, capture: Capture, call: CallArgs, reason: str) -> None:
         """Report attention that ran eagerly next to the graphs of ``capture`` (see ``attncc.uncaptured``)."""
@@ -373,8 +385,9 @@ def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any 
         example_inputs: a tuple of positional arguments or a dict of keyword arguments; when None the model is
             captured at its first call.
         frontend: ``"auto"`` (fx.symbolic_trace, else Dynamo), ``"fx"`` or ``"dynamo"``.
-        backend: with Dynamo capture, what runs the rewritten graphs: ``"eager"`` or any ``torch.compile``
-            backend (``"inductor"``, ``"aot_eager"`` ...), so attncc composes with torch.compile.
+        backend: what runs the rewritten graphs (either frontend): ``"eager"`` or any ``torch.compile`` backend
+            (``"inductor"``, ``"aot_eager"`` ..., or a callable), so attncc composes with torch.compile. An
+            unknown name raises AttnccError here.
         strict: raise instead of warning when a graph is left unchanged (an internal error), when attention ran
             outside the captured graphs, or when nothing could be captured.
         measure_error: at the first call of each captured graph (the example inputs, when given), also run
@@ -390,5 +403,41 @@ def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any 
         raise AttnccError(f"attncc.compile expects a torch.nn.Module, got {type(model).__name__}")
     if frontend not in FRONTENDS:
         raise AttnccError(f"unknown frontend {frontend!r}: valid frontends are {', '.join(FRONTENDS)}")
-    return CompiledModule(model, as_policy(policy), example_inputs, frontend=frontend, backend=backend,
-                          strict=strict, measure_error=measure_error)
+    check_backend(backend)
+    from attncc.runtime.dispatch import selected_backend
+
+    selected_backend()  # a bad ATTNCC_BACKEND is one error now, not one per op call after capture
+    compiled = CompiledModule(model, as_policy(policy), example_inputs, frontend=frontend, backend=backend,
+                              strict=strict, measure_error=measure_error)
+    if example_inputs is not None:
+        _warn_if_no_attention(compiled)
+    return compiled
+
+
+DEFAULT_BACKENDS = ("eager", "aot_eager", "inductor")
+"""torch.compile backends that ``torch._dynamo.list_backends()`` leaves out by default (debug tags) or that a
+user names most often; the error for an unknown backend lists them first."""
+
+
+def check_backend(backend: Union[str, Callable]) -> None:
+    """Raise AttnccError unless ``backend`` is a callable or the name of a registered ``torch.compile`` backend."""
+    if callable(backend):
+        return
+    from torch._dynamo import list_backends
+
+    if isinstance(backend, str) and backend in set(list_backends(exclude_tags=())) | set(DEFAULT_BACKENDS):
+        return
+    shown = list(DEFAULT_BACKENDS) + [b for b in list_backends() if b not in DEFAULT_BACKENDS]
+    raise AttnccError(f"unknown backend {backend!r}: valid backends are {', '.join(shown)} (every name: "
+                      f"torch._dynamo.list_backends(exclude_tags=())), or a callable torch.compile backend")
+
+
+def _warn_if_no_attention(compiled: CompiledModule) -> None:
+    """Warn (the ``attncc`` logger, as for graphs left unchanged) when a capture found no attention at all, so a
+    model attncc cannot help is not mistaken for one it rewrote."""
+    capture = compiled._latest
+    if capture is None or any(result.sites for result in capture.results):
+        return
+    near = sum(len(result.rejected) for result in capture.results)
+    _warn(f"attncc: no attention found in {type(compiled.original_model).__name__}: nothing was rewritten"
+          + (f" ({near} near-miss(es) in report().rejected)" if near else ""))

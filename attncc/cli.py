@@ -1,11 +1,13 @@
 """The ``attncc`` command line: ``attncc inspect MODEL``, ``attncc demo`` and ``attncc cache list|info|clear``.
 
-Every user mistake (unknown model spec, missing file, bad policy, a model that cannot be captured) prints one
-line ``attncc: error: ...`` and exits with status 2; ``ATTNCC_DEBUG=1`` shows the traceback instead.
+Every user mistake (unknown model spec, missing file, bad policy, inputs the model rejects, a model that cannot be
+captured, a size that does not fit in memory) prints one line ``attncc: error: ...`` and exits with status 2;
+torch's capture logs and warnings are hidden. ``ATTNCC_DEBUG=1`` shows the traceback and the logs instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -51,20 +53,101 @@ def relative_error(reference, candidate) -> float:
 
 
 def _compile_loaded(loaded, policy):
+    """``(compiled model, the original's output on the example inputs)``.
+
+    The original runs first, so inputs the model rejects are reported as the model's own error, not as the
+    Dynamo error that wraps it during capture.
+    """
     import attncc
 
+    with _quiet_capture():
+        try:
+            reference = _call(loaded.model, loaded.example_inputs)
+        except Exception as error:
+            if _out_of_memory(error) is not None:
+                raise
+            raise AttnccError(f"the model failed on its example inputs: {type(error).__name__}: "
+                              f"{_first_line(error)}") from error
+        try:
+            cm = attncc.compile(loaded.model, policy, example_inputs=loaded.example_inputs)
+        except AttnccError:
+            raise
+        except Exception as error:  # capture failed on a model that runs
+            if _out_of_memory(error) is not None:
+                raise
+            cause = _root_cause(error)  # Dynamo wraps the error that stopped it ("when making fake tensor call")
+            raise AttnccError(f"could not capture the model: {type(cause).__name__}: {_first_line(cause)}") from error
+    return cm, reference
+
+
+QUIETED_LOGGERS = ("torch", "transformers")
+"""Loggers whose capture-time output (Dynamo / Inductor / fake-tensor errors, transformers advice) the CLI hides
+unless ATTNCC_DEBUG is set: a user mistake is one line, and capture noise buries it."""
+
+
+@contextlib.contextmanager
+def _quiet_capture():
+    """Silence torch / transformers logging and non-attncc warnings for the block (unless ATTNCC_DEBUG)."""
+    if os.environ.get("ATTNCC_DEBUG"):
+        yield
+        return
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(name) for name in QUIETED_LOGGERS]
+    levels = [logger.level for logger in loggers]
     try:
-        cm = attncc.compile(loaded.model, policy, example_inputs=loaded.example_inputs)
-    except AttnccError:
-        raise
-    except Exception as error:  # the model itself failed on its inputs, or capture failed
-        raise AttnccError(f"could not capture the model: {type(error).__name__}: {_first_line(error)}") from error
-    return cm
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.filterwarnings("default", message="attncc: ")  # attncc's own warnings stay visible
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _out_of_memory(error: BaseException):
+    """The out-of-memory error in ``error``'s chain of causes (MemoryError, torch.OutOfMemoryError, the CPU
+    allocator's RuntimeError 'not enough memory'), or None."""
+    import torch
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+            return error
+        if isinstance(error, RuntimeError) and any(
+                text in str(error) for text in ("not enough memory", "out of memory", "Out of memory")):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost error in ``error``'s chain (``raise ... from`` causes, or errors raised while handling
+    another, even where ``from None`` hid it): Dynamo re-raises a model's error through several wrappers whose
+    first lines hide it."""
+    seen = {id(error)}
+    while True:
+        inner = error.__cause__ or error.__context__
+        if inner is None or id(inner) in seen:
+            return error
+        error = inner
+        seen.add(id(error))
 
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return text[0] if text else ""
+    return text[0] if text else type(error).__name__
+
+
+def _check_environment() -> None:
+    """Settings read from the environment, checked before any model is built (one line when wrong)."""
+    from attncc.runtime.dispatch import selected_backend
+
+    selected_backend()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,9 +176,11 @@ def inspect(model, policy, as_json, graph, seq_len, batch, attn):
     from attncc.models import load_model
     from attncc.policy import as_policy
 
+    _check_environment()
     chosen = as_policy(policy)
-    loaded = load_model(model, seq_len=seq_len, batch=batch, attn=attn)
-    cm = _compile_loaded(loaded, chosen)
+    with _quiet_capture():
+        loaded = load_model(model, seq_len=seq_len, batch=batch, attn=attn)
+    cm, _ = _compile_loaded(loaded, chosen)
     report = cm.report()
     if as_json:
         data = report.to_dict()
@@ -104,8 +189,8 @@ def inspect(model, policy, as_json, graph, seq_len, batch, attn):
             data["graph"] = cm.code()
         click.echo(json.dumps(data, indent=2, default=str))
         return
-    click.echo(f"{model}: {loaded.description}")
-    click.echo(report.render(), nl=False)
+    click.echo(loaded.description)  # it starts with the spec
+    click.echo(report.render(model=model), nl=False)
     if graph:
         click.echo(cm.code())
 
@@ -132,19 +217,19 @@ def demo(seq_len, batch, repeat):
 
     from attncc.models import build_demo_model
 
+    _check_environment()
     loaded = build_demo_model(seq_len=seq_len, batch=batch)
-    cm = _compile_loaded(loaded, "exact")
-    console = Console(width=120)
+    cm, reference = _compile_loaded(loaded, "exact")
+    console = Console(width=150)
     console.print(loaded.description)
     console.print(cm.report().table())
-    reference = _call(loaded.model, loaded.example_inputs)
     compiled = _call(cm, loaded.example_inputs)
     error = relative_error(reference, compiled)
     t_orig = _time(lambda: _call(loaded.model, loaded.example_inputs), repeat)
     t_cc = _time(lambda: _call(cm, loaded.example_inputs), repeat)
-    table = Table(title=f"original vs attncc exact (torch {torch.__version__}, {torch.get_num_threads()} threads, "
-                        f"batch {batch}, {seq_len} tokens, median of {repeat})", title_justify="left")
-    for col in ("model", "time (ms)", "speedup", "rel. error vs original"):
+    table = Table(title=f"original vs attncc exact, measured (torch {torch.__version__}, {torch.get_num_threads()} "
+                        f"threads, batch {batch}, {seq_len} tokens, median of {repeat})", title_justify="left")
+    for col in ("model", "measured time (ms)", "measured speedup", "rel. error vs original"):
         table.add_column(col, justify="right" if col != "model" else "left")
     table.add_row("original", f"{t_orig * 1e3:.1f}", "1.00x", "-")
     table.add_row("attncc exact", f"{t_cc * 1e3:.1f}", f"{t_orig / t_cc:.2f}x", f"{error:.2e}")
@@ -268,7 +353,14 @@ def main(argv=None) -> int:
     except AttnccError as error:
         if os.environ.get("ATTNCC_DEBUG"):
             raise
-        click.echo(f"attncc: error: {error}", err=True)
+        click.echo(f"attncc: error: {_first_line(error)}", err=True)
+        return 2
+    except Exception as error:  # out of memory is the user's size, not a bug: one line; anything else is a bug
+        memory = _out_of_memory(error)
+        if memory is None or os.environ.get("ATTNCC_DEBUG"):
+            raise
+        click.echo(f"attncc: error: out of memory: {type(memory).__name__}: {_first_line(memory)} "
+                   f"(try a smaller --seq-len or --batch)", err=True)
         return 2
     return 0
 

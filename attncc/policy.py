@@ -68,13 +68,7 @@ class Rule:
             raise AttnccError(f"{name}: field 'variant' must be a variant string such as 'local(window=256)', "
                               f"'exact' or 'none', got {self.variant!r}")
         object.__setattr__(self, "variant", self.variant.strip())
-        if self.variant != "none":
-            from attncc.variants.parse import parse_variant
-
-            try:
-                parse_variant(self.variant)
-            except AttnccError as err:
-                raise AttnccError(f"{name}: field 'variant': {err}") from None
+        check_variant(self.variant, f"{name}: field 'variant'")
         if self.match is not None and not isinstance(self.match, str):
             raise AttnccError(f"{name}: field 'match' must be a glob string such as '*.self_attn', got {self.match!r}")
         object.__setattr__(self, "layers", _layer_range(self.layers, name))
@@ -111,6 +105,27 @@ class Rule:
         if self.causal is not None:
             parts.append("causal" if self.causal else "bidirectional")
         return ", ".join(parts) or "every site"
+
+
+def check_variant(text: str, where: str) -> None:
+    """Raise ``AttnccError("<where>: <what is wrong>")`` unless ``text`` is ``none`` or a valid variant.
+
+    Only an unknown variant name lists ``none`` among the choices; a wrong parameter names the valid
+    parameters of that variant, nothing else.
+    """
+    if text == "none":
+        return
+    from attncc.variants.parse import UnknownName, parse_variant
+
+    try:
+        parse_variant(text)
+    except UnknownName as err:
+        if err.what != "variant":
+            raise AttnccError(f"{where}: {err}") from None
+        raise AttnccError(f"{where}: unknown variant {err.name!r}: valid variants are {', '.join(err.valid)}, "
+                          f"or 'none' (detect and report only)") from None
+    except AttnccError as err:
+        raise AttnccError(f"{where}: {err}") from None
 
 
 def layer_index(module: str) -> Optional[int]:
@@ -227,13 +242,8 @@ def _as_rule(rule: RuleLike, number: int, count: int) -> Rule:
         return rule if rule.label else Rule(**{f.name: getattr(rule, f.name) for f in fields(Rule) if f.name != "label"},
                                             label=label)
     if isinstance(rule, str):
-        if count == 1 and rule.strip() not in ("none",):
-            from attncc.variants.parse import parse_variant
-
-            try:
-                parse_variant(rule)
-            except AttnccError as err:
-                raise AttnccError(f"policy {rule!r}: {err} (or 'none')") from None
+        if count == 1:  # a one-string policy: name the policy, not 'rule: field variant'
+            check_variant(rule.strip(), f"policy {rule!r}")
         return Rule(variant=rule, label=label)
     if isinstance(rule, dict):
         unknown = [k for k in rule if k not in RULE_FIELDS]

@@ -129,8 +129,10 @@ class Report:
         from rich.table import Table
 
         table = Table(title=title or f"attention sites ({self.frontend}, {self.graphs} graph(s), policy "
-                                     f"{self.policy!r})", title_justify="left")
-        numbers = ("GFLOP", "saved", "rel. error", "cosine")
+                                     f"{self.policy!r})", title_justify="left", caption=FLOPS_CAPTION,
+                      caption_justify="left")
+        # FLOP columns are counted from shapes, not timed: their names say so, next to measured time elsewhere
+        numbers = ("attn GFLOP", "attn FLOPs\nratio", "rel. error", "cosine")
         for col in ("#", "module", "kind", "mask", "heads q/kv", "len q/kv", "variant", *numbers):
             table.add_column(col, overflow="fold", justify="right" if col in numbers else "left")
         for s in self.sites:
@@ -162,13 +164,20 @@ class Report:
             table.add_row(r.module or "<root>", r.reason)
         return table
 
-    def render(self, width: int = 150) -> str:
+    def render(self, width: int = 150, model: Optional[str] = None) -> str:
+        """The report as text: the site table, why each site got its variant, the near-misses; a capture that
+        found no attention says ``no attention found in <model>`` instead of showing an empty table."""
         from rich.console import Console
 
         buffer = io.StringIO()
         console = Console(file=buffer, width=width, force_terminal=False, color_system=None)
         if not self.captured:
             console.print("nothing captured yet: call the compiled model once (or pass example_inputs)")
+        elif not self.sites:
+            console.print(f"no attention found in {model or 'the model'}: nothing was rewritten ({self.frontend}, "
+                          f"{self.graphs} graph(s), policy {self.policy!r})", markup=False, highlight=False)
+            if self.rejected:
+                console.print(self.rejected_table())
         else:
             console.print(self.table())
             if any(s.reason and s.reason != f"policy: {self.policy}" for s in self.sites):
@@ -179,6 +188,10 @@ class Report:
 
     def __str__(self) -> str:
         return self.render()
+
+
+FLOPS_CAPTION = ("attn GFLOP: attention FLOPs, model -> attncc, counted from shapes; attn FLOPs ratio: model / attncc, "
+                 "an estimate, not a measured speedup. rel. error, cosine: measured on the first call.")
 
 
 def _gflop(value: Any) -> str:

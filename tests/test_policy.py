@@ -76,6 +76,28 @@ def test_bad_rules_name_rule_field_and_choices(rule, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("rules, message", [
+    ("local(windw=256)", "valid parameters are window, left, right, sinks, globals"),
+    ("local(window=-3)", "local: window must be"),
+    ("block_sparse(pattern=nope(x=1))", "valid patterns are bigbird"),
+    (["exact", "local(windw=256)"], "rule 2: field 'variant': local: unknown parameter 'windw'"),
+], ids=["parameter", "value", "pattern", "rule-parameter"])
+def test_parameter_errors_name_only_that_fields_choices(rules, message):
+    """'none' is a choice for the variant name only; a wrong parameter must not end in "(or 'none')"."""
+    with pytest.raises(AttnccError) as err:
+        Policy(rules)
+    assert message in str(err.value) and "none" not in str(err.value)
+
+
+@pytest.mark.parametrize("rules, where", [("fastest", "policy 'fastest'"), (["exact", "fastest"], "rule 2")])
+def test_unknown_variant_lists_none_among_the_variants(rules, where):
+    with pytest.raises(AttnccError) as err:
+        Policy(rules)
+    assert str(err.value).startswith(f"{where}")
+    assert "unknown variant 'fastest': valid variants are exact, local" in str(err.value)
+    assert str(err.value).endswith("or 'none' (detect and report only)")
+
+
 def test_bad_parameter_value_names_the_field():
     with pytest.raises(AttnccError, match="local: .*window"):
         Policy("local(window=-3)")

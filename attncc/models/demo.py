@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attncc.errors import AttnccError
+from attncc.models.memory import available_memory_bytes, format_bytes
 from attncc.models.zoo import LoadedModel
 
 
@@ -160,6 +162,7 @@ def build_demo_model(seq_len: int = 512, batch: int = 1, seed: int = 0) -> Loade
     """
     cfg = DemoConfig()
     cfg.max_len = max(cfg.max_len, seq_len)
+    check_demo_fits(cfg, seq_len, batch)
     torch.manual_seed(seed)
     model = DemoGPT(cfg).eval()
     input_ids = torch.randint(0, cfg.vocab_size, (batch, seq_len))
@@ -169,3 +172,26 @@ def build_demo_model(seq_len: int = 512, batch: int = 1, seed: int = 0) -> Loade
         f"vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params), input_ids [{batch}, {seq_len}]"
     )
     return LoadedModel(model=model, example_inputs=(input_ids,), description=description)
+
+
+def demo_memory_bytes(cfg: DemoConfig, seq_len: int, batch: int) -> tuple[int, int]:
+    """(causal mask, attention scores) bytes the demo needs at these sizes: the bool mask is
+    ``max_len x max_len``; one layer's attention holds about two fp32 ``[batch, heads, T, T]`` score tensors at
+    once (the scores and their masked / softmaxed copy)."""
+    mask = cfg.max_len * cfg.max_len
+    scores = 2 * 4 * batch * cfg.heads * seq_len * seq_len
+    return mask, scores
+
+
+def check_demo_fits(cfg: DemoConfig, seq_len: int, batch: int, available: int | None = None) -> None:
+    """Raise AttnccError when the demo's mask and scores would not fit in the memory available (``available``
+    bytes; default: what the host reports), so an oversized ``--seq-len`` is one line, not an allocator crash."""
+    available = available_memory_bytes() if available is None else available
+    if available is None:
+        return
+    mask, scores = demo_memory_bytes(cfg, seq_len, batch)
+    if mask + scores > available:
+        raise AttnccError(
+            f"the demo at seq_len {seq_len}, batch {batch} needs about {format_bytes(mask + scores)} (causal mask "
+            f"{format_bytes(mask)} + attention scores {format_bytes(scores)}), more than the "
+            f"{format_bytes(available)} of memory available; use a smaller seq_len or batch")

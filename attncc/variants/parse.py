@@ -16,6 +16,15 @@ from typing import Any
 from attncc.errors import AttnccError
 
 
+class UnknownName(AttnccError):
+    """A variant or pattern name that is not registered; ``what`` ("variant" or "pattern") says which, so a
+    caller that accepts more names (a policy also takes ``none``) can name its own choices."""
+
+    def __init__(self, what: str, name: str, valid) -> None:
+        self.what, self.name, self.valid = what, name, tuple(valid)
+        super().__init__(f"unknown {what} {name!r}: valid {what}s are {', '.join(self.valid)}")
+
+
 def _registry() -> dict[str, type]:
     from attncc.variants import variant_classes
 
@@ -60,7 +69,7 @@ def _build(node: ast.AST, registry: dict[str, type], what: str, text: str):
     else:
         raise AttnccError(f"cannot parse {what} {text!r}: expected a name or a call such as 'local(window=256)'")
     if name not in registry:
-        raise AttnccError(f"unknown {what} {name!r}: valid {what}s are {', '.join(registry)}")
+        raise UnknownName(what, name, registry)
     cls = registry[name]
     valid = [f.name for f in fields(cls) if f.init]
     kwargs: dict[str, Any] = {}
@@ -68,9 +77,8 @@ def _build(node: ast.AST, registry: dict[str, type], what: str, text: str):
         if kw.arg is None:
             raise AttnccError(f"{name}: '**' is not allowed in {text!r}")
         if kw.arg not in valid:
-            raise AttnccError(
-                f"{name}: unknown parameter {kw.arg!r}; valid parameters are {', '.join(valid) or '(none)'}"
-            )
+            raise AttnccError(f"{name}: unknown parameter {kw.arg!r}; " + (
+                f"valid parameters are {', '.join(valid)}" if valid else f"{name} takes no parameters"))
         kwargs[kw.arg] = _value(kw.value, name, kw.arg, text)
     return cls(**kwargs)
 

@@ -120,7 +120,8 @@ def test_uncapturable_model_is_one_line(tmp_path, capsys):
     """))
     assert main(["inspect", f"{path}:build"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "could not capture" in err
+    assert len(err.splitlines()) == 1
+    assert "the model failed on its example inputs: ValueError: this model always fails" in err
 
 
 def test_subprocess_exit_codes_and_no_traceback():

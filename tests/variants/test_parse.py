@@ -37,6 +37,7 @@ def test_every_family_is_registered():
     ("foo(x=1)", "unknown variant 'foo'"),
     ("local(window=1, **{'a': 1})", "'\\*\\*' is not allowed"),
     ("block_sparse(pattern=nope(x=1))", "unknown pattern 'nope'"),
+    ("exact(x=1)", "exact: unknown parameter 'x'; exact takes no parameters"),
 ])
 def test_bad_text(text, message):
     with pytest.raises(AttnccError, match=message):
