@@ -5,8 +5,8 @@
 - a two-operand ``einsum`` that is a batched matrix product becomes permutes and ``torch.matmul``;
 - the written-out ("safe") softmax ``exp(x - max(x)) / sum(exp(x - max(x)))`` becomes ``F.softmax``;
 - ``softmax(x - max(x))`` (the row max subtracted before the softmax, as gpt-oss does) becomes ``softmax(x)``;
-- ``x.dtype`` (symbolic_trace records the read as a node) becomes the dtype itself, so a tensor is not "used
-  elsewhere" just because its dtype is read (gpt-oss: ``softmax(x, dtype=x.dtype)``).
+- ``softmax(x, dtype=y.dtype)`` gets the dtype itself (symbolic_trace records the read as a node, which made
+  ``y`` look "used elsewhere"; gpt-oss writes ``dtype=combined_logits.dtype``).
 
 Casts, scale placement, mask spellings, GQA repeats and transposed layouts are read by the detector through
 ``graph_ops`` predicates instead of being rewritten here: each has one predicate, so the matcher still sees one
@@ -43,10 +43,8 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
         if is_call(node, (torch.exp,), {"exp"}):
             _fold_written_softmax(node)
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is getattr and node.args[1] == "dtype":
-            _fold_dtype_read(node)
-    for node in list(graph.nodes):
         if is_softmax(node):
+            _fold_dtype_read(node)
             _drop_row_max_shift(node)
     graph.eliminate_dead_code()
     graph.lint()
@@ -214,11 +212,11 @@ def _drop_row_max_shift(softmax: fx.Node) -> None:
     softmax.replace_input_with(shifted, x)
 
 
-def _fold_dtype_read(node: fx.Node) -> None:
-    """``getattr(x, "dtype")`` -> the dtype in every user (a captured graph is specialized to its dtypes)."""
-    t = tensor_val(node.args[0])
-    if t is None:
+def _fold_dtype_read(softmax: fx.Node) -> None:
+    """A softmax's ``dtype=y.dtype`` (a ``getattr`` node) -> the dtype itself, as captured (the graph is
+    specialized to its dtypes already: its values carry them)."""
+    read = softmax.kwargs.get("dtype")
+    if not (isinstance(read, fx.Node) and read.op == "call_function" and read.target is getattr
+            and read.args[1] == "dtype" and tensor_val(read.args[0]) is not None):
         return
-    for user in list(node.users):
-        user.args = fx.node.map_arg(user.args, lambda a: t.dtype if a is node else a)
-        user.kwargs = fx.node.map_arg(user.kwargs, lambda a: t.dtype if a is node else a)
+    softmax.update_kwarg("dtype", tensor_val(read.args[0]).dtype)

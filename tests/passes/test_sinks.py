@@ -241,7 +241,8 @@ class SliceWithoutSink(nn.Module):
 NEGATIVE = [
     ("two_score_blocks", TwoScoreBlocks, "2 of them made by matrix products"),
     ("scaled_after_cat", ScaledAfterCat, "concatenated with another block before further score operations"),
-    ("wrong_column_dropped", WrongColumnDropped, "(from position 1, 1 column(s) dropped), but the learned sink is the last"),
+    ("wrong_column_dropped", WrongColumnDropped,
+     "(from position 1, 1 column(s) dropped), but the learned sink is the last"),
     ("sink_not_dropped", SinkNotDropped, "not dropped from the probabilities"),
     ("two_columns", TwoColumns, "a block of 2 columns"),
     ("per_query_column", PerQueryColumn, "varies along dim 2"),
