@@ -36,6 +36,8 @@ class SiteReport:
     scale: float = 1.0
     softcap: float = 0.0
     dropout_p: float = 0.0
+    sinks: bool = False
+    """True when the site has learned sink logits (gpt-oss), carried by the op."""
     dtype: str = ""
     graph: int = 0
     min_len: int = 0
@@ -56,7 +58,8 @@ class SiteReport:
             q_heads=site.q_heads, kv_heads=site.kv_heads, q_len=site.q_len, kv_len=site.kv_len,
             head_dim=site.head_dim, value_dim=site.value_dim, variant=site.variant, reason=site.reason,
             source=site.source, layout=site.layout, batch=site.batch, scale=round(site.scale, 8),
-            softcap=site.softcap, dropout_p=site.dropout_p, dtype=str(site.dtype).replace("torch.", ""),
+            softcap=site.softcap, dropout_p=site.dropout_p, sinks=site.sink_logits is not None,
+            dtype=str(site.dtype).replace("torch.", ""),
             graph=site.graph_index, min_len=site.min_len, flops_before=before, flops_after=after,
             rel_l2=None if error is None else error.rel_l2, cosine=None if error is None else error.cosine,
         )

@@ -82,6 +82,10 @@ class AttentionSite:
     """``c * tanh(s / c)`` applied to the scaled scores when > 0 (Gemma 2)."""
     dropout_p: float = 0.0
     """Dropout on the probabilities, 0 in eval mode."""
+    sink_logits: Optional[fx.Node] = None
+    """Learned attention-sink logits (gpt-oss): a node holding one logit per query head (``Hq`` values, or one
+    shared by all heads) that the model concatenates to the scores as an extra column and drops after the
+    softmax, so the softmax denominator gains ``exp(sink_h)`` and no value is added."""
     dtype: Optional[torch.dtype] = None
     layer: Optional[int] = None
     """The layer number policies select on (``Rule(layers=...)``): the module's index in the model's first stack of

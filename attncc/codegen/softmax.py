@@ -17,7 +17,9 @@ Kernel structure (one program per ``BLOCK_M`` queries of one (batch, query head)
   are loaded in every block (as a ``BLOCK_N`` vector for a key-padding mask ``[B, 1, 1, Nk]``, hoisted out
   of the loop when they do not vary along keys);
 * hidden scores are ``-inf`` and ``m`` starts at a finite ``-1e30``, so a hidden score contributes exactly 0
-  and no ``inf - inf`` appears; a row that saw no visible key has ``l == 0`` and is written as zeros.
+  and no ``inf - inf`` appears; a row that saw no visible key has ``l == 0`` and is written as zeros;
+* learned sink logits (``mods.sinks``, one per query head) join after the last key block: ``m`` first moves
+  to ``max(m, sink)`` (rescaling ``l`` and ``acc``), then ``l += exp2(sink - m)``; no value is added.
 
 Score semantics are those of :class:`attncc.variants.base.ScoreMods` (scale, softcap, bias, mask, causal);
 a row whose every visible score is below ``-1e30`` (a bias of ``-inf`` everywhere) is treated as empty.
@@ -89,6 +91,8 @@ class SoftmaxPlan:
     """Like ``bias``, for the bool mask."""
     visit: str
     """``"dense"``, ``"band"`` or ``"layout"``."""
+    sinks: bool = False
+    """Learned sink logits (one per query head) join each row's softmax denominator."""
     band_prefix: bool = False
     """Band visit: sink/global key columns exist."""
     band_globals: bool = False
@@ -119,6 +123,8 @@ def kernel_params(plan: SoftmaxPlan) -> list[str]:
         names.append("Bias")
     if plan.mask is not None:
         names.append("Mask")
+    if plan.sinks:
+        names.append("Sinks")
     if plan.visit == "layout":
         names.append("Layout")
     if plan.predicate is not None:
@@ -468,6 +474,16 @@ def _emit_layout_loop(w: SourceWriter, plan: SoftmaxPlan) -> None:
 
 def _emit_epilogue(w: SourceWriter, plan: SoftmaxPlan) -> None:
     dmask = f" & (offs_dv[None, :] < {plan.dv})" if plan.block_dv != plan.dv else ""
+    if plan.sinks:
+        # the learned sink: one more denominator term exp2(sink - m), after m moved to cover it (no overflow)
+        w.lines(f"""
+            sink = tl.load(Sinks + off_h).to(tl.float32) * {LOG2E}
+            m_new = tl.maximum(m_i, sink)
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.exp2(sink - m_new)
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        """)
     w.lines(f"""
         # a row that saw no visible key has l == 0 and acc == 0: it is written as zeros
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -529,6 +545,8 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, visit=De
         kernel, memo_config = memo
 
     values = {"Q": q, "K": k, "V": v, "Out": out, "H": hq, "NQ": nq, "NK": nk, "qk_scale": float(mods.scale) * LOG2E}
+    if plan.sinks:
+        values["Sinks"] = _sink_vector(mods.sinks, hq, q.device)
     values.update(_strides("q", q) | _strides("k", k) | _strides("v", v) | _strides("o", out))
     for name, tensor, pattern in (("bias", bias, bias_pattern), ("mask", mask, mask_pattern)):
         if tensor is not None:
@@ -589,6 +607,16 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
         raise AttnccError(f"softmax_attention: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got "
                           f"{q.device}")
     return b, hq, nq, d, hkv, nk, dv
+
+
+def _sink_vector(sinks, hq: int, device) -> Tensor:
+    """Learned sink logits as the contiguous float32 ``[Hq]`` vector the kernel indexes by query head."""
+    if not isinstance(sinks, Tensor) or sinks.numel() not in (1, hq) or not sinks.is_floating_point():
+        raise AttnccError(f"softmax_attention: sinks must be a float tensor of {hq} values (one per query head), got "
+                          f"{type(sinks).__name__} {tuple(getattr(sinks, 'shape', ()))}")
+    if sinks.device != device:
+        raise AttnccError(f"softmax_attention: sinks are on {sinks.device}, q on {device}")
+    return sinks.reshape(-1).float().expand(hq).contiguous()
 
 
 def _unit_last_stride(t: Tensor) -> Tensor:
@@ -667,11 +695,11 @@ def _check_layout_visit(visit: LayoutVisit, nq: int, nk: int) -> tuple[int, int,
 
 _RESERVED = {
     # kernel arguments
-    "Q", "K", "V", "Out", "Bias", "Mask", "Layout", "H", "NQ", "NK", "NQV", "NKV", "LAY_GROUP", "LAY_K",
+    "Q", "K", "V", "Out", "Bias", "Mask", "Sinks", "Layout", "H", "NQ", "NK", "NQV", "NKV", "LAY_GROUP", "LAY_K",
     "qk_scale", "tanh_scale", "cap_log2", "LEFT", "RIGHT", "PREFIX", "GLOBALS", "BLOCK_M", "BLOCK_N",
     "tl", "triton",
     # kernel locals (a hook argument of the same name would be overwritten)
-    "q", "k", "v", "s", "p", "qk", "kt", "t", "th", "acc", "m_i", "l_i", "m_new", "alpha", "keep", "out",
+    "q", "k", "v", "s", "p", "qk", "kt", "t", "th", "acc", "m_i", "l_i", "m_new", "alpha", "keep", "out", "sink",
     "l_safe", "q_pos", "k_pos", "q_tok", "k_tok", "q_ok", "k_ok", "q_row", "k_row", "k_idx", "k_in",
     "q_store", "start_m", "start_n", "pid_m", "pid_bh", "off_b", "off_h", "off_hkv", "offs_m", "offs_n",
     "offs_d", "offs_dv", "Q_base", "K_base", "V_base", "O_base", "bias_base", "mask_base", "bias_hoisted",
@@ -695,6 +723,7 @@ def _make_plan(q: Tensor, d: int, dv: int, group: int, mods: ScoreMods, bias_pat
     common = dict(
         dtype=dtype, d=d, block_d=next_power_of_2(d), dv=dv, block_dv=next_power_of_2(dv), group=group,
         causal=bool(mods.causal), softcap=mods.softcap > 0, bias=bias_pattern, mask=mask_pattern,
+        sinks=mods.sinks is not None,
         dot_f32=interp and q.dtype == torch.bfloat16,
         dot_precision="ieee" if (q.dtype == torch.float32 and not interp) else None,
     )

@@ -3,7 +3,10 @@
 - ``nn.Softmax`` / ``nn.Dropout`` / ``nn.Identity`` modules become ``F.softmax`` / ``F.dropout`` / nothing;
 - ``torch.baddbmm(bias, a, b, beta=, alpha=)`` becomes ``matmul(a, b) * alpha + bias * beta``;
 - a two-operand ``einsum`` that is a batched matrix product becomes permutes and ``torch.matmul``;
-- the written-out ("safe") softmax ``exp(x - max(x)) / sum(exp(x - max(x)))`` becomes ``F.softmax``.
+- the written-out ("safe") softmax ``exp(x - max(x)) / sum(exp(x - max(x)))`` becomes ``F.softmax``;
+- ``softmax(x - max(x))`` (the row max subtracted before the softmax, as gpt-oss does) becomes ``softmax(x)``;
+- ``softmax(x, dtype=y.dtype)`` gets the dtype itself (symbolic_trace records the read as a node, which made
+  ``y`` look "used elsewhere"; gpt-oss writes ``dtype=combined_logits.dtype``).
 
 Casts, scale placement, mask spellings, GQA repeats and transposed layouts are read by the detector through
 ``graph_ops`` predicates instead of being rewritten here: each has one predicate, so the matcher still sees one
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 
 from attncc.passes.fake_eval import copy_meta, fill_val
 from attncc.passes.graph_copy import copy_graph_module
-from attncc.passes.graph_ops import arg, is_call, ndim, tensor_val
+from attncc.passes.graph_ops import arg, is_call, is_softmax, ndim, shape, softmax_dim, tensor_val
 
 
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -39,6 +42,10 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(graph.nodes):
         if is_call(node, (torch.exp,), {"exp"}):
             _fold_written_softmax(node)
+    for node in list(graph.nodes):
+        if is_softmax(node):
+            _fold_dtype_read(node)
+            _drop_row_max_shift(node)
     graph.eliminate_dead_code()
     graph.lint()
     result.recompile()
@@ -183,3 +190,33 @@ def _fold_written_softmax(exp_node: fx.Node) -> None:
     if tensor_val(div) is None or tensor_val(x) is None or tensor_val(div).dtype != tensor_val(x).dtype:
         return
     _replace(div, _insert(div, "call_function", F.softmax, (x,), {"dim": sum_dim}))
+
+
+def _drop_row_max_shift(softmax: fx.Node) -> None:
+    """``softmax(x - rowmax(x))`` -> ``softmax(x)``: a per-row constant does not change a softmax (which
+    subtracts the row max itself). The subtraction and the max then go dead, so the scores ``x`` reach the
+    softmax with no other user, as the detector expects."""
+    shifted = softmax.args[0] if softmax.args else None
+    if not is_call(shifted, (operator.sub, torch.sub), {"sub"}) or len(shifted.args) != 2 or shifted.kwargs:
+        return
+    x, row_max = shifted.args
+    if not isinstance(x, fx.Node) or not isinstance(row_max, fx.Node) or shape(shifted) != shape(x):
+        return
+    if is_call(row_max, (torch.detach,), {"detach"}):
+        row_max = row_max.args[0]
+    dim, softmax_over = _row_max_dim(row_max, x), softmax_dim(softmax)
+    if dim is None or not isinstance(softmax_over, int) or dim != softmax_over % ndim(x):
+        return
+    if tensor_val(shifted).dtype != tensor_val(x).dtype:
+        return
+    softmax.replace_input_with(shifted, x)
+
+
+def _fold_dtype_read(softmax: fx.Node) -> None:
+    """A softmax's ``dtype=y.dtype`` (a ``getattr`` node) -> the dtype itself, as captured (the graph is
+    specialized to its dtypes already: its values carry them)."""
+    read = softmax.kwargs.get("dtype")
+    if not (isinstance(read, fx.Node) and read.op == "call_function" and read.target is getattr
+            and read.args[1] == "dtype" and tensor_val(read.args[0]) is not None):
+        return
+    softmax.update_kwarg("dtype", tensor_val(read.args[0]).dtype)

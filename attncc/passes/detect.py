@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from attncc.passes import graph_ops as g
+from attncc.passes.sink_logits import NotSinkForm, SinkColumn, cat_parts, key_slice, sink_column, slice_problem
 from attncc.site import AttentionSite, RejectedSite, ScoreStep
 
 INF = float("inf")
@@ -108,6 +109,8 @@ def _reaches_product(node: Any, depth: int = 8) -> bool:
     if node.op not in ("call_function", "call_method"):
         return False
     tensor_args = [a for a in node.args if isinstance(a, fx.Node) and g.tensor_val(a) is not None]
+    if cat_parts(node) is not None:  # torch.cat([...]): its tensors come in a list
+        tensor_args = [a for a in cat_parts(node)[0] if isinstance(a, fx.Node)]
     return any(_reaches_product(a, depth - 1) for a in tensor_args[:2])
 
 
@@ -235,6 +238,10 @@ def _step_back(node: fx.Node, steps: list[ScoreStep], q_mults, softmax: fx.Node)
             return _unsupported(node, softmax, "the scores are reshaped across their query/key axes")
         steps.append(ScoreStep("reshape", node=node))
         return src
+    if cat_parts(node) is not None:
+        return _unsupported(node, softmax, "the scores are concatenated with another block before further score "
+                                           "operations (only a learned sink column right before the softmax is "
+                                           "supported)")
     return _unsupported(node, softmax)
 
 
@@ -258,7 +265,9 @@ def _softcap_inner(x: fx.Node, cap: float) -> Optional[fx.Node]:
 
 def _unsupported(node: fx.Node, softmax: fx.Node, reason: Optional[str] = None) -> None:
     """A score-chain op attncc does not carry: report it if it is clearly applied to attention scores."""
-    if any(_reaches_product(a, depth=6) for a in node.args if isinstance(a, fx.Node)):
+    operands = [a for a in node.args if isinstance(a, fx.Node)]
+    operands += [x for a in node.args if isinstance(a, (list, tuple)) for x in a if isinstance(x, fx.Node)]  # cat
+    if any(_reaches_product(a, depth=6) for a in operands):
         raise Decline(reason or f"unsupported operation {_op_name(node)} between the scores and the softmax", softmax)
     return None
 
@@ -409,6 +418,9 @@ def _explicit_site(softmax: fx.Node) -> Optional[AttentionSite]:
     x = softmax.args[0]
     if not isinstance(x, fx.Node) or g.tensor_val(x) is None:
         return None
+    sink = _sink_column(x, softmax)
+    if sink is not None:
+        x = sink.scores
     scores = _walk_scores(x, softmax)
     if scores is None:
         return None
@@ -426,20 +438,32 @@ def _explicit_site(softmax: fx.Node) -> Optional[AttentionSite]:
     if any(s.kind == "reshape" for s in scores.steps) and g.shape(product) != g.shape(x):
         raise Decline("the scores are reshaped and not restored before the softmax", softmax)
 
-    out, transposed, dropout_p = _walk_probabilities(softmax)
+    out, transposed, dropout_p = _walk_probabilities(softmax, sink)
     a, b = product.args[0], product.args[1]
     v_node = out.args[1] if not transposed else out.args[0]
 
     site = AttentionSite(module=_module_of(product), source="explicit", q=a, k=b, v=v_node, output=out,
-                         output_transposed=transposed, dropout_p=dropout_p)
+                         output_transposed=transposed, dropout_p=dropout_p,
+                         sink_logits=sink.logits if sink is not None else None)
     _set_operands(site, a, b, v_node, transposed)
     _set_score_steps(site, scores, softmax)
     return _describe(site)
 
 
-def _walk_probabilities(softmax: fx.Node) -> tuple[fx.Node, bool, float]:
-    """Follow the probabilities to their product with v: (that product, channels-first?, dropout p)."""
+def _sink_column(x: fx.Node, softmax: fx.Node) -> Optional[SinkColumn]:
+    """The learned sink column concatenated to the scores at the softmax input ``x`` (gpt-oss), if any; a
+    concatenation of the scores that is not one is declined with the reason."""
+    try:
+        return sink_column(x, _reaches_product)
+    except NotSinkForm as refused:
+        raise Decline(refused.reason, softmax) from None
+
+
+def _walk_probabilities(softmax: fx.Node, sink: Optional[SinkColumn] = None) -> tuple[fx.Node, bool, float]:
+    """Follow the probabilities to their product with v: (that product, channels-first?, dropout p). With a
+    learned ``sink`` column, exactly that column must be sliced off on the way."""
     cur, dropout_p = softmax, 0.0
+    dropped = False  # the sink column was sliced off
     while True:
         users = list(cur.users)
         if len(users) != 1:
@@ -453,12 +477,21 @@ def _walk_probabilities(softmax: fx.Node) -> tuple[fx.Node, bool, float]:
             raise Decline("the attention probabilities are used elsewhere (e.g. returned as attention weights)",
                           softmax)
         u = users[0]
+        if sink is not None and not dropped and (g.is_matmul(u) or g.transposed_last_two(u) is cur):
+            raise Decline("the learned sink column is not dropped from the probabilities before the product "
+                          "with v", softmax)
         if g.is_matmul(u) and u.args[0] is cur and u.args[1] is not cur:
             return u, False, dropout_p
         if g.transposed_last_two(u) is cur and len(u.users) == 1:
             w = next(iter(u.users))
             if g.is_matmul(w) and w.args[1] is u and w.args[0] is not u:
                 return w, True, dropout_p
+        if key_slice(u) is not None:  # dropping the learned sink column (gpt-oss: probs[..., :-1])
+            problem = slice_problem(u, sink, dropped)
+            if problem:
+                raise Decline(problem, softmax)
+            dropped, cur = True, u
+            continue
         if g.is_dropout(u):
             p = g.dropout_probability(u)
             if math.isnan(p):

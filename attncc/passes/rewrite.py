@@ -112,6 +112,8 @@ class _SiteRewriter:
         elif site.segment_labels is not None:        # constant region labels (Swin)
             kwargs["segments"] = self.constant(f"_attncc_regions_{self.position}", site.segment_labels)
             kwargs["segment_fill"] = site.segment_fill
+        if site.sink_logits is not None:
+            kwargs["sinks"] = self.sink_vector()
         out = self.emit("call_function", ATTENTION_OP, q, k, v, **kwargs)
         out.meta[SITE_META] = self.position
         if site.output_transposed:
@@ -127,6 +129,15 @@ class _SiteRewriter:
         # a later site may read this site's output as its q/k/v or mask (stacked attention without a projection
         # in between): point the map at the op, since the original output node is now dead
         self.value_map[self.site.output] = out
+
+    def sink_vector(self) -> fx.Node:
+        """The site's learned sink logits as the op's one-per-query-head vector ``[Hq]`` (``[1]`` when the model
+        shares one logit and the head count is not static)."""
+        logits = self.emit("call_method", "reshape", self.m(self.site.sink_logits), -1)
+        heads = self.site.q_heads
+        if g.shape(logits)[0] == 1 and isinstance(heads, int) and heads != 1:
+            logits = self.emit("call_method", "expand", logits, heads)
+        return logits
 
     def undo(self, reason: str) -> None:
         for node in reversed(self.emitted):

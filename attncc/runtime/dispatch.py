@@ -65,15 +65,18 @@ def backend_for(q: Tensor) -> str:
 def run_attention(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], scale: float, causal: bool,
     softcap: float, dropout_p: float, dropout_seed: Optional[Tensor], variant: str, fallback: str, min_len: int,
-    segments: Optional[Tensor] = None, segment_fill: float = 0.0,
+    segments: Optional[Tensor] = None, segment_fill: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """Run the variant ``variant`` names (``fallback`` when the key length is below ``min_len``).
 
     q ``[*batch, Nq, Dqk]``, k ``[*batch_kv, Nk, Dqk]``, v ``[*batch_kv, Nk, Dv]``; returns ``[*batch, Nq, Dv]``.
     The exact variant takes any rank; the others run in ``[B, H, N, D]`` (3-D inputs get a head dim of 1).
+    ``sinks``: learned sink logits, ``[Hq]`` for 4-D q (one per query head) or ``[1]`` (shared; the only
+    form for other ranks).
     """
     spec = parse_variant(fallback if min_len and k.shape[-2] < min_len else variant)
     backend = backend_for(q)
+    sinks = _sink_vector(sinks, q)
     if segments is not None and not isinstance(spec, ExactSpec):
         if segment_fill == float("-inf") and _one_document_per_row(segments):
             segments = None  # one document per row: the document mask hides nothing
@@ -88,9 +91,9 @@ def run_attention(
                 segments = None
     if segments is not None:
         return segment_attention(q, k, v, segments, segment_fill, bias, mask, scale, causal, softcap, dropout_p,
-                                 dropout_seed)
-    if isinstance(spec, ExactSpec) and (backend == "torch" or dropout_p > 0 or _needs_grad(q, k, v, bias)):
-        return exact_attention(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed)
+                                 dropout_seed, sinks)
+    if isinstance(spec, ExactSpec) and (backend == "torch" or dropout_p > 0 or _needs_grad(q, k, v, bias, sinks)):
+        return exact_attention(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed, sinks)
     if dropout_p > 0:
         raise AttnccError(f"{spec.name}: attention dropout is not supported (run the model in eval mode)")
     if backend == "torch" and mask is not None and mask.dtype == torch.bool and mask.dim() >= 2 \
@@ -102,7 +105,7 @@ def run_attention(
     if isinstance(spec, ExactSpec) and (rank != 4 or k.dim() != 4):
         q, k, v, bias, mask, restore = _as_heads(q, k, v, bias, mask)
         if restore is None:
-            return exact_attention(q, k, v, bias, mask, scale, causal, softcap, 0.0, None)
+            return exact_attention(q, k, v, bias, mask, scale, causal, softcap, 0.0, None, sinks)
         rank = 4
     else:
         restore = None
@@ -112,9 +115,10 @@ def run_attention(
             mask = mask.unsqueeze(-3) if mask is not None and mask.dim() >= 3 else mask
         elif rank != 4:
             raise AttnccError(f"{spec.name}: expects [B, H, N, D] or [B, N, D] inputs, got rank {rank}")
-    mods = ScoreMods(scale=scale, causal=causal, softcap=softcap, bias=bias, mask=mask)
+    mods = ScoreMods(scale=scale, causal=causal, softcap=softcap, bias=bias, mask=mask,
+                     sinks=None if sinks is None else sinks.expand(q.shape[1]))
     out = None
-    if backend == "triton" and not _needs_grad(q, k, v, bias):
+    if backend == "triton" and not _needs_grad(q, k, v, bias, sinks):
         from attncc.runtime.triton_backend import triton_attention
 
         out = triton_attention(spec, q, k, v, mods)
@@ -123,6 +127,19 @@ def run_attention(
     if restore is not None:
         return restore(out)
     return out.squeeze(1) if rank == 3 else out
+
+
+def _sink_vector(sinks: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
+    """``sinks`` checked and flattened: ``[Hq]`` (4-D q) or ``[1]``; an error naming the shapes otherwise."""
+    if sinks is None:
+        return None
+    heads = q.shape[1] if q.dim() == 4 else 1
+    if not sinks.is_floating_point() or sinks.numel() not in (1, heads):
+        raise AttnccError(f"attention: sinks must be a float tensor of {heads} value(s) (one learned sink logit per "
+                          f"query head of q {tuple(q.shape)}), got {sinks.dtype} {tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        raise AttnccError(f"attention: sinks are on {sinks.device}, q on {q.device}")
+    return sinks.reshape(-1)
 
 
 def _one_document_per_row(labels: Tensor) -> bool:

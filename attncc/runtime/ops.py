@@ -23,14 +23,16 @@ def attention_op(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
     scale: float = 1.0, causal: bool = False, softcap: float = 0.0, dropout_p: float = 0.0,
     dropout_seed: Optional[Tensor] = None, variant: str = "exact", fallback: str = "exact", min_len: int = 0,
-    segments: Optional[Tensor] = None, segment_fill: float = 0.0,
+    segments: Optional[Tensor] = None, segment_fill: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """One attention site: ``variant`` is the variant's canonical text (``"exact"``, ``"local(window=256)"``,
     semantics in ``attncc.variants``), run as ``fallback`` while the key length is below ``min_len``.
     ``segments`` (int64 ``[nW, N]``, exact only) adds ``segment_fill`` between tokens of different regions; batch
-    row r of q uses row ``r % nW`` (Swin's shifted windows). Returns ``[*batch, Nq, Dv]`` in q's dtype."""
+    row r of q uses row ``r % nW`` (Swin's shifted windows). ``sinks`` (float ``[Hq]``, or ``[1]`` shared) are
+    learned sink logits: the softmax denominator of query head h gains ``exp(sinks[h])``, no value is added.
+    Returns ``[*batch, Nq, Dv]`` in q's dtype."""
     out = run_attention(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed, variant, fallback,
-                        min_len, segments, segment_fill)
+                        min_len, segments, segment_fill, sinks)
     # custom ops may not return a view of an input (SDPA can, for some degenerate shapes)
     return out.clone() if out._base is not None else out
 
@@ -38,31 +40,33 @@ def attention_op(
 @attention_op.register_fake
 def _attention_fake(q, k, v, bias=None, mask=None, scale=1.0, causal=False, softcap=0.0, dropout_p=0.0,
                     dropout_seed=None, variant="exact", fallback="exact", min_len=0, segments=None,
-                    segment_fill=0.0):
+                    segment_fill=0.0, sinks=None):
     q, k, v, _ = expand_kv_heads(q, k, v)
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed, variant, fallback, min_len, segments,
-     segment_fill) = inputs
-    ctx.save_for_backward(q, k, v, bias, mask, dropout_seed, segments)
+     segment_fill, sinks) = inputs
+    ctx.save_for_backward(q, k, v, bias, sinks, mask, dropout_seed, segments)
     ctx.options = (scale, causal, softcap, dropout_p, variant, fallback, min_len, segment_fill)
 
 
 def _backward(ctx, grad_out):
-    q, k, v, bias, mask, dropout_seed, segments = ctx.saved_tensors
+    q, k, v, bias, sinks, mask, dropout_seed, segments = ctx.saved_tensors
     scale, causal, softcap, dropout_p, variant, fallback, min_len, segment_fill = ctx.options
-    wants = [t is not None and t.is_floating_point() and need for t, need in zip(
-        (q, k, v, bias), ctx.needs_input_grad[:4])]
+    differentiable = (q, k, v, bias, sinks)
+    # needs_input_grad covers the arguments the call passed (sinks, the last, may be absent)
+    needs = (*ctx.needs_input_grad[:4], len(ctx.needs_input_grad) > 15 and ctx.needs_input_grad[15])
+    wants = [t is not None and t.is_floating_point() and need for t, need in zip(differentiable, needs)]
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip((q, k, v, bias), wants)]
+        leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip(differentiable, wants)]
         out = run_attention(*leaves[:3], leaves[3], mask, scale, causal, softcap, dropout_p, dropout_seed, variant,
-                            fallback, min_len, segments, segment_fill)
+                            fallback, min_len, segments, segment_fill, leaves[4])
         targets = [t for t, w in zip(leaves, wants) if w]
         grads = iter(torch.autograd.grad(out, targets, grad_out)) if targets else iter(())
     result = [next(grads) if w else None for w in wants]
-    return (*result, *(None,) * 11)
+    return (*result[:4], *(None,) * 11, result[4])[:len(ctx.needs_input_grad)]
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -71,6 +75,7 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 def attention(
     q: Tensor, k: Tensor, v: Tensor, variant: str = "exact", causal: bool = False, scale: Optional[float] = None,
     bias: Optional[Tensor] = None, mask: Optional[Tensor] = None, softcap: float = 0.0, dropout_p: float = 0.0,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention in SDPA layout, as one attncc op.
 
@@ -86,6 +91,9 @@ def attention(
         mask: bool, broadcastable to ``[B, Hq, Nq, Nk]``; True = attend.
         softcap: when > 0, scores become ``softcap * tanh(scores / softcap)`` before bias and mask.
         dropout_p: dropout on the probabilities (applied whenever > 0, as in SDPA).
+        sinks: learned sink logits (gpt-oss), float ``[Hq]`` (one per query head) or ``[1]``: the softmax of
+            head h gets an extra term ``exp(sinks[h])`` in its denominator and none in the output, i.e.
+            ``softmax(cat([scores, sinks], -1))[..., :-1] @ v``. Not supported by ``linear``.
 
     Returns:
         ``[B, Hq, Nq, Dv]``.
@@ -101,7 +109,8 @@ def attention(
     seed = None
     if dropout_p > 0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    return attention_op(q, k, v, bias, mask, scale, causal, float(softcap), float(dropout_p), seed, variant)
+    return attention_op(q, k, v, bias, mask, scale, causal, float(softcap), float(dropout_p), seed, variant,
+                        sinks=sinks)
 
 
 def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor]) -> None:

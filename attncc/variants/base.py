@@ -24,6 +24,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar, Optional
 
 import sympy
+import torch
 from torch import Tensor
 
 from attncc.errors import AttnccError
@@ -41,6 +42,7 @@ class ScoreMods:
         s = s + bias                         if bias is not None    (float, broadcastable to [B, Hq, Nq, Nk])
         s[~mask] = -inf                      if mask is not None    (bool, broadcastable to [B, Hq, Nq, Nk])
         s[j > i] = -inf                      if causal              (top-left aligned, SDPA's is_causal)
+        p = softmax(s)                       or, with sinks: softmax(cat([s, sinks[h]], -1))[..., :-1]
     """
 
     scale: float
@@ -50,10 +52,41 @@ class ScoreMods:
     mask: Optional[Tensor] = None
     """Usually a key-padding mask ``[B, 1, 1, Nk]`` (what mask analysis leaves after taking out causal and
     band structure); may be any shape broadcastable to ``[B, Hq, Nq, Nk]``."""
+    sinks: Optional[Tensor] = None
+    """Learned sink logits, float ``[Hq]`` (gpt-oss): every row of query head h gets ``exp(sinks[h])`` in its
+    softmax denominator and nothing in its output (a row with no visible key then returns zeros as well)."""
 
     @staticmethod
     def default_scale(q: Tensor) -> float:
         return 1.0 / math.sqrt(q.shape[-1])
+
+
+def softmax_with_sink(s: Tensor, sink: Optional[Tensor]) -> Tensor:
+    """``softmax(cat([s, sink], -1), -1)[..., :-1]`` without the copy: float scores ``s`` ``[..., Nk]`` and a
+    sink logit per row (``sink`` broadcastable to ``s[..., :1]``); a plain softmax when ``sink`` is None.
+
+    Differentiable in both (the shift ``m`` is detached: the value does not depend on it). Hidden scores may
+    be ``-inf`` or any very negative number; a row with every score hidden gives zeros.
+    """
+    if sink is None:
+        return torch.softmax(s, dim=-1)
+    m = torch.maximum(s.amax(dim=-1, keepdim=True), sink).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    return e / (e.sum(dim=-1, keepdim=True) + torch.exp(sink - m))
+
+
+def sink_rows(sinks: Optional[Tensor], *shape: int) -> Optional[Tensor]:
+    """``sinks`` ``[Hq]`` (or ``[1]``) as float32 viewed to ``shape`` (e.g. ``(1, Hkv, 1, g, 1, 1)`` for a layout
+    that splits query heads into kv heads and groups), to broadcast against scores; None stays None."""
+    if sinks is None:
+        return None
+    sinks = sinks.float()
+    if sinks.numel() == math.prod(shape):
+        return sinks.reshape(shape)
+    if sinks.numel() == 1:
+        return sinks.reshape((1,) * len(shape))
+    raise AttnccError(f"sinks of shape {tuple(sinks.shape)} are not one logit per query head ({math.prod(shape)})")
 
 
 class VariantSpec:
@@ -109,16 +142,18 @@ def check_self_attention(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor) -> 
     return q.shape[-2]
 
 
-def unapplied_site_features(spec: VariantSpec, site, band: bool) -> str:
+def unapplied_site_features(spec: VariantSpec, site, band: bool, sinks: bool = True) -> str:
     """Why ``spec`` cannot replace ``site`` for what the site does besides plain scores: attention dropout, the
-    model's segment mask and (when ``band``) its sliding-window band, none of which the variant applies; ''
-    when none of them is present."""
+    model's segment mask, (when ``band``) its sliding-window band and (unless ``sinks``: the variant adds them
+    to its softmax) learned sink logits, none of which the variant applies; '' when none of them is present."""
     if site.dropout_p > 0:
         return f"{spec.name} does not apply dropout (p={site.dropout_p})"
     if band and site.band is not None:
         return f"the model's sliding-window (band) mask is not applied by {spec.name}"
     if site.segments:
         return f"the model's segment (block-diagonal) mask is not applied by {spec.name}"
+    if not sinks and getattr(site, "sink_logits", None) is not None:
+        return f"learned sink logits: {spec.name} has no softmax denominator to add them to"
     return ""
 
 

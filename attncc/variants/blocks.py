@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attncc.errors import AttnccError
-from attncc.variants.base import ScoreMods
+from attncc.variants.base import ScoreMods, sink_rows, softmax_with_sink
 
 MASKED = -1e30
 """Score of a hidden pair. Finite on purpose: a fully hidden row then stays finite through softmax and its
@@ -220,7 +220,7 @@ def _chunk(qs, kb, vb, kv_blocks, partial, c0, layout, mods, keep, g, per_head) 
     if mods.mask is not None:
         m = gather_pairs(mods.mask, q_pos, k_pos, hkv, g)
         keep_mask = m if keep_mask is None else keep_mask & m
-    p = masked_softmax(s, keep_mask)
+    p = masked_softmax(s, keep_mask, sink_rows(mods.sinks, 1, hkv, 1, g, 1, 1))
     if per_head:
         return p @ vg
     return (p.view(b, hkv, c, g * bq, -1) @ vg.squeeze(3)).view(b, hkv, c, g, bq, dv)
@@ -357,17 +357,18 @@ def dense_rows(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, rows: int) -> T
     if mods.causal:
         causal = torch.arange(nk, device=dev) <= torch.arange(rows, device=dev)[:, None]
         keep = causal if keep is None else keep & causal
-    p = masked_softmax(s, keep)
+    p = masked_softmax(s, keep, sink_rows(mods.sinks, 1, hkv, g, 1, 1))
     return (p.view(b, hkv, g * rows, nk) @ v.float()).view(b, hq, rows, -1)
 
 
-def masked_softmax(s: Tensor, keep: Optional[Tensor]) -> Tensor:
+def masked_softmax(s: Tensor, keep: Optional[Tensor], sink: Optional[Tensor] = None) -> Tensor:
     """Softmax over the last dim of float scores ``s`` with the pairs where ``keep`` is False hidden
-    (``MASKED``); a row with no visible key gives zeros. ``keep`` None: a plain softmax."""
+    (``MASKED``); a row with no visible key gives zeros. ``keep`` None: a plain softmax. ``sink``: learned sink
+    logits broadcastable to ``s[..., :1]``, one more term in each row's denominator (see ``softmax_with_sink``)."""
     if keep is None:
-        return torch.softmax(s, dim=-1)
+        return softmax_with_sink(s, sink)
     s = s.masked_fill(~keep, MASKED)
-    return torch.softmax(s, dim=-1) * (s.amax(-1, keepdim=True) > DEAD)
+    return softmax_with_sink(s, sink) * (s.amax(-1, keepdim=True) > DEAD)
 
 
 def dense_layout(nq: int, nk: int, block_q: int = 64, block_k: int = 64, device=None) -> BlockLayout:

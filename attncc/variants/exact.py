@@ -7,7 +7,9 @@ Semantics, for q ``[*batch, Nq, Dqk]``, k ``[*batch_kv, Nk, Dqk]``, v ``[*batch_
     s = s + bias                               if bias is given (broadcast to [*batch, Nq, Nk])
     s = s.masked_fill(~mask, -inf)             if mask is given (bool, True = attend)
     s = s.masked_fill(j > i, -inf)             if causal (top-left aligned, as SDPA's is_causal)
-    out = dropout(softmax(s, -1), dropout_p) @ v
+    p = softmax(s, -1)                         or, with learned sink logits sinks [Hq]:
+    p = softmax(cat([s, sinks[h]], -1), -1)[..., :-1]     (one more term in each row's denominator)
+    out = dropout(p, dropout_p) @ v
 
 ``batch_kv`` either broadcasts to ``batch`` or, for GQA, has ``Hkv`` heads where q has ``Hq = g * Hkv``;
 query head ``h`` then reads key/value head ``h // g`` (SDPA's ``enable_gqa``).
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attncc.variants.base import ScoreMods, VariantSpec, attention_cost, site_sizes
+from attncc.variants.base import ScoreMods, VariantSpec, attention_cost, site_sizes, softmax_with_sink
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,12 @@ class ExactSpec(VariantSpec):
         return attention_cost(site, pairs)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
-        return exact_attention(q, k, v, mods.bias, mods.mask, mods.scale, mods.causal, mods.softcap)
+        return exact_attention(q, k, v, mods.bias, mods.mask, mods.scale, mods.causal, mods.softcap,
+                               sinks=mods.sinks)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         return reference(q, k, v, bias=mods.bias, mask=mods.mask, scale=mods.scale, causal=mods.causal,
-                         softcap=mods.softcap)
+                         softcap=mods.softcap, sinks=mods.sinks)
 
 
 def dense_attention_cost(site) -> dict[str, sympy.Expr]:
@@ -87,6 +90,17 @@ def _repeat_gqa(q: Tensor, x: Tensor) -> Tensor:
     return x.repeat_interleave(groups, dim=-3)
 
 
+def per_head(sinks: Optional[Tensor], trailing: int) -> Optional[Tensor]:
+    """Learned sink logits ``[Hq]`` as float32 ``[Hq, 1 x trailing]``, aligned with the head dim of scores
+    ``[..., Hq, Nq, Nk]`` (trailing=2) or of row values ``[..., Hq, Nq]`` (trailing=1); one shared logit
+    (``[1]``) becomes a scalar."""
+    if sinks is None:
+        return None
+    if sinks.numel() == 1:
+        return sinks.float().reshape(())
+    return sinks.float().reshape(-1, *(1,) * trailing)
+
+
 def causal_keep_mask(nq: int, nk: int, device) -> Tensor:
     """``[Nq, Nk]`` bool, True where key j <= query i (top-left aligned)."""
     return torch.ones(nq, nk, dtype=torch.bool, device=device).tril()
@@ -94,9 +108,10 @@ def causal_keep_mask(nq: int, nk: int, device) -> Tensor:
 
 def reference(
     q: Tensor, k: Tensor, v: Tensor, *, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-    scale: Optional[float] = None, causal: bool = False, softcap: float = 0.0,
+    scale: Optional[float] = None, causal: bool = False, softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> Tensor:
-    """The test oracle: plain float32 math with an explicit ``[*batch, Nq, Nk]`` score tensor (no dropout)."""
+    """The test oracle: plain float32 math with an explicit ``[*batch, Nq, Nk]`` score tensor (no dropout);
+    learned ``sinks`` are concatenated as a score column and dropped after the softmax, as models write it."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q, k, v, gqa = expand_kv_heads(q, k, v)
     if gqa:
@@ -110,6 +125,9 @@ def reference(
         s = s.masked_fill(~mask, float("-inf"))
     if causal:
         s = s.masked_fill(~causal_keep_mask(s.shape[-2], s.shape[-1], s.device), float("-inf"))
+    if sinks is not None:
+        column = per_head(sinks, 2).expand(*s.shape[:-1], 1)
+        return (torch.softmax(torch.cat([s, column], dim=-1), dim=-1)[..., :-1] @ v.float()).to(q.dtype)
     return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype)
 
 
@@ -118,7 +136,8 @@ def masked_reference(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, keep: Opt
 
     q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``, v ``[B, Hkv, Nk, Dv]`` -> ``[B, Hq, Nq, Dv]`` in q's dtype.
     Builds the full score matrix (it is the oracle). Rows with no visible key return zeros, with finite
-    gradients (no NaN from softmax over an all -inf row).
+    gradients (no NaN from softmax over an all -inf row). ``mods.sinks`` add ``exp(sink)`` to each row's
+    denominator.
     """
     qe, ke, ve, gqa = expand_kv_heads(q, k, v)
     if gqa:
@@ -138,9 +157,14 @@ def masked_reference(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, keep: Opt
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     m = s.amax(dim=-1, keepdim=True).detach()
+    sink = per_head(mods.sinks, 2)
+    if sink is not None:
+        m = torch.maximum(m, sink.detach())
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        denom = denom + torch.exp(sink - m)
     out = (p @ ve.float()) / torch.where(denom > 0, denom, torch.ones_like(denom))
     return out.to(q.dtype)
 
@@ -154,12 +178,15 @@ def _dropout_keep(shape, p: float, seed: Tensor, device) -> Tensor:
 def explicit_attention(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], scale: float, causal: bool,
     softcap: float, dropout_p: float, dropout_seed: Optional[Tensor], query_chunk: int = 1024,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """Exact attention by explicit scores, a block of queries at a time (differentiable).
 
-    Used where SDPA lacks the feature (softcapping, seeded dropout that backward must replay). Scores are
-    materialized ``query_chunk`` rows at a time, so memory is ``O(query_chunk * Nk)`` per head.
+    Used where SDPA lacks the feature (softcapping, seeded dropout that backward must replay, learned sinks
+    under autograd). Scores are materialized ``query_chunk`` rows at a time, so memory is
+    ``O(query_chunk * Nk)`` per head.
     """
+    sink = per_head(sinks, 2)
     q, k, v, gqa = expand_kv_heads(q, k, v)
     if gqa:
         k, v = _repeat_gqa(q, k), _repeat_gqa(q, v)
@@ -180,7 +207,7 @@ def explicit_attention(
         if causal:
             rows = torch.arange(start, stop, device=q.device)[:, None]
             s = s.masked_fill(torch.arange(nk, device=q.device)[None, :] > rows, float("-inf"))
-        p = torch.softmax(s, dim=-1)
+        p = softmax_with_sink(s, sink)
         if keep_all is not None:
             p = p * keep_all[..., start:stop, :] / (1.0 - dropout_p)
         elif dropout_p > 0:
@@ -211,13 +238,16 @@ def combined_sdpa_mask(q: Tensor, bias: Optional[Tensor], mask: Optional[Tensor]
 def exact_attention(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
     scale: Optional[float] = None, causal: bool = False, softcap: float = 0.0, dropout_p: float = 0.0,
-    dropout_seed: Optional[Tensor] = None,
+    dropout_seed: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """The efficient torch path: SDPA (fused, never an N x N tensor without a mask) wherever it applies.
 
-    Shapes as in the module docstring; returns ``[*batch, Nq, Dv]`` in q's dtype.
+    Shapes as in the module docstring (``sinks``: ``[Hq]`` or ``[1]``); returns ``[*batch, Nq, Dv]`` in q's
+    dtype.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if sinks is not None:
+        return _exact_with_sinks(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed, sinks)
     if softcap > 0 or (dropout_p > 0 and dropout_seed is not None):
         return explicit_attention(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed)
     q, k, v, gqa = expand_kv_heads(q, k, v)
@@ -265,3 +295,59 @@ def _causal_per_batch(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], scale
         for b, n in enumerate(lengths)
     ]
     return torch.cat(rows, dim=0)
+
+
+def _exact_with_sinks(
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], scale: float, causal: bool,
+    softcap: float, dropout_p: float, dropout_seed: Optional[Tensor], sinks: Tensor,
+) -> Tensor:
+    """Exact attention with learned sink logits.
+
+    A row's softmax without the sink has denominator ``Z = exp(lse)`` (``lse``: the logsumexp of its scores);
+    the sink makes it ``Z + exp(sink)`` and leaves the numerators alone, so every probability, hence the output,
+    is the plain one times ``Z / (Z + exp(sink)) = 1 / (1 + exp(sink - lse)) = sigmoid(lse - sink)``. Without
+    autograd, dropout or softcapping, one fused SDPA kernel that also returns ``lse`` gives the plain output and
+    this rescales it; otherwise (or where no such kernel applies) explicit scores with the sink term run, a
+    block of queries at a time.
+    """
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, sinks))
+    fused = None
+    if softcap == 0 and dropout_p == 0 and not needs_grad:
+        fused = _sdpa_with_lse(q, k, v, bias, mask, scale, causal)
+    if fused is None:
+        return explicit_attention(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed, sinks=sinks)
+    out, lse = fused
+    keep = torch.sigmoid(lse.float() - per_head(sinks, 1))
+    return (out.float() * keep[..., None]).to(q.dtype)
+
+
+def _sdpa_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], scale: float, causal: bool,
+) -> Optional[tuple[Tensor, Tensor]]:
+    """SDPA's output ``[B, H, Nq, Dv]`` and each row's float32 logsumexp ``[B, H, Nq]`` from the fused CPU kernel
+    that returns it; None where it does not apply (ranks other than 4, other devices, shapes it refuses). On
+    CUDA the Triton kernels carry sinks themselves, so only autograd/torch-backend calls reach this path, and
+    they run the explicit one (no fused kernel's logsumexp convention there is relied on unverified)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.device.type != "cpu":
+        return None
+    q, k, v, gqa = expand_kv_heads(q, k, v)
+    if gqa:
+        k, v = _repeat_gqa(q, k), _repeat_gqa(q, v)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    nk, d, dv = k.shape[-2], q.shape[-1], v.shape[-1]
+    if d != dv:  # these kernels want one head size: zero channels change neither scores nor outputs
+        width = max(d, dv)
+        q, k, v = F.pad(q, (0, width - d)), F.pad(k, (0, width - d)), F.pad(v, (0, width - dv))
+    attn_mask = combined_sdpa_mask(q, bias, mask, causal, nk)
+    if attn_mask is not None:  # an additive mask of q's dtype, 4-D (what the kernels accept)
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~attn_mask, float("-inf"))
+        attn_mask = attn_mask.to(q.dtype).reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    is_causal = causal and attn_mask is None
+    try:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
+    except (RuntimeError, AttributeError):  # an older torch without it, or a shape it refuses
+        return None
+    return out[..., :dv], lse

@@ -126,13 +126,16 @@ class LinearSpec(VariantSpec):
 
     def supports(self, site) -> tuple[bool, str]:
         """Whether this spec can replace ``site``: self or cross attention, optional key padding; causal only
-        with ``Nq == Nk``. Declines dropout, softcapping, additive bias, dense/banded/segment masks."""
+        with ``Nq == Nk``. Declines dropout, softcapping, additive bias, learned sink logits, dense/banded/segment
+        masks."""
         if site.dropout_p > 0:
             return False, f"linear attention has no probabilities to drop out (dropout_p={site.dropout_p})"
         if site.softcap > 0:
             return False, f"softcapping (softcap={site.softcap}) has no counterpart in a feature map"
         if site.has_bias:
             return False, "an additive score bias cannot pass through the feature map"
+        if site.sink_logits is not None:
+            return False, "learned sink logits: linear attention has no softmax denominator to add them to"
         if site.mask_residual not in ("none", "padding"):
             return False, f"only a key-padding mask is supported, the site keeps a {site.mask_residual} mask"
         if site.band is not None:
@@ -211,6 +214,8 @@ def check_inputs(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreM
         raise AttnccError(f"{spec}: an additive score bias is not supported by linear attention")
     if mods.softcap > 0:
         raise AttnccError(f"{spec}: softcapping (softcap={mods.softcap}) is not supported by linear attention")
+    if mods.sinks is not None:
+        raise AttnccError(f"{spec}: learned sink logits: linear attention has no softmax denominator to add them to")
     if not q.dim() == k.dim() == v.dim() == 4:
         raise AttnccError(f"{spec}: expects [B, H, N, D] tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
                           f"v {tuple(v.shape)}")

@@ -34,7 +34,8 @@ from torch import Tensor
 
 from attncc.errors import AttnccError
 from attncc.variants.base import (
-    ScoreMods, VariantSpec, attention_cost, check_int, check_self_attention, site_sizes, unapplied_site_features,
+    ScoreMods, VariantSpec, attention_cost, check_int, check_self_attention, site_sizes, sink_rows,
+    softmax_with_sink, unapplied_site_features,
 )
 from attncc.variants.exact import masked_reference
 from attncc.variants.blocks import (
@@ -211,7 +212,7 @@ def local_attention(
     width = bq + left + right
     dev = q.device
     grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, mods.bias)
+        t is not None and t.requires_grad for t in (q, k, v, mods.bias, mods.sinks)
     )
 
     # Keys padded by `left` before and `right` (plus the query padding) after, so block r's keys
@@ -243,6 +244,7 @@ def local_attention(
 
     step = max(1, CHUNK_FLOATS // (g * bq * (width + prefix)))
     has_mods = mods.bias is not None or mods.mask is not None
+    sink_heads = sink_rows(mods.sinks, hkv, 1, g, 1, 1)  # [kv head][1, g, 1, 1]: a group's learned sink logits
     out = None if grad else torch.empty(b, hkv, nqb, g * bq, dv, device=dev)
 
     def block_chunk(task) -> Optional[Tensor]:
@@ -271,7 +273,7 @@ def local_attention(
                 sp = _apply_mods(sp, mods, bi, h, g, q_pos, torch.arange(prefix, device=dev).view(1, 1, 1, 1, -1),
                                  grad)
             s = torch.cat([sp, s], dim=-1)
-        p = torch.softmax(s, dim=-1)
+        p = softmax_with_sink(s, None if sink_heads is None else sink_heads[h])
         if mods.mask is not None:
             p = p * (s.amax(-1, keepdim=True) > DEAD)
         p = p.view(cc, g * bq, -1)

@@ -38,7 +38,8 @@ from torch import Tensor
 
 from attncc.errors import AttnccError
 from attncc.variants.base import (
-    ScoreMods, VariantSpec, attention_cost, check_int, check_self_attention, site_sizes, unapplied_site_features,
+    ScoreMods, VariantSpec, attention_cost, check_int, check_self_attention, site_sizes, sink_rows,
+    softmax_with_sink, unapplied_site_features,
 )
 from attncc.variants.blocks import DEAD, MASKED, dense_rows, gather_pairs, run_tasks
 from attncc.variants.exact import masked_reference
@@ -326,8 +327,9 @@ def neighborhood_attention(
     regions = [a.region for a in axes]
     tile_q, tile_k = math.prod(tiles), math.prod(regions)
     strides = [math.prod(grid[i + 1:]) for i in range(rank)]
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mods.bias))
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mods.bias, mods.sinks))
     need_tokens = mods.bias is not None or mods.mask is not None or mods.causal
+    sink = sink_rows(mods.sinks, 1, hkv, 1, g, 1, 1)  # learned sink logits against s [B, Hkv, tiles, g, T, R]
 
     # Grids padded past each axis end so every tile's query and key slices are in bounds (padding is masked).
     qg = _pad_axes((q[:, :, globals_:].float() * mods.scale).reshape(b, hkv, g, *grid, d), axes, 3, "q")
@@ -373,7 +375,7 @@ def neighborhood_attention(
             if need_tokens:
                 sp = _prefix_mods(sp, mods, q_pos, globals_, hkv, g)
             s = torch.cat([sp, s], dim=-1)
-        p = torch.softmax(s, dim=-1)
+        p = softmax_with_sink(s, sink)
         if mods.mask is not None:
             p = p * (s.amax(-1, keepdim=True) > DEAD)
         p = p.view(b, hkv, nt, g * tile_q, -1)

@@ -6,18 +6,18 @@ estimate of the block-level attention:
 
 1. mean-pool q over each query block and k over each key block (the ragged last block averages its real
    tokens); a GQA query head is scored against the pooled keys of the kv head it reads;
-2. score every (query block, key block) pair as ``pooled_q . pooled_k * scale`` (bias, softcap and dropout
-   do not enter the estimate; causality and the mask do: a key block that is entirely in the future, or
-   entirely masked for the query block, is never picked);
+2. score every (query block, key block) pair as ``pooled_q . pooled_k * scale`` (bias, softcap, dropout and
+   learned sink logits do not enter the estimate; causality and the mask do: a key block that is entirely in
+   the future, or entirely masked for the query block, is never picked);
 3. keep the ``local`` diagonal blocks (the query block's own key block and the ``local - 1`` before it) and
    the first ``sinks`` key blocks, then fill up by score: up to ``k`` blocks in all, or
    ``ceil(density * nKB)`` (at least 1), or the fewest blocks whose softmax mass over the pooled scores
    reaches ``threshold`` (plus the forced ones). Forced blocks count toward ``k``/``density``.
 
-The chosen blocks are computed exactly (every pair inside them, under the ScoreMods) by
-``block_sparse_attention``; a query that sees no key returns zeros. With ``density=1`` every allowed block is
-kept and the result equals exact attention. The selection is not differentiated (it is a discrete choice);
-gradients flow through the attention over the chosen blocks.
+The chosen blocks are computed exactly (every pair inside them, under the ScoreMods, learned sink logits
+included) by ``block_sparse_attention``; a query that sees no key returns zeros. With ``density=1`` every
+allowed block is kept and the result equals exact attention. The selection is not differentiated (it is a
+discrete choice); gradients flow through the attention over the chosen blocks.
 """
 
 from __future__ import annotations
