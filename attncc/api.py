@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from attncc.errors import AttnccError
+from attncc.errors import AttnccError, AttnccWarning
 from attncc.frontend import CallArgs, dynamo_capture, placeholder_values, run_captured, try_symbolic_trace
 from attncc.measure import run_measuring
 from attncc.module_names import ModuleNames
@@ -366,10 +366,6 @@ def _structure_fingerprint(model: nn.Module) -> int:
 
 def _warn(message: str) -> None:
     warnings.warn(message, AttnccWarning, stacklevel=3)
-
-
-class AttnccWarning(UserWarning):
-    """What attncc left alone or could not see (also in ``report().rejected``)."""
 
 
 def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any = None, *, frontend: str = "auto",

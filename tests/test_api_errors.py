@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import attncc
-from attncc.api import AttnccWarning
+from attncc import AttnccWarning
 from attncc.errors import AttnccError
 from attncc.report import Report
 from attncc.variants.exact import reference

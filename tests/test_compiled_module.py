@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import attncc
 import attncc.runtime.ops as ops
-from attncc.api import AttnccWarning
+from attncc import AttnccWarning
 
 pytestmark = pytest.mark.slow
 
