@@ -102,10 +102,18 @@ def _quiet_capture():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             warnings.filterwarnings("default", message="attncc: ")  # attncc's own warnings stay visible
+            warnings.showwarning = _one_line_warning
             yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """attncc's warnings at the CLI: ``attncc: warning: ...`` on one line, without the source line."""
+    text = str(message)
+    text = "attncc: warning: " + text[len("attncc: "):] if text.startswith("attncc: ") else f"attncc: warning: {text}"
+    click.echo(text, err=True)
 
 
 def _out_of_memory(error: BaseException):
