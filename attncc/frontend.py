@@ -16,6 +16,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from attncc.torch_nn_capture import capture_context, symbolic_trace
+
 Inputs = tuple | dict
 
 
@@ -66,7 +68,8 @@ def try_symbolic_trace(model: nn.Module, call: CallArgs) -> Optional[fx.GraphMod
     if any(p.name not in given and p.default is p.empty for p in params):
         return None
     try:
-        gm = fx.symbolic_trace(model, concrete_args=concrete or None)
+        # traces into nn.Transformer* containers with PyTorch's fused fast path off (see torch_nn_capture)
+        gm = symbolic_trace(model, concrete_args=concrete or None)
         propagate_fake_values(gm, call)
     except Exception:
         return None
@@ -95,14 +98,31 @@ def propagate_fake_values(gm: fx.GraphModule, call: CallArgs) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+    class KeepingAllValues(FakeTensorProp):
+        # FakeTensorProp keeps tensors and numbers only; a pass that re-evaluates ``zeros_like(m, dtype=x.dtype)``
+        # needs the dtype too, and an unused node without a value reads as one run for its effect (dead_code)
+        def run_node(self, n):
+            result = super().run_node(n)
+            if "val" not in n.meta and result is not None and not isinstance(result, torch.Tensor):
+                n.meta["val"] = result
+            return result
+
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     values = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in placeholder_values(gm, call)]
-    FakeTensorProp(gm, mode).propagate(*values)
+    KeepingAllValues(gm, mode).propagate(*values)
 
 
 def dynamo_capture(model: nn.Module, on_graph: Callable[[fx.GraphModule, list], Callable]) -> Callable:
     """``model`` wrapped by ``torch.compile`` with a backend that passes each captured graph to ``on_graph``.
 
-    ``on_graph(gm, example_inputs)`` returns the callable Dynamo runs in the graph's place.
+    ``on_graph(gm, example_inputs)`` returns the callable Dynamo runs in the graph's place. Every call runs in
+    ``torch_nn_capture.capture_context()`` (PyTorch's fused transformer fast path off), so Dynamo records (and
+    its guards keep) the decomposed attention of PyTorch's own transformer modules.
     """
-    return torch.compile(model, backend=on_graph, dynamic=None)
+    compiled = torch.compile(model, backend=on_graph, dynamic=None)
+
+    def run(*args, **kwargs):
+        with capture_context():
+            return compiled(*args, **kwargs)
+
+    return run

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from attncc.passes import graph_ops as g
+from attncc.passes.opaque_attention import opaque_attention_reason
 from attncc.site import AttentionSite, RejectedSite, ScoreStep
 
 INF = float("inf")
@@ -46,6 +47,9 @@ def detect_sites(gm: fx.GraphModule, graph_index: int = 0) -> tuple[list[Attenti
             elif g.is_softmax(node):
                 site = _explicit_site(node)
             else:
+                reason = opaque_attention_reason(node)  # fused kernels, FlexAttention, MHA left whole
+                if reason is not None:
+                    rejected.append(RejectedSite(_module_of(node), reason, node, graph_index))
                 continue
         except Decline as decline:
             anchor = decline.node or node
