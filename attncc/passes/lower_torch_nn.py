@@ -242,6 +242,8 @@ def _read_functional_call(node: fx.Node) -> Union[_MhaCall, str]:
 def _read_module_call(gm: fx.GraphModule, node: fx.Node) -> Union[_MhaCall, str]:
     """An ``nn.MultiheadAttention`` module call (fx.symbolic_trace's graphs), or why it cannot be lowered."""
     module: nn.MultiheadAttention = gm.get_submodule(node.target)
+    if type(module).forward is not nn.MultiheadAttention.forward:  # e.g. torch.ao's quantizable MHA
+        return f"{type(module).__name__} (a MultiheadAttention with its own forward) is not decomposed"
     try:
         bound = _MODULE_SIGNATURE.bind(module, *node.args, **node.kwargs)
     except TypeError as error:
@@ -254,7 +256,12 @@ def _read_module_call(gm: fx.GraphModule, node: fx.Node) -> Union[_MhaCall, str]
         "k_proj_weight": "k_proj_weight", "v_proj_weight": "v_proj_weight", "bias_k": "bias_k",
         "bias_v": "bias_v", "out_proj_weight": "out_proj.weight", "out_proj_bias": "out_proj.bias",
     }
-    tensors = {field: _get_attr(gm, node, f"{node.target}.{path}", fake_mode) for field, path in params.items()}
+    tensors = {}
+    for field, path in params.items():
+        attr = _get_attr(gm, node, f"{node.target}.{path}", fake_mode)
+        if isinstance(attr, str):
+            return attr
+        tensors[field] = attr
     separate = not module._qkv_same_embed_dim
     if separate:
         tensors["in_proj_weight"] = None
@@ -328,12 +335,16 @@ def _is_canonical_mask(node: Any) -> bool:
             and getattr(node.target, "__module__", "") == "torch.nn.functional")
 
 
-def _get_attr(gm: fx.GraphModule, anchor: fx.Node, target: str, fake_mode) -> Optional[fx.Node]:
-    """A ``get_attr`` node for a parameter of the module (None where the module has none)."""
-    try:
-        value = gm.get_parameter(target)
-    except AttributeError:
+def _get_attr(gm: fx.GraphModule, anchor: fx.Node, target: str, fake_mode) -> Union[fx.Node, None, str]:
+    """A ``get_attr`` node for a tensor attribute of the module (a parameter, or what a parametrization computes);
+    None where the module has None there; a reason for anything else."""
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    if value is None:
         return None
+    if not isinstance(value, torch.Tensor):
+        return f"nn.MultiheadAttention whose {target.rsplit('.', 1)[-1]} is a {type(value).__name__}, not a tensor"
     graph = anchor.graph
     with graph.inserting_before(anchor):
         node = graph.get_attr(target)

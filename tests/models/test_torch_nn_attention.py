@@ -291,3 +291,27 @@ def test_fused_fast_path_op_is_reported(frontend):
     assert_same_outputs(run_model(cm, (x,)), want)
     reasons = [r.reason for r in cm.report().rejected]
     assert len(reasons) == 1 and reasons[0].startswith("PyTorch's fused transformer fast path"), reasons
+
+
+class QuantizableMHA(nn.Module):
+    """torch.ao's quantizable MultiheadAttention: a subclass with its own forward (fx keeps it as one module)."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.ao.nn.quantizable import MultiheadAttention
+
+        torch.manual_seed(0)
+        self.mha = MultiheadAttention(E, HEADS, batch_first=True)
+
+    def forward(self, x):
+        return self.mha(x, x, x)[0]
+
+
+def test_multihead_attention_subclass_with_its_own_forward_is_reported():
+    model = QuantizableMHA().eval()
+    x = rand(B, L, E)
+    cm = compile_form(model, (x,), "fx")
+    assert count_ops(cm) == 0
+    assert_same_outputs(run_model(cm, (x,)), run_model(model, (x,)))
+    assert [(r.module, r.reason) for r in cm.report().rejected] == [
+        ("mha", "MultiheadAttention (a MultiheadAttention with its own forward) is not decomposed")]
