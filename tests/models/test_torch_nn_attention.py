@@ -91,6 +91,10 @@ MHA_CASES = {
     "cross, seq-first, float attn_mask": (
         dict(batch_first=False, self_attention=False), dict(attn_mask=rand(L, S, seed=3)),
         dict(kind="cross", mask="bias")),
+    # PyTorch warns (deprecated mix); under Dynamo the warning was a graph break after which nothing was captured
+    "cross, batch_first, bool key_padding_mask + float attn_mask": (
+        dict(batch_first=True, self_attention=False), dict(kpm=True, attn_mask=rand(L, S, seed=5)),
+        dict(kind="cross", mask="bias")),
     "cross, batch_first, 3-D bool attn_mask + key_padding_mask": (
         dict(batch_first=True, self_attention=False),
         dict(kpm=True, attn_mask=bool_attn_mask(B * HEADS, L, S, seed=2)), dict(kind="cross")),
