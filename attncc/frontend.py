@@ -16,6 +16,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from attncc.torch_nn_capture import capture_context, symbolic_trace
+
 Inputs = tuple | dict
 
 
@@ -66,7 +68,8 @@ def try_symbolic_trace(model: nn.Module, call: CallArgs) -> Optional[fx.GraphMod
     if any(p.name not in given and p.default is p.empty for p in params):
         return None
     try:
-        gm = fx.symbolic_trace(model, concrete_args=concrete or None)
+        # traces into nn.Transformer* containers with PyTorch's fused fast path off (see torch_nn_capture)
+        gm = symbolic_trace(model, concrete_args=concrete or None)
         propagate_fake_values(gm, call)
     except Exception:
         return None
@@ -95,9 +98,18 @@ def propagate_fake_values(gm: fx.GraphModule, call: CallArgs) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+    class KeepingAllValues(FakeTensorProp):
+        # FakeTensorProp keeps tensors and numbers only; a pass that re-evaluates ``zeros_like(m, dtype=x.dtype)``
+        # needs the dtype too, and an unused node without a value reads as one run for its effect (dead_code)
+        def run_node(self, n):
+            result = super().run_node(n)
+            if "val" not in n.meta and result is not None and not isinstance(result, torch.Tensor):
+                n.meta["val"] = result
+            return result
+
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     values = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in placeholder_values(gm, call)]
-    FakeTensorProp(gm, mode).propagate(*values)
+    KeepingAllValues(gm, mode).propagate(*values)
 
 
 def dynamo_capture(model: nn.Module, on_graph: Callable[[fx.GraphModule, list], Callable]) -> Callable:
@@ -107,9 +119,17 @@ def dynamo_capture(model: nn.Module, on_graph: Callable[[fx.GraphModule, list], 
     ``on_graph(gm, example_inputs)`` returns the callable Dynamo runs in the graph's place. The class forward (not
     ``model.__call__``) is compiled because the compiled module runs the model's own ``__call__``, hooks and all,
     with the instance's ``forward`` routed here.
+
+    Every call runs in ``torch_nn_capture.capture_context()`` (PyTorch's fused transformer fast path off), so
+    Dynamo records (and its guards keep) the decomposed attention of PyTorch's own transformer modules.
     """
-    forward = type(model).forward.__get__(model)
-    return torch.compile(forward, backend=on_graph, dynamic=None)
+    compiled = torch.compile(type(model).forward.__get__(model), backend=on_graph, dynamic=None)
+
+    def run(*args, **kwargs):
+        with capture_context():
+            return compiled(*args, **kwargs)
+
+    return run
 
 
 RECOMPILE_LIMIT = 256

@@ -1,5 +1,8 @@
 """Canonicalize: rewrite the many spellings of attention's pieces into one form the detector matches.
 
+- ``nn.MultiheadAttention`` modules and ``F.multi_head_attention_forward`` calls become their SDPA
+  decomposition (``lower_torch_nn``); FlexAttention calls with no score_mod and a full or causal block mask
+  become SDPA (``lower_flex_attention``);
 - ``nn.Softmax`` / ``nn.Dropout`` / ``nn.Identity`` modules become ``F.softmax`` / ``F.dropout`` / nothing;
 - ``torch.baddbmm(bias, a, b, beta=, alpha=)`` becomes ``matmul(a, b) * alpha + bias * beta``;
 - a two-operand ``einsum`` that is a batched matrix product becomes permutes and ``torch.matmul``;
@@ -24,8 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attncc.passes.fake_eval import copy_meta, fill_val
+from attncc.passes.dead_code import remove_dead_code
 from attncc.passes.graph_copy import copy_graph_module
 from attncc.passes.graph_ops import arg, is_call, is_softmax, ndim, shape, softmax_dim, tensor_val
+from attncc.passes.lower_flex_attention import is_flex_attention, lower_flex_attention
+from attncc.passes.lower_torch_nn import is_multihead_attention, lower_multihead_attention
 
 
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -33,7 +39,11 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     result, _ = copy_graph_module(gm)
     graph = result.graph
     for node in list(graph.nodes):
-        if node.op == "call_module":
+        if is_multihead_attention(result, node):
+            lower_multihead_attention(result, node)
+        elif is_flex_attention(node):
+            lower_flex_attention(result, node)
+        elif node.op == "call_module":
             _lower_module(result, node)
         elif node.op == "call_function" and node.target is torch.baddbmm:
             _lower_baddbmm(node)
@@ -46,7 +56,7 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
         if is_softmax(node):
             _fold_dtype_read(node)
             _drop_row_max_shift(node)
-    graph.eliminate_dead_code()
+    remove_dead_code(graph)
     graph.lint()
     result.recompile()
     return result

@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from attncc.passes import graph_ops as g
 from attncc.passes.sink_logits import NotSinkForm, SinkColumn, cat_parts, key_slice, sink_column, slice_problem
+from attncc.passes.opaque_attention import opaque_attention_reason
 from attncc.site import AttentionSite, RejectedSite, ScoreStep
 
 INF = float("inf")
@@ -47,6 +48,9 @@ def detect_sites(gm: fx.GraphModule, graph_index: int = 0) -> tuple[list[Attenti
             elif g.is_softmax(node):
                 site = _explicit_site(node)
             else:
+                reason = opaque_attention_reason(node)  # fused kernels, FlexAttention, MHA left whole
+                if reason is not None:
+                    rejected.append(RejectedSite(_module_of(node), reason, node, graph_index))
                 continue
         except Decline as decline:
             anchor = decline.node or node
