@@ -311,6 +311,14 @@ class CompiledModule(nn.Module):
             del model.__dict__["forward"]
         try:
             eager = eager_attention_calls(model, self._names, call.args, call.kwargs)
+        except Exception as error:  # the check itself must not stop the user's model
+            # (FlexAttention runs torch.compile inside, which refuses to run under the counting mode): say so,
+            # without failing strict mode, since nothing was found to have run outside the graphs
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            capture.uncaptured = [RejectedSite("", f"could not check for attention outside the captured graphs "
+                                                   f"({reason}): {type(error).__name__}: {first}")]
+            _warn(f"attncc: {capture.uncaptured[0].reason}")
+            return
         finally:
             if routed:
                 model.__dict__["forward"] = self._route

@@ -41,6 +41,8 @@ def graph_attention_calls(gm: fx.GraphModule) -> Counter:
 
 
 class _CountAttention(TorchDispatchMode):
+    supports_higher_order_operators = True  # FlexAttention & co. run as they would (and count as no softmax)
+
     def __init__(self, current_module: list[str]):
         super().__init__()
         self.current_module = current_module
