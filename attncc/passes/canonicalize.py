@@ -20,6 +20,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attncc.passes.dead_code import remove_dead_code
+from attncc.passes.effects import has_side_effects
 from attncc.passes.fake_eval import copy_meta, fill_val
 from attncc.passes.graph_copy import copy_graph_module
 from attncc.passes.graph_ops import arg, is_call, ndim, tensor_val
@@ -30,6 +32,8 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     result, _ = copy_graph_module(gm)
     graph = result.graph
     for node in list(graph.nodes):
+        if has_side_effects(node):
+            continue  # an in-place module or a call with out=: its lowered spelling would drop the write
         if node.op == "call_module":
             _lower_module(result, node)
         elif node.op == "call_function" and node.target is torch.baddbmm:
@@ -39,7 +43,7 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(graph.nodes):
         if is_call(node, (torch.exp,), {"exp"}):
             _fold_written_softmax(node)
-    graph.eliminate_dead_code()
+    remove_dead_code(graph)
     graph.lint()
     result.recompile()
     return result

@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from attncc.measure import SITE_META
 from attncc.passes import graph_ops as g
+from attncc.passes.dead_code import remove_dead_code
 from attncc.passes.fake_eval import copy_meta, fill_val
 from attncc.passes.graph_copy import copy_graph_module
 from attncc.runtime.ops import attention_op  # noqa: F401  (importing registers torch.ops.attncc)
@@ -34,7 +35,7 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[AttentionSite]) -> fx.GraphMod
         if site.variant == "none":
             continue
         _SiteRewriter(site, value_map, position).apply()
-    graph.eliminate_dead_code()
+    remove_dead_code(graph)
     graph.lint()
     result.recompile()
     return result
