@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attncc.passes.dead_code import remove_dead_code
-from attncc.passes.effects import has_side_effects
+from attncc.passes.effects import has_side_effects, writes
 from attncc.passes.fake_eval import copy_meta, fill_val
 from attncc.passes.graph_copy import copy_graph_module
 from attncc.passes.graph_ops import arg, is_call, ndim, tensor_val
@@ -186,4 +186,22 @@ def _fold_written_softmax(exp_node: fx.Node) -> None:
     div = divs[0]
     if tensor_val(div) is None or tensor_val(x) is None or tensor_val(div).dtype != tensor_val(x).dtype:
         return
+    # F.softmax(x) goes where the division was: an in-place write after the pattern first read x would change it
+    reads = {exp_node, inner}
+    if x is not inner:  # the row max: ``amax(x)`` or ``x.max(dim)[0]``
+        reads |= {inner.args[1], *inner.args[1].all_input_nodes}
+    if _writes_after_first_read(x, reads, div):
+        return
     _replace(div, _insert(div, "call_function", F.softmax, (x,), {"dim": sum_dim}))
+
+
+def _writes_after_first_read(x: fx.Node, reads: set, end: fx.Node) -> bool:
+    """Whether a node after the first of ``reads`` that uses ``x`` and before ``end`` writes a tensor in place."""
+    node, reading = x.next, False
+    while node is not end and node.op != "root":
+        if node in reads and x in node.all_input_nodes:
+            reading = True
+        elif reading and writes(node):
+            return True
+        node = node.next
+    return False

@@ -77,38 +77,41 @@ def _is_plain_write(node: fx.Node) -> bool:
 def _remove_unread_writes(graph: fx.Graph) -> bool:
     """Erase unused in-place writes into graph-allocated memory that no node reads; True if any went.
 
-    Memory is identified by alias roots (``effects.Aliases``). A root is *read* when some node uses a value
-    that may live in it other than as a view (which passes the question on to its own users) or as the target
-    of a plain unused write. A write goes when every root of its target is a fresh allocation nobody reads.
+    A write goes when every root of its target (``effects.Aliases``) is a fresh allocation nobody reads. That
+    memory can only be reached forward from its allocation: through views and writes (which return aliases
+    and pass the question on to their own users); any other use, the graph output included, reads it.
     """
-    aliases = Aliases(graph)
     writes = [n for n in graph.nodes if _is_plain_write(n)]
     if not writes:
         return False
-    targets = {w: written_nodes(w) for w in writes}
-    candidate_roots = set()
-    for w in writes:
-        for t in targets[w]:
-            candidate_roots |= aliases.roots(t)
+    aliases = Aliases(graph)
+    target_roots = {w: frozenset().union(*(aliases.roots(t) for t in written_nodes(w))) for w in writes}
     # only memory the graph allocates itself can be unread; inputs and attributes outlive the call
-    candidate_roots = {r for r in candidate_roots if isinstance(r, fx.Node) and _is_fresh(r)}
-    if not candidate_roots:
-        return False
-    read: set = set()
-    for node in graph.nodes:
-        for user in node.users:
-            if user.op != "output" and _is_view(user):
-                continue  # a view reads nothing; its users are looked at as users of the view
-            if user in targets and node in targets[user] and node not in _other_inputs(user, node):
-                continue  # the target of a plain write is written, not read
-            read |= aliases.roots(node) & candidate_roots
+    fresh = {r for roots in target_roots.values() for r in roots if isinstance(r, fx.Node) and _is_fresh(r)}
+    unread = {r for r in fresh if not _is_read(r)}
     removed = False
-    for w in writes:
-        roots = set().union(*(aliases.roots(t) for t in targets[w]))
-        if roots and roots <= candidate_roots and not (roots & read):
+    for w, roots in target_roots.items():
+        if roots and roots <= unread:
             graph.erase_node(w)
             removed = True
     return removed
+
+
+def _is_read(allocation: fx.Node) -> bool:
+    """Whether any node reads the memory ``allocation`` made (looked for forward through views and writes)."""
+    seen = {allocation}
+    stack = [allocation]
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            passes_on = user.op != "output" and (
+                _is_view(user) or (node in (written_nodes(user) or ()) and node not in _other_inputs(user, node)))
+            if not passes_on:
+                return True
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return False
 
 
 def _other_inputs(node: fx.Node, target: fx.Node) -> list[fx.Node]:
