@@ -608,7 +608,7 @@ class _WritesCheck:
             return
         consumers = self._consumers_before(site.output, first)
         for r in reads:
-            uses = [self.order[u] for u in r.users if u in consumers]
+            uses = [self.order[u] for u in r.users if u in consumers or _folded_write(u, r, consumers)]
             start = min(uses) if uses else self.order[r]
             for w in between:
                 if self.order[w] <= start:
@@ -628,6 +628,13 @@ class _WritesCheck:
                     seen.add(n)
                     stack.append(n)
         return seen
+
+
+def _folded_write(node: fx.Node, value: fx.Node, consumers: set[fx.Node]) -> bool:
+    """Whether ``node`` reads ``value`` as an unused in-place write of a tensor the output is computed from:
+    a score step the detector read off a write nobody uses (``s.masked_fill_(m, v)`` reads m where it runs)."""
+    written = written_nodes(node) or ()
+    return not node.users and value not in written and any(t in consumers for t in written)
 
 
 def _values_read(site: AttentionSite) -> list[fx.Node]:

@@ -452,7 +452,7 @@ def _zero(x) -> bool:
 def additive_as_keep(node) -> Optional[fx.Node]:
     """The bool keep-mask of an additive mask ``where(keep, 0, -big)`` / ``where(~keep, -big, 0)`` (as a node
     whose value is True where attending), or None when the term is a real bias."""
-    if not g.is_call(node, (torch.where,), {"where"}) or len(node.args) != 3:
+    if not g.is_call(node, (torch.where,), {"where"}) or len(node.args) != 3 or may_be_written(node):
         return None
     cond, a, b = node.args
     if g.tensor_val(cond) is None or g.tensor_val(cond).dtype != torch.bool:
@@ -584,7 +584,8 @@ def _keep_term(gm: fx.GraphModule, step, aliases: Optional[Aliases] = None):
     if step.kind == "keep":
         return step.node
     if g.is_call(step.node, (operator.invert, torch.logical_not, torch.bitwise_not),
-                 {"__invert__", "logical_not", "bitwise_not"}) and _bool(step.node.args[0]):
+                 {"__invert__", "logical_not", "bitwise_not"}) and _bool(step.node.args[0]) \
+            and not may_be_written(step.node):  # ``drop = ~keep; drop[..., 0] = False``: not ~keep any more
         return step.node.args[0]
     value = constant_value(gm, step.node, aliases=aliases)
     if value is not None and value.dtype == torch.bool:

@@ -312,6 +312,20 @@ def _built_bias(q, k, v, m):
     return torch.softmax(q @ k.transpose(-2, -1) * SCALE + bias, -1) @ v
 
 
+def _mask_built_then_fill_unassigned(q, k, v, m):
+    drop = ~m
+    drop[..., 0].fill_(False)               # written before the scores' masked_fill_ reads it: both see it
+    s = q @ k.transpose(-2, -1) * SCALE
+    s.masked_fill_(drop, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def _additive_mask_then_written(q, k, v, m):
+    bias = torch.where(m, 0.0, float("-inf"))
+    bias[..., 0].fill_(0.0)                 # key 0 is attended everywhere: the mask is not `m` any more
+    return torch.softmax(q @ k.transpose(-2, -1) * SCALE + bias, -1) @ v
+
+
 SCORE_STEPS = [
     pytest.param(_masked_fill_unassigned, id="masked_fill_unassigned"),
     pytest.param(_masked_fill_assigned, id="mul_masked_fill_assigned"),
@@ -319,6 +333,8 @@ SCORE_STEPS = [
     pytest.param(_v_written_before_output, id="v_written_before_output"),
     pytest.param(_built_keep_mask, id="keep_mask_built_in_place"),
     pytest.param(_built_bias, id="bias_built_in_place"),
+    pytest.param(_mask_built_then_fill_unassigned, id="mask_built_then_masked_fill_unassigned"),
+    pytest.param(_additive_mask_then_written, id="additive_mask_then_written"),
 ]
 
 
