@@ -26,8 +26,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attncc.passes.fake_eval import copy_meta, fill_val
 from attncc.passes.dead_code import remove_dead_code
+from attncc.passes.effects import has_side_effects, writes
+from attncc.passes.fake_eval import copy_meta, fill_val
 from attncc.passes.graph_copy import copy_graph_module
 from attncc.passes.graph_ops import arg, is_call, is_softmax, ndim, shape, softmax_dim, tensor_val
 from attncc.passes.lower_flex_attention import is_flex_attention, lower_flex_attention
@@ -43,6 +44,8 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
             lower_multihead_attention(result, node)
         elif is_flex_attention(node):
             lower_flex_attention(result, node)
+        elif has_side_effects(node):
+            continue  # an in-place module or a call with out=: its lowered spelling would drop the write
         elif node.op == "call_module":
             _lower_module(result, node)
         elif node.op == "call_function" and node.target is torch.baddbmm:
@@ -199,6 +202,12 @@ def _fold_written_softmax(exp_node: fx.Node) -> None:
     div = divs[0]
     if tensor_val(div) is None or tensor_val(x) is None or tensor_val(div).dtype != tensor_val(x).dtype:
         return
+    # F.softmax(x) goes where the division was: an in-place write after the pattern first read x would change it
+    reads = {exp_node, inner}
+    if x is not inner:  # the row max: ``amax(x)`` or ``x.max(dim)[0]``
+        reads |= {inner.args[1], *inner.args[1].all_input_nodes}
+    if _writes_after_first_read(x, reads, div):
+        return
     _replace(div, _insert(div, "call_function", F.softmax, (x,), {"dim": sum_dim}))
 
 
@@ -230,3 +239,15 @@ def _fold_dtype_read(softmax: fx.Node) -> None:
             and read.args[1] == "dtype" and tensor_val(read.args[0]) is not None):
         return
     softmax.update_kwarg("dtype", tensor_val(read.args[0]).dtype)
+
+
+def _writes_after_first_read(x: fx.Node, reads: set, end: fx.Node) -> bool:
+    """Whether a node after the first of ``reads`` that uses ``x`` and before ``end`` writes a tensor in place."""
+    node, reading = x.next, False
+    while node is not end and node.op != "root":
+        if node in reads and x in node.all_input_nodes:
+            reading = True
+        elif reading and writes(node):
+            return True
+        node = node.next
+    return False

@@ -20,6 +20,7 @@ import torch.fx as fx
 from attncc.passes import graph_ops as g
 from attncc.passes.sink_logits import NotSinkForm, SinkColumn, cat_parts, key_slice, sink_column, slice_problem
 from attncc.passes.opaque_attention import opaque_attention_reason
+from attncc.passes.effects import Aliases, may_be_written, written_nodes, writes
 from attncc.site import AttentionSite, RejectedSite, ScoreStep
 
 INF = float("inf")
@@ -41,6 +42,7 @@ def detect_sites(gm: fx.GraphModule, graph_index: int = 0) -> tuple[list[Attenti
     """
     sites: list[AttentionSite] = []
     rejected: list[RejectedSite] = []
+    writes_check = _WritesCheck(gm.graph)
     for node in gm.graph.nodes:
         try:
             if g.is_sdpa(node):
@@ -52,6 +54,8 @@ def detect_sites(gm: fx.GraphModule, graph_index: int = 0) -> tuple[list[Attenti
                 if reason is not None:
                     rejected.append(RejectedSite(_module_of(node), reason, node, graph_index))
                 continue
+            if site is not None:
+                writes_check.check(site, node)
         except Decline as decline:
             anchor = decline.node or node
             rejected.append(RejectedSite(_module_of(anchor), decline.reason, anchor, graph_index))
@@ -75,6 +79,8 @@ def const_value(x: Any) -> Optional[float]:
     c = g.scalar_constant(x)
     if c is not None or not isinstance(x, fx.Node):
         return c
+    if may_be_written(x):  # ``c = torch.full((), -inf); c.fill_(0)``: not the value it was built with
+        return None
     if x.op == "call_function" and x.target in (torch.full, torch.full_like) and len(x.args) >= 2:
         return g.scalar_constant(x.args[1])
     if x.op == "call_function" and x.target in (torch.tensor, torch.scalar_tensor, torch.as_tensor) and x.args:
@@ -157,32 +163,66 @@ class _Scores:
 
 
 def _walk_scores(x: fx.Node, softmax: fx.Node) -> Optional[_Scores]:
-    """Walk back from the softmax input to the product of q and k, recording what happens in between."""
+    """Walk back from the softmax input to the product of q and k, recording what happens in between.
+
+    Besides the next node of the chain (``reader``), a score tensor may be used by in-place writes that
+    nothing uses and that run before the reader: Dynamo and fx record ``s.masked_fill_(m, v); softmax(s)``
+    that way. Those are score steps too, applied in program order before the reader.
+    """
     steps: list[ScoreStep] = []
     q_mults: list[tuple[str, fx.Node]] = []
-    cur = x
+    cur, reader = x, softmax
     while True:
-        if len(cur.users) != 1:
-            # also when the first node before the softmax (a scale or bias, no step recorded yet) is the one
-            # shared: it is still fed by the product, so this is attention whose scores escape
-            if steps or g.is_matmul(cur) or _reaches_product(cur):
-                raise Decline("the attention scores are used elsewhere besides the softmax", softmax)
-            return None
+        if reader not in cur.users:  # the step skipped nodes (softcap's tanh and divide): no writers there
+            reader = next(iter(cur.users)) if len(cur.users) == 1 else None
+        others = [u for u in cur.users if u is not reader]
+        if others:
+            writers = _writers_before(cur, reader, others) if reader is not None else None
+            if writers is None:
+                # also when the first node before the softmax (a scale or bias, no step recorded yet) is the
+                # one shared: it is still fed by the product, so this is attention whose scores escape
+                if steps or g.is_matmul(cur) or _reaches_product(cur):
+                    raise Decline("the attention scores are used elsewhere besides the softmax", softmax)
+                return None
+            for writer in reversed(writers):  # steps are collected backwards, reversed at the end
+                carried = _step_back(writer, steps, q_mults, softmax)
+                if carried is None:
+                    return None
+                if carried is not cur:
+                    raise Decline(f"in-place {_op_name(writer)} changes the attention scores in a way attncc "
+                                  "does not read", softmax)
         if g.is_matmul(cur):
             steps.reverse()
             q_mults.reverse()
             return _Scores(cur, steps, q_mults)
-        cur = _step_back(cur, steps, q_mults, softmax)
+        cur, reader = _step_back(cur, steps, q_mults, softmax), cur
         if cur is None:
             return None
+
+
+def _writers_before(cur: fx.Node, reader: fx.Node, others: list[fx.Node]) -> Optional[list[fx.Node]]:
+    """``others`` in program order if every one is an unused in-place write of ``cur`` itself that runs
+    before ``reader``; None if any is something else (a reader of the scores, or a write after the chain
+    moved on, which later aliases of ``cur`` would see)."""
+    order: list[fx.Node] = []
+    node = cur.next
+    while node is not reader and node.op != "root":
+        if node in others:
+            order.append(node)
+        node = node.next
+    if len(order) != len(others):
+        return None
+    if any(w.users or written_nodes(w) != (cur,) for w in order):
+        return None
+    return order
 
 
 def _step_back(node: fx.Node, steps: list[ScoreStep], q_mults, softmax: fx.Node) -> Optional[fx.Node]:
     """Record the step ``node`` applies to the scores and return the node that carries the scores into it."""
     if g.is_cast(node) or g.is_identity(node):
         return node.args[0]
-    if g.is_call(node, g.MUL | g.DIV, {"mul", "div", "__mul__", "__truediv__"}):
-        is_div = g.is_call(node, g.DIV, {"div", "__truediv__"})
+    if g.is_call(node, g.MUL | g.DIV, {"mul", "div", "__mul__", "__truediv__", "mul_", "div_"}):
+        is_div = g.is_call(node, g.DIV, {"div", "__truediv__", "div_"})
         i = _chain_arg(node, (0, 1) if not is_div else (0,))
         if i is None:
             return _unsupported(node, softmax)
@@ -221,6 +261,15 @@ def _step_back(node: fx.Node, steps: list[ScoreStep], q_mults, softmax: fx.Node)
             return _unsupported(node, softmax, "masked_fill with a value that is not a compile-time constant")
         steps.append(ScoreStep("fill", node=g.arg(node, 1, "mask"), value=value))
         return node.args[0]
+    if node.op == "call_function" and node.target is operator.setitem and len(node.args) == 3:
+        # ``s[m] = v`` (Dynamo only): masked_fill when m is a bool tensor of the scores' own shape
+        target, index, value = node.args
+        c = const_value(value)
+        it = g.tensor_val(index) if isinstance(index, fx.Node) else None
+        if c is None or it is None or it.dtype != torch.bool or g.shape(index) != g.shape(target):
+            return _unsupported(node, softmax, "the scores are assigned to by an index attncc does not read")
+        steps.append(ScoreStep("fill", node=index, value=c))
+        return target
     if g.is_call(node, (torch.where,), {"where"}) and len(node.args) == 3:
         cond, a, b = node.args
         if _reaches_product(a) and not _reaches_product(b):
@@ -473,6 +522,10 @@ def _walk_probabilities(softmax: fx.Node, sink: Optional[SinkColumn] = None) -> 
         if len(users) != 1:
             if not users:
                 raise Decline("the attention probabilities are never used", softmax)
+            changed = [w for w in users if cur in (written_nodes(w) or ())]
+            if changed:
+                names = ", ".join(sorted({_op_name(w) for w in changed}))
+                raise Decline(f"in-place {names} changes the attention probabilities", softmax)
             # several users, none of them the product with v nor the graph output (e.g. renormalization
             # p / p.sum(-1)): say which operations, as for a single such user below
             if not any(g.is_matmul(w) or w.op == "output" for w in users):
@@ -561,3 +614,79 @@ def _set_score_steps(site: AttentionSite, scores: _Scores, softmax: fx.Node) -> 
     has_add = "add" in kinds or any(s.kind in ("fill", "keep") and s.value != -INF for s in kept)
     site.mask_kind = {(False, False): "none", (True, False): "bool", (False, True): "additive",
                       (True, True): "bool+additive"}[(has_bool, has_add)]
+
+
+# ------------------------------------------------------------------------------------ in-place writes
+
+
+class _WritesCheck:
+    """Refuses a site when an in-place write could make the rewritten op read different values.
+
+    The op is inserted at the site's output and reads q, k, v, the masks and biases there; the model read each
+    of them earlier, where the site first consumed it (the score product, a mask step, the projection of q
+    ...). A write into the memory of one of those tensors between that first use and the output would be seen
+    by the op and not by the model. Writes before the first use (keys assembled by slice assignment, a cache
+    updated in place) are seen by both and are fine.
+    """
+
+    def __init__(self, graph: fx.Graph):
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        self.writers = [n for n in graph.nodes if writes(n)]
+        self.aliases = Aliases(graph) if self.writers else None
+
+    def check(self, site: AttentionSite, anchor: fx.Node) -> None:
+        if not self.writers:
+            return
+        reads = _values_read(site)
+        first = min(self.order[r] for r in reads)
+        end = self.order[site.output]
+        between = [w for w in self.writers if first < self.order[w] < end]
+        if not between:
+            return
+        consumers = self._consumers_before(site.output, first)
+        for r in reads:
+            uses = [self.order[u] for u in r.users if u in consumers or _folded_write(u, r, consumers)]
+            start = min(uses) if uses else self.order[r]
+            for w in between:
+                if self.order[w] <= start:
+                    continue
+                written = written_nodes(w)
+                if written is None or any(self.aliases.overlap(t, r) for t in written):
+                    raise Decline(f"in-place {_op_name(w)} may change {r.name} after the attention read it and "
+                                  "before its output (the rewritten op would read the changed value)", anchor)
+
+    def _consumers_before(self, output: fx.Node, first: int) -> set[fx.Node]:
+        """The output and the nodes it is computed from, back to position ``first``."""
+        seen = {output}
+        stack = [output]
+        while stack:
+            for n in stack.pop().all_input_nodes:
+                if n not in seen and self.order[n] >= first:
+                    seen.add(n)
+                    stack.append(n)
+        return seen
+
+
+def _folded_write(node: fx.Node, value: fx.Node, consumers: set[fx.Node]) -> bool:
+    """Whether ``node`` reads ``value`` as an unused in-place write of a tensor the output is computed from:
+    a score step the detector read off a write nobody uses (``s.masked_fill_(m, v)`` reads m where it runs)."""
+    written = written_nodes(node) or ()
+    return not node.users and value not in written and any(t in consumers for t in written)
+
+
+def _values_read(site: AttentionSite) -> list[fx.Node]:
+    """Every node whose value the rewritten op reads or may read: q, k, v, multipliers, the mask and bias
+    nodes, and what those are computed from (mask analysis may hand the op a part of a mask instead)."""
+    direct = [site.q, site.k, site.v, *(f for _, f in site.q_multipliers), site.sdpa_mask,
+              *(s.node for s in site.steps)]
+    reads = [n for n in direct if isinstance(n, fx.Node)]
+    masks = [n for n in (site.sdpa_mask, *(s.node for s in site.steps if s.kind != "reshape"))
+             if isinstance(n, fx.Node)]
+    seen = set(reads)
+    while masks:
+        for n in masks.pop().all_input_nodes:
+            if n not in seen:
+                seen.add(n)
+                reads.append(n)
+                masks.append(n)
+    return reads

@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from attncc.passes import graph_ops as g
+from attncc.passes.effects import Aliases, may_be_written, writes_confined
 from attncc.site import AttentionSite
 
 NEG_LARGE = -1e30
@@ -106,10 +107,15 @@ PASS_METHODS = {"to", "bool", "expand", "expand_as", "contiguous", "clone"}
 
 
 class MaskInterpreter:
-    """Reads the subgraph that builds a mask as affine index expressions and predicates (memoized)."""
+    """Reads the subgraph that builds a mask as affine index expressions and predicates (memoized).
 
-    def __init__(self):
+    A node some in-place write may change (``keep = ones(...); keep[:, n:] = False``) is not read from its
+    definition: it stays a residual, evaluated as the model computes it.
+    """
+
+    def __init__(self, aliases: Optional[Aliases] = None):
         self.memo: dict[fx.Node, Value] = {}
+        self.aliases = aliases
 
     def value(self, x) -> Value:
         if isinstance(x, bool):
@@ -119,7 +125,8 @@ class MaskInterpreter:
         if not isinstance(x, fx.Node):
             return None
         if x not in self.memo:
-            self.memo[x] = self._eval(x)
+            written = self.aliases is not None and self.aliases.is_written(x)
+            self.memo[x] = None if written else self._eval(x)
         return self.memo[x]
 
     def pred(self, node) -> Pred:
@@ -300,8 +307,10 @@ def structure_of(pred: Pred) -> MaskStructure:
 
 
 # ------------------------------------------------------------------------------------ constant masks
-def constant_value(gm: fx.GraphModule, node: fx.Node, max_elements: int = 1 << 26) -> Optional[torch.Tensor]:
-    """Evaluate ``node`` now if it depends on no graph input (only buffers/constants and static shapes)."""
+def constant_value(gm: fx.GraphModule, node: fx.Node, max_elements: int = 1 << 26,
+                   aliases: Optional[Aliases] = None) -> Optional[torch.Tensor]:
+    """Evaluate ``node`` now if it depends on no graph input (only buffers/constants and static shapes) and no
+    in-place write outside what builds it can change it (nor does building it write a module's tensors)."""
     t = g.tensor_val(node)
     if t is None or t.numel() > max_elements or any(not isinstance(s, int) for s in t.shape):
         return None
@@ -319,6 +328,8 @@ def constant_value(gm: fx.GraphModule, node: fx.Node, max_elements: int = 1 << 2
             return None
         order.append(n)
         stack.extend(n.all_input_nodes)
+    if not writes_confined(aliases or Aliases(gm.graph), seen):
+        return None
     sub = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for n in sorted(order, key=_position(gm)):
@@ -335,7 +346,7 @@ def constant_value(gm: fx.GraphModule, node: fx.Node, max_elements: int = 1 << 2
 ELEMENTWISE_BOOL = {"bool", "logical_not", "__invert__", "eq", "ne", "__eq__", "__ne__"}
 
 
-def sliced_constant(gm: fx.GraphModule, node) -> Optional[torch.Tensor]:
+def sliced_constant(gm: fx.GraphModule, node, aliases: Optional[Aliases] = None) -> Optional[torch.Tensor]:
     """For a mask that is a top-left slice of a buffer (``tril[:, :, :T, :T]``, ``narrow(2, 0, T)``), possibly
     compared with a scalar or negated, the same expression on the WHOLE buffer; None for anything else.
 
@@ -344,22 +355,25 @@ def sliced_constant(gm: fx.GraphModule, node) -> Optional[torch.Tensor]:
     """
     if not isinstance(node, fx.Node):
         return None
+    aliases = aliases or Aliases(gm.graph)
+    if aliases.is_written(node):  # the buffer or a slice of it changed in place: not what it was built as
+        return None
     if node.op == "get_attr":
         value = getattr_path(gm, node.target)
         return value if isinstance(value, torch.Tensor) else None
     if g.is_call(node, (torch.narrow,), {"narrow"}):
         if len(node.args) == 4 and node.args[2] == 0:
-            return sliced_constant(gm, node.args[0])
+            return sliced_constant(gm, node.args[0], aliases)
         return None
     if node.op == "call_function" and node.target is operator.getitem:
         index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         if all(i is Ellipsis or (isinstance(i, slice) and i.start in (None, 0) and i.step is None) for i in index):
-            return sliced_constant(gm, node.args[0])
+            return sliced_constant(gm, node.args[0], aliases)
         return None
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     if name in ELEMENTWISE_BOOL or (node.op == "call_function" and node.target in (
             operator.eq, operator.ne, operator.invert, torch.logical_not, torch.eq, torch.ne)):
-        base = sliced_constant(gm, node.args[0])
+        base = sliced_constant(gm, node.args[0], aliases)
         if base is None:
             return None
         other = node.args[1] if len(node.args) > 1 else None
@@ -423,6 +437,8 @@ def _zero(x) -> bool:
     if isinstance(x, (int, float)):
         return x == 0
     t = g.tensor_val(x)
+    if isinstance(x, fx.Node) and may_be_written(x):
+        return False
     if isinstance(x, fx.Node) and x.op == "get_attr" and x.graph.owning_module is not None:
         value = getattr_path(x.graph.owning_module, x.target)
         return isinstance(value, torch.Tensor) and value.numel() == 1 and float(value) == 0.0
@@ -436,7 +452,7 @@ def _zero(x) -> bool:
 def additive_as_keep(node) -> Optional[fx.Node]:
     """The bool keep-mask of an additive mask ``where(keep, 0, -big)`` / ``where(~keep, -big, 0)`` (as a node
     whose value is True where attending), or None when the term is a real bias."""
-    if not g.is_call(node, (torch.where,), {"where"}) or len(node.args) != 3:
+    if not g.is_call(node, (torch.where,), {"where"}) or len(node.args) != 3 or may_be_written(node):
         return None
     cond, a, b = node.args
     if g.tensor_val(cond) is None or g.tensor_val(cond).dtype != torch.bool:
@@ -452,7 +468,7 @@ def analyze_masks(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[Attent
     After it, a site's masks are: ``site.causal``, ``site.band``, the bool ``site.keep_nodes`` (ANDed) and
     whatever bias/fill steps remain in ``site.steps`` (or ``site.sdpa_mask`` when it was not understood).
     """
-    interp = MaskInterpreter()
+    interp = MaskInterpreter(Aliases(gm.graph))
     for site in sites:
         _analyze_site(gm, site, interp)
     return sites
@@ -461,7 +477,7 @@ def analyze_masks(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[Attent
 def _analyze_site(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpreter) -> None:
     original = (list(site.steps), site.sdpa_mask)
     if any(step.kind == "reshape" for step in site.steps):
-        windows = window_segments(gm, site.steps)
+        windows = window_segments(gm, site.steps, interp.aliases)
         if windows is not None:
             site.steps, site.segment_labels, site.segment_fill = windows
             site.segments = True
@@ -476,7 +492,7 @@ def _analyze_site(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpret
             site.sdpa_mask = None
     remaining = []
     for step in site.steps:
-        term = _keep_term(gm, step)
+        term = _keep_term(gm, step, interp.aliases)
         if term is None:
             remaining.append(step)
         else:
@@ -492,9 +508,9 @@ def _analyze_site(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpret
     structure = structure_of(pred)
     residuals = []
     for node in structure.residuals:
-        value = constant_value(gm, node)
+        value = constant_value(gm, node, aliases=interp.aliases)
         if value is None or value.dtype != torch.bool:
-            whole = sliced_constant(gm, node)
+            whole = sliced_constant(gm, node, interp.aliases)
             value = whole.bool() if whole is not None and band_of(whole.bool()) is not None else None
         if value is not None and value.dtype == torch.bool:
             constants.append(value)
@@ -523,7 +539,8 @@ def _analyze_site(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpret
     _summarize(site, residuals)
 
 
-def window_segments(gm: fx.GraphModule, steps: list) -> Optional[tuple[list, torch.Tensor, float]]:
+def window_segments(gm: fx.GraphModule, steps: list,
+                    aliases: Optional[Aliases] = None) -> Optional[tuple[list, torch.Tensor, float]]:
     """Swin's shifted-window mask: ``scores.view(B, nW, H, N, N) + mask[nW, 1, N, N]`` then back to
     ``[B*nW, H, N, N]``, where ``mask`` is a constant that is 0 between tokens of the same region and one fill
     value (timm: -100) between regions. Returns (the other steps, region labels ``[nW, N]``, fill value), or
@@ -536,7 +553,7 @@ def window_segments(gm: fx.GraphModule, steps: list) -> Optional[tuple[list, tor
     before = g.shape(steps[-3].node.args[0])
     if grouped is None or back is None or before is None or len(grouped) != 5 or tuple(back) != tuple(before):
         return None
-    mask = constant_value(gm, steps[-2].node)
+    mask = constant_value(gm, steps[-2].node, aliases=aliases)
     while mask is not None and mask.dim() > 4 and mask.shape[0] == 1:
         mask = mask[0]
     if mask is None or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != grouped[1] \
@@ -555,7 +572,7 @@ def window_segments(gm: fx.GraphModule, steps: list) -> Optional[tuple[list, tor
     return steps[:-3], labels, fill
 
 
-def _keep_term(gm: fx.GraphModule, step):
+def _keep_term(gm: fx.GraphModule, step, aliases: Optional[Aliases] = None):
     """What a score step contributes as a keep-mask: a bool node (True = attend), ``("constant", tensor)`` for
     a constant mask evaluated here, or None when the step is not a mask (a bias, a small fill value)."""
     if step.kind == "add":
@@ -567,12 +584,13 @@ def _keep_term(gm: fx.GraphModule, step):
     if step.kind == "keep":
         return step.node
     if g.is_call(step.node, (operator.invert, torch.logical_not, torch.bitwise_not),
-                 {"__invert__", "logical_not", "bitwise_not"}) and _bool(step.node.args[0]):
+                 {"__invert__", "logical_not", "bitwise_not"}) and _bool(step.node.args[0]) \
+            and not may_be_written(step.node):  # ``drop = ~keep; drop[..., 0] = False``: not ~keep any more
         return step.node.args[0]
-    value = constant_value(gm, step.node)
+    value = constant_value(gm, step.node, aliases=aliases)
     if value is not None and value.dtype == torch.bool:
         return ("constant", ~value)
-    whole = sliced_constant(gm, step.node)
+    whole = sliced_constant(gm, step.node, aliases)
     if whole is not None and band_of(~whole.bool()) is not None:
         return ("constant", ~whole.bool())
     return None
