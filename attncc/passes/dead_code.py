@@ -51,8 +51,8 @@ def is_side_effect(node: fx.Node) -> bool:
     (Dynamo's ``_vmap_increment_nesting`` ... ``_vmap_decrement_nesting`` around a FlexAttention call)."""
     if has_side_effects(node):
         return True
-    if node.op not in ("call_function", "call_method"):
-        return False
+    if node.op != "call_function" or getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        return False  # a method or a Python operator always returns a value: no value recorded means no meta
     return node.meta.get("val", node.meta.get("example_value")) is None
 
 
