@@ -1,8 +1,15 @@
 """Canonicalize: rewrite the many spellings of attention's pieces into one form the detector matches.
 
+- a call of a plain Python function (a ``torch.fx.wrap``-ed helper such as timm's ``maybe_add_mask``, which
+  symbolic tracing keeps as one opaque node) is replaced by the graph of that function, traced with the
+  node's arguments, when it traces;
+- keyword arguments that name positional parameters become positional (``F.scaled_dot_product_attention(
+  query=q, key=k, value=v)``, ``torch.matmul(input=a, other=b)``), so every pass reads operands by position;
 - ``nn.Softmax`` / ``nn.Dropout`` / ``nn.Identity`` modules become ``F.softmax`` / ``F.dropout`` / nothing;
-- ``torch.baddbmm(bias, a, b, beta=, alpha=)`` becomes ``matmul(a, b) * alpha + bias * beta``;
-- a two-operand ``einsum`` that is a batched matrix product becomes permutes and ``torch.matmul``;
+- ``torch.baddbmm(bias, a, b, beta=, alpha=)`` (also ``bias.baddbmm(...)``) becomes
+  ``matmul(a, b) * alpha + bias * beta``, and ``x.where(cond, y)`` becomes ``torch.where(cond, x, y)``;
+- a two-operand ``einsum`` that is a batched matrix product (``...`` batch dims included) becomes permutes and
+  ``torch.matmul``;
 - the written-out ("safe") softmax ``exp(x - max(x)) / sum(exp(x - max(x)))`` becomes ``F.softmax``.
 
 Casts, scale placement, mask spellings, GQA repeats and transposed layouts are read by the detector through
@@ -22,7 +29,8 @@ import torch.nn.functional as F
 
 from attncc.passes.fake_eval import copy_meta, fill_val
 from attncc.passes.graph_copy import copy_graph_module
-from attncc.passes.graph_ops import arg, is_call, ndim, tensor_val
+from attncc.passes.graph_ops import arg, is_call, ndim, positional_call, tensor_val
+from attncc.passes.inline import inline_call, is_wrapped_function
 
 
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -30,10 +38,19 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     result, _ = copy_graph_module(gm)
     graph = result.graph
     for node in list(graph.nodes):
+        if node.op == "call_function" and is_wrapped_function(node.target):
+            inline_call(node)
+    for node in list(graph.nodes):
+        normalized = positional_call(node) if node.op in ("call_function", "call_method") else None
+        if normalized is not None:
+            node.args, node.kwargs = normalized
+    for node in list(graph.nodes):
         if node.op == "call_module":
             _lower_module(result, node)
-        elif node.op == "call_function" and node.target is torch.baddbmm:
+        elif is_call(node, (torch.baddbmm, torch.Tensor.baddbmm), {"baddbmm"}):
             _lower_baddbmm(node)
+        elif is_call(node, (torch.Tensor.where,), {"where"}):
+            _lower_where_method(node)
         elif is_call(node, (torch.einsum,)):
             _lower_einsum(node)
     for node in list(graph.nodes):
@@ -71,9 +88,11 @@ def _lower_module(gm: fx.GraphModule, node: fx.Node) -> None:
 
 
 def _lower_baddbmm(node: fx.Node) -> None:
-    bias, a, b = node.args[:3]
+    if len(node.args) != 3:  # a spelling positional_call could not complete (``out=``...)
+        return
+    bias, a, b = node.args
     beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
-    if isinstance(beta, fx.Node) or isinstance(alpha, fx.Node):
+    if set(node.kwargs) - {"beta", "alpha"} or isinstance(beta, fx.Node) or isinstance(alpha, fx.Node):
         return
     scores = _insert(node, "call_function", torch.matmul, (a, b))
     if alpha != 1:
@@ -82,6 +101,37 @@ def _lower_baddbmm(node: fx.Node) -> None:
         term = bias if beta == 1 else _insert(node, "call_function", operator.mul, (bias, beta))
         scores = _insert(node, "call_function", operator.add, (scores, term))
     _replace(node, scores)
+
+
+def _lower_where_method(node: fx.Node) -> None:
+    """``x.where(cond, y)`` is ``torch.where(cond, x, y)``: one spelling for the matchers."""
+    if len(node.args) != 3 or node.kwargs:
+        return
+    x, cond, other = node.args
+    _replace(node, _insert(node, "call_function", torch.where, (cond, x, other)))
+
+
+def _expand_ellipsis(equation: str, ranks: list[int]) -> Optional[str]:
+    """``'...qd,...kd->...qk'`` with operand ranks [4, 4] -> ``'ABqd,ABkd->ABqk'`` (fresh capital labels for
+    the dims ``...`` stands for); None when the operands' ``...`` cover different numbers of dims."""
+    eq = equation.replace(" ", "")
+    if "..." not in eq:
+        return eq
+    if "->" not in eq:
+        return None
+    lhs, out = eq.split("->")
+    ins = lhs.split(",")
+    if len(ins) != len(ranks):
+        return None
+    counts = {rank - len(labels.replace("...", "")) for labels, rank in zip(ins, ranks) if "..." in labels}
+    if len(counts) != 1:
+        return None
+    n = counts.pop()
+    fresh = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)
+    if n < 0 or n > len(fresh):
+        return None
+    dots = fresh[:n]
+    return ",".join(labels.replace("...", dots) for labels in ins) + "->" + out.replace("...", dots)
 
 
 def _parse_bmm_einsum(equation: str) -> Optional[tuple[str, str, str, str, str, str]]:
@@ -127,7 +177,8 @@ def _lower_einsum(node: fx.Node) -> None:
         operands = tuple(operands[0])
     if not isinstance(equation, str) or len(operands) != 2:
         return
-    parsed = _parse_bmm_einsum(equation)
+    equation = _expand_ellipsis(equation, [ndim(x) for x in operands])
+    parsed = _parse_bmm_einsum(equation) if equation is not None else None
     if parsed is None:
         return
     a_labels, b_labels, out, batch, a_tail, b_tail = parsed
