@@ -37,6 +37,9 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Return a canonicalized copy of ``gm`` (same submodules, new graph); every node keeps ``meta['val']``."""
     result, _ = copy_graph_module(gm)
     graph = result.graph
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is getattr and "val" not in node.meta:
+            _fill_attribute_val(node)
     for node in list(graph.nodes):
         if node.op == "call_function" and is_wrapped_function(node.target):
             inline_call(node)
@@ -60,6 +63,16 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     graph.lint()
     result.recompile()
     return result
+
+
+def _fill_attribute_val(node: fx.Node) -> None:
+    """``x.dtype`` / ``x.device`` under symbolic_trace: FakeTensorProp records no value for them, so a pass that
+    evaluates a node reading one (``zeros_like(m, dtype=x.dtype)``) would see None; the attribute of x's value
+    is that value."""
+    source, name = node.args[0], node.args[1]
+    value = tensor_val(source)
+    if value is not None and isinstance(name, str) and name in ("dtype", "device", "layout"):
+        node.meta["val"] = getattr(value, name)
 
 
 def _insert(node: fx.Node, op: str, target, args, kwargs=None) -> fx.Node:

@@ -98,7 +98,11 @@ def _get_attr(node: fx.Node):
 
 
 def _is_scalar_tensor_like(x: Any) -> bool:
-    """A tensor whose last two dims are 1: a per-batch/per-head multiplier that can move from scores to q."""
+    """A tensor whose last two dims are 1: a per-batch/per-head multiplier that can move from scores to q; or
+    a number computed in the graph (``head_dim ** -0.5`` from a traced size)."""
+    if isinstance(x, fx.Node) and isinstance(g.val(x), (int, float, torch.SymInt, torch.SymFloat)) \
+            and not isinstance(g.val(x), bool):
+        return True
     s = g.shape(x)
     return s is not None and (len(s) < 2 or (s[-1] == 1 and s[-2] == 1))
 
@@ -211,6 +215,8 @@ def _step_back(node: fx.Node, steps: list[ScoreStep], q_mults, softmax: fx.Node)
         return node.args[0]
     if g.is_call(node, g.MUL | g.DIV, {"mul", "div", "__mul__", "__truediv__"}):
         is_div = g.is_call(node, g.DIV, {"div", "__truediv__"})
+        if node.kwargs.get("rounding_mode") is not None:
+            return _unsupported(node, softmax, "the scores are divided with rounding")
         i = _chain_arg(node, (0, 1) if not is_div else (0,))
         if i is None:
             return _unsupported(node, softmax)
@@ -336,7 +342,8 @@ def _unsupported(node: fx.Node, softmax: fx.Node, reason: Optional[str] = None) 
 
 def _peel_mul_scale(x: fx.Node) -> tuple[fx.Node, float]:
     """``x = y * c`` (or ``y / c``) with a constant c and no other user of x: return (y, c)."""
-    if isinstance(x, fx.Node) and len(x.users) == 1 and g.is_call(x, g.MUL | g.DIV, {"mul", "div"}):
+    if isinstance(x, fx.Node) and len(x.users) == 1 and g.is_call(x, g.MUL | g.DIV, {"mul", "div"}) \
+            and x.kwargs.get("rounding_mode") is None:
         is_div = g.is_call(x, g.DIV, {"div"})
         for i in ((0,) if is_div else (0, 1)):
             c = const_value(x.args[1 - i])
@@ -577,8 +584,8 @@ def _getitem_axis_input(node: fx.Node, ax: int, rank: int) -> Optional[tuple[fx.
 
 
 def _reshape_axis(before: tuple, after: tuple, ax: int) -> Optional[int]:
-    """The axis of ``before`` that axis ``ax`` of ``after`` is (or is split from) in a reshape; None where it
-    merges several axes or sizes are symbolic."""
+    """The axis of ``before`` that axis ``ax`` of ``after`` comes from in a reshape (the outermost where it
+    merges several); None for a new size-1 axis or where sizes are symbolic."""
     if not all(isinstance(s, int) and s > 0 for s in (*before, *after)):
         return None
     i = j = 0
@@ -600,8 +607,10 @@ def _reshape_axis(before: tuple, after: tuple, ax: int) -> Optional[int]:
                 size_after *= after[j]
                 j += 1
         if j0 <= ax < j:
+            # the axis is one input axis, a part of one (heads split from features), or several merged into one
+            # (a conv's H and W flattened into tokens): the outermost of them stands for it
             sources = [d for d in range(i0, min(i, len(before))) if before[d] != 1]
-            return sources[0] if len(sources) == 1 and after[ax] != 1 else None
+            return sources[0] if sources and after[ax] != 1 else None
     return None
 
 

@@ -91,6 +91,8 @@ POSITIONAL_PARAMETERS: dict[Any, tuple[str, ...]] = {
     torch.eq: _TWO, torch.ne: _TWO, torch.lt: _TWO, torch.le: _TWO, torch.gt: _TWO, torch.ge: _TWO,
     torch.logical_and: _TWO, torch.logical_or: _TWO, torch.logical_not: ("input",),
     torch.bitwise_and: _TWO, torch.bitwise_or: _TWO,
+    F.linear: ("input", "weight", "bias"), torch._C._nn.linear: ("input", "weight", "bias"),
+    torch.addmm: ("input", "mat1", "mat2"),
 }
 _SELF_OTHER = ("self", "other")
 METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
