@@ -1,5 +1,6 @@
 """Canonicalize: rewrite the many spellings of attention's pieces into one form the detector matches.
 
+- ``x.dtype`` / ``x.device`` nodes get the ``meta['val']`` symbolic_trace's fake propagation leaves out;
 - a call of a plain Python function (a ``torch.fx.wrap``-ed helper such as timm's ``maybe_add_mask``, which
   symbolic tracing keeps as one opaque node) is replaced by the graph of that function, traced with the
   node's arguments, when it traces;

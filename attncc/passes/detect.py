@@ -4,7 +4,9 @@ Two spellings are matched. ``scaled_dot_product_attention`` calls are read off t
 else is anchored at a softmax: walking back from it through the score chain (casts, scale, biases, masks,
 softcapping, reshapes) must reach a matrix product ``A @ B`` (the scores), and walking forward through casts
 and dropout must reach a product with the values. What does not fit but clearly is attention is returned as a
-RejectedSite with the reason; a softmax that is not fed by a product (a router, a classifier) is ignored.
+RejectedSite with the reason (and logged as a warning); a softmax that is not fed by a product (a router, a
+classifier) is ignored. Each site also says which axis its softmax runs over (``axis``: tokens, or feature
+channels for cross-covariance attention), found by following the contracted axis back to the projection.
 """
 
 from __future__ import annotations
@@ -204,7 +206,7 @@ def _reads_metadata_only(user: fx.Node, node: fx.Node) -> bool:
 
 
 def _describe_uses(users: list[fx.Node]) -> str:
-    """``"also returned from the graph, Tensor.mean"``: what else reads the scores, for the rejection reason."""
+    """``"also read by Tensor.mean, returned from the graph"``: what else reads the scores (rejection reasons)."""
     names = sorted({"returned from the graph" if u.op == "output" else f"read by {_op_name(u)}" for u in users})
     return "also " + ", ".join(names) if names else "also read elsewhere"
 
@@ -648,7 +650,7 @@ def _describe(site: AttentionSite) -> AttentionSite:
 
 
 def _sdpa_site(node: fx.Node) -> AttentionSite:
-    q, k, v = node.args[:3]
+    q, k, v = (g.arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
     attn_mask = g.arg(node, 3, "attn_mask")
     dropout_p = g.arg(node, 4, "dropout_p", 0.0)
     is_causal = g.arg(node, 5, "is_causal", False)
