@@ -19,7 +19,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "passes"))
 from forms_helpers import (  # noqa: E402
-    FRONTENDS, B, D, H, N, assert_same_outputs, compile_form, count_ops, count_softmax_like, keep_mask, qkv,
+    FRONTENDS, B, D, N, assert_same_outputs, compile_form, count_ops, count_softmax_like, keep_mask, qkv,
     run_model,
 )
 

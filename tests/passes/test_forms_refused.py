@@ -9,6 +9,8 @@ names what is in the way.
 - a scale after the bias ``(q @ k^T + bias) * c``: folded into the scale and the bias; a negative one: refused;
 - scores that escape (returned, or read by something else): refused, naming the other use; relative-position
   terms added to the scores (Transformer-XL's ``AC + BD``) are an additive bias: exact.
+
+transformers' BLOOM itself is in tests/models/test_keyword_and_view_models.py.
 """
 
 from __future__ import annotations
@@ -175,29 +177,3 @@ def test_form_is_refused_with_reason(fn, phrase, frontend, caplog):
     assert any(phrase in r.reason for r in rep.rejected), [r.reason for r in rep.rejected]
     assert any(phrase in record.getMessage() for record in caplog.records)
     assert_same_outputs(run_model(cm, inputs), want, tol=0.0)
-
-
-# ------------------------------------------------------------------------ transformers' BLOOM (eager)
-
-
-def test_bloom_eager_is_rewritten_exactly():
-    """transformers' BloomAttention (eager): ALiBi baddbmm on [B*H, N, N], 4-D view for the mask, view back."""
-    from transformers import BloomConfig, BloomModel
-
-    torch.manual_seed(0)
-    config = BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4, attn_implementation="eager")
-    model = BloomModel(config).eval()
-    ids = torch.randint(0, 64, (2, 10))
-    mask = torch.ones(2, 10, dtype=torch.long)
-    mask[1, :3] = 0  # left padding in the second row
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    want = run_model(model, inputs).last_hidden_state
-    cm = compile_form(model, inputs, "dynamo")
-    rep = cm.report()
-    assert len(rep.sites) == config.n_layer and not rep.rejected, rep
-    assert count_ops(cm) == config.n_layer
-    assert all(s.layout == "(bh)nd" and s.q_heads == 1 for s in rep.sites)
-    got = run_model(cm, inputs).last_hidden_state
-    # rows of padding queries are fully masked (their output is undefined in both); compare the real tokens
-    keep = mask.bool()
-    assert_same_outputs(got[keep], want[keep])
