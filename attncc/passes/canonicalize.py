@@ -9,6 +9,8 @@
 - ``nn.Softmax`` / ``nn.Dropout`` / ``nn.Identity`` modules become ``F.softmax`` / ``F.dropout`` / nothing;
 - ``torch.baddbmm(bias, a, b, beta=, alpha=)`` (also ``bias.baddbmm(...)``) becomes
   ``matmul(a, b) * alpha + bias * beta``, and ``x.where(cond, y)`` becomes ``torch.where(cond, x, y)``;
+- ``flatten`` / ``unflatten`` of leading (batch, head) dims become ``reshape`` (with the sizes read at run time),
+  the one spelling of a view the score chain carries;
 - a two-operand ``einsum`` that is a batched matrix product (``...`` batch dims included) becomes permutes and
   ``torch.matmul``;
 - the written-out ("safe") softmax ``exp(x - max(x)) / sum(exp(x - max(x)))`` becomes ``F.softmax``.
@@ -57,6 +59,8 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
             _lower_where_method(node)
         elif is_call(node, (torch.einsum,)):
             _lower_einsum(node)
+        elif is_call(node, (torch.flatten, torch.unflatten), {"flatten", "unflatten"}):
+            _lower_flatten(node)
     for node in list(graph.nodes):
         if is_call(node, (torch.exp,), {"exp"}):
             _fold_written_softmax(node)
@@ -123,6 +127,33 @@ def _lower_where_method(node: fx.Node) -> None:
         return
     x, cond, other = node.args
     _replace(node, _insert(node, "call_function", torch.where, (cond, x, other)))
+
+
+def _lower_flatten(node: fx.Node) -> None:
+    """``x.flatten(0, 1)`` -> ``x.reshape(-1, x.size(2), x.size(3))``; ``x.unflatten(0, (B, H))`` ->
+    ``x.reshape(B, H, x.size(1), x.size(2))``, where only dims before the last two change (so a matrix of
+    scores stays whole); other flattens are left as they are."""
+    x = node.args[0]
+    rank = ndim(x)
+    if rank < 3:
+        return
+    if is_call(node, (torch.flatten,), {"flatten"}):
+        start, end = arg(node, 1, "start_dim", 0), arg(node, 2, "end_dim", -1)
+        if not isinstance(start, int) or not isinstance(end, int):
+            return
+        start, end = start % rank, end % rank
+        if end > rank - 3 or start > end:
+            return
+        kept_before, new, kept_after = range(start), [-1], range(end + 1, rank)
+    else:
+        dim, sizes = arg(node, 1, "dim"), arg(node, 2, "sizes")
+        if not isinstance(dim, int) or not isinstance(sizes, (tuple, list)) or dim % rank > rank - 3:
+            return
+        dim %= rank
+        kept_before, new, kept_after = range(dim), list(sizes), range(dim + 1, rank)
+    shape = [_insert(node, "call_method", "size", (x, i)) for i in kept_before] + new
+    shape += [_insert(node, "call_method", "size", (x, i)) for i in kept_after]
+    _replace(node, _insert(node, "call_method", "reshape", (x, *shape)))
 
 
 def _expand_ellipsis(equation: str, ranks: list[int]) -> Optional[str]:

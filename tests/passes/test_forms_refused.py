@@ -5,7 +5,8 @@ names what is in the way.
   viewed to ``[B, H, N, N]`` for mask and softmax, probabilities viewed back): exact;
 - ``max(scores, finfo.min)`` / ``clamp(min=finfo.min)`` before the softmax (old OPT, CodeGen): carried as
   nothing (it only turns -inf into finfo.min, which changes fully masked rows only); a higher bound: refused;
-- scores reshaped to ``[B, H, N, N]`` for a per-head mask and restored before the softmax: exact;
+- scores reshaped to ``[B, H, N, N]`` for a per-head mask and restored before the softmax (``view``/``reshape``,
+  or ``unflatten``/``flatten``): exact;
 - a scale after the bias ``(q @ k^T + bias) * c``: folded into the scale and the bias; a negative one: refused;
 - scores that escape (returned, or read by something else): refused, naming the other use; relative-position
   terms added to the scores (Transformer-XL's ``AC + BD``) are an additive bias: exact.
@@ -84,6 +85,13 @@ def _per_head_mask_view_and_restore(q, k, v, m):
     return torch.bmm(scores.softmax(-1), v3)
 
 
+def _per_head_mask_unflatten_and_flatten(q, k, v, m):
+    q3, k3, v3 = (torch.flatten(t, 0, 1) for t in (q, k, v))
+    scores = torch.bmm(q3, k3.transpose(1, 2)) * SCALE
+    scores = (scores.unflatten(0, (B, H)) + REL_BIAS).flatten(0, 1).masked_fill(~m.flatten(0, 1), float("-inf"))
+    return torch.bmm(scores.softmax(-1), v3)
+
+
 def _scale_after_bias(q, k, v, m):
     return ((q @ k.transpose(-1, -2) + torch.where(m, 0.0, -1e4)) * SCALE).softmax(-1) @ v
 
@@ -108,6 +116,7 @@ EXACT = [
     pytest.param(_clamp_maximum_neg_inf_mask, _inputs(), id="clamp_maximum_after_neg_inf_fill"),
     pytest.param(_clamp_min_keyword, _inputs(), id="clamp_min_keyword"),
     pytest.param(_per_head_mask_view_and_restore, _inputs(), id="scores_viewed_and_restored"),
+    pytest.param(_per_head_mask_unflatten_and_flatten, _inputs((B, H, N, N)), id="scores_unflattened_and_flattened"),
     pytest.param(_scale_after_bias, _inputs(), id="scale_after_bias"),
     pytest.param(_scale_after_bias_and_fill, _inputs(), id="scale_after_bias_and_fill"),
     pytest.param(_transformer_xl_rel_terms, _inputs(), id="relative_position_terms"),
