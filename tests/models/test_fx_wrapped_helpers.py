@@ -121,13 +121,15 @@ def timm_vit_unfused():
     return model.eval()
 
 
-def test_timm_vit_unfused_attention_found_on_fx(timm_vit_unfused):
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_timm_vit_unfused_attention_found(timm_vit_unfused, frontend):
     model = timm_vit_unfused
     inputs = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)),)
     want = run_model(model, inputs)
-    traced_targets = {getattr(n.target, "__name__", "") for n in fx.symbolic_trace(model).graph.nodes}
-    assert "maybe_add_mask" in traced_targets  # what the fx frontend sees before canonicalize
-    cm = compile_form(model, inputs, "fx")
+    if frontend == "fx":
+        traced_targets = {getattr(n.target, "__name__", "") for n in fx.symbolic_trace(model).graph.nodes}
+        assert "maybe_add_mask" in traced_targets  # what the fx frontend sees before canonicalize
+    cm = compile_form(model, inputs, frontend)
     rep = cm.report()
     assert [s.module for s in rep.sites] == ["blocks.0.attn", "blocks.1.attn"] and not rep.rejected, rep
     assert all(s.kind == "self" and s.q_len == 5 for s in rep.sites)
