@@ -54,7 +54,8 @@ class SiteReport:
     def from_site(site: AttentionSite, error: Optional[SiteError] = None) -> "SiteReport":
         before, after = site_flops(site)
         return SiteReport(
-            index=site.index, module=site.module, kind=site.kind, causal=site.causal, mask=site.mask_kind,
+            index=site.index, module=site.module, kind="channel" if site.axis == "channels" else site.kind,
+            causal=site.causal, mask=site.mask_kind,
             q_heads=site.q_heads, kv_heads=site.kv_heads, q_len=site.q_len, kv_len=site.kv_len,
             head_dim=site.head_dim, value_dim=site.value_dim, variant=site.variant, reason=site.reason,
             source=site.source, layout=site.layout, batch=site.batch, scale=round(site.scale, 8),

@@ -20,7 +20,8 @@ Dim = Union[int, str]
 class ScoreStep:
     """One operation between the score product ``q @ k^T`` and the softmax, in program order.
 
-    kind is one of ``scale`` (value: float), ``softcap`` (value: float), ``add`` (node: additive term),
+    kind is one of ``scale`` (value: float), ``softcap`` (value: float), ``add`` (node: additive term, value: its
+    factor: 1, -1 for a subtraction, or the scale the model applied after adding it),
     ``fill`` (node: bool tensor, True where the score is replaced by value), ``keep`` (node: bool tensor,
     True where the score survives; elsewhere value), ``reshape`` (value: the new shape, a tuple).
     """
@@ -59,6 +60,10 @@ class AttentionSite:
     """True when the model computed ``out^T`` (channels-first: ``v @ attn^T``)."""
     kind: str = "self"
     """'self' when queries and keys are projected from the same activations, else 'cross'."""
+    axis: str = "tokens"
+    """What the softmax runs over: 'tokens' (q @ k^T contracts the projections' feature axis), or 'channels'
+    when it contracts the token axis (XCiT's cross-covariance attention: q_len/kv_len count channels, head_dim
+    counts tokens, and only the exact variant applies)."""
     layout: str = "bhnd"
     """'bhnd' for 4-D, '(bh)nd' for 3-D, 'nd' for 2-D, or the rank for others."""
     batch: Dim = 1

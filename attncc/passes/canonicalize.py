@@ -3,10 +3,20 @@
 - ``nn.MultiheadAttention`` modules and ``F.multi_head_attention_forward`` calls become their SDPA
   decomposition (``lower_torch_nn``); FlexAttention calls with no score_mod and a full or causal block mask
   become SDPA (``lower_flex_attention``);
+- ``x.dtype`` / ``x.device`` nodes get the ``meta['val']`` symbolic_trace's fake propagation leaves out;
+- a call of a plain Python function (a ``torch.fx.wrap``-ed helper such as timm's ``maybe_add_mask``, which
+  symbolic tracing keeps as one opaque node) is replaced by the graph of that function, traced with the
+  node's arguments, when it traces;
+- keyword arguments that name positional parameters become positional (``F.scaled_dot_product_attention(
+  query=q, key=k, value=v)``, ``torch.matmul(input=a, other=b)``), so every pass reads operands by position;
 - ``nn.Softmax`` / ``nn.Dropout`` / ``nn.Identity`` modules become ``F.softmax`` / ``F.dropout`` / nothing;
-- ``torch.baddbmm(bias, a, b, beta=, alpha=)`` becomes ``matmul(a, b) * alpha + bias * beta``;
-- a two-operand ``einsum`` that is a batched matrix product becomes permutes and ``torch.matmul``;
-- the written-out ("safe") softmax ``exp(x - max(x)) / sum(exp(x - max(x)))`` becomes ``F.softmax``;
+- ``torch.baddbmm(bias, a, b, beta=, alpha=)`` (also ``bias.baddbmm(...)``) becomes
+  ``matmul(a, b) * alpha + bias * beta``, and ``x.where(cond, y)`` becomes ``torch.where(cond, x, y)``;
+- ``flatten`` / ``unflatten`` of leading (batch, head) dims become ``reshape`` (with the sizes read at run time),
+  the one spelling of a view the score chain carries;
+- a two-operand ``einsum`` that is a batched matrix product (``...`` batch dims included) becomes permutes and
+  ``torch.matmul``;
+- the written-out ("safe") softmax ``exp(x - max(x)) / sum(exp(x - max(x)))`` becomes ``F.softmax``.
 - ``softmax(x - max(x))`` (the row max subtracted before the softmax, as gpt-oss does) becomes ``softmax(x)``;
 - ``softmax(x, dtype=y.dtype)`` gets the dtype itself (symbolic_trace records the read as a node, which made
   ``y`` look "used elsewhere"; gpt-oss writes ``dtype=combined_logits.dtype``).
@@ -30,7 +40,8 @@ from attncc.passes.dead_code import remove_dead_code
 from attncc.passes.effects import has_side_effects, writes
 from attncc.passes.fake_eval import copy_meta, fill_val
 from attncc.passes.graph_copy import copy_graph_module
-from attncc.passes.graph_ops import arg, is_call, is_softmax, ndim, shape, softmax_dim, tensor_val
+from attncc.passes.graph_ops import arg, is_call, is_softmax, ndim, positional_call, shape, softmax_dim, tensor_val
+from attncc.passes.inline import inline_call, is_wrapped_function
 from attncc.passes.lower_flex_attention import is_flex_attention, lower_flex_attention
 from attncc.passes.lower_torch_nn import is_multihead_attention, lower_multihead_attention
 
@@ -39,6 +50,16 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Return a canonicalized copy of ``gm`` (same submodules, new graph); every node keeps ``meta['val']``."""
     result, _ = copy_graph_module(gm)
     graph = result.graph
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is getattr and "val" not in node.meta:
+            _fill_attribute_val(node)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and is_wrapped_function(node.target):
+            inline_call(node)
+    for node in list(graph.nodes):
+        normalized = positional_call(node) if node.op in ("call_function", "call_method") else None
+        if normalized is not None:
+            node.args, node.kwargs = normalized
     for node in list(graph.nodes):
         if is_multihead_attention(result, node):
             lower_multihead_attention(result, node)
@@ -48,10 +69,14 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
             continue  # an in-place module or a call with out=: its lowered spelling would drop the write
         elif node.op == "call_module":
             _lower_module(result, node)
-        elif node.op == "call_function" and node.target is torch.baddbmm:
+        elif is_call(node, (torch.baddbmm, torch.Tensor.baddbmm), {"baddbmm"}):
             _lower_baddbmm(node)
+        elif is_call(node, (torch.Tensor.where,), {"where"}):
+            _lower_where_method(node)
         elif is_call(node, (torch.einsum,)):
             _lower_einsum(node)
+        elif is_call(node, (torch.flatten, torch.unflatten), {"flatten", "unflatten"}):
+            _lower_flatten(node)
     for node in list(graph.nodes):
         if is_call(node, (torch.exp,), {"exp"}):
             _fold_written_softmax(node)
@@ -63,6 +88,16 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     graph.lint()
     result.recompile()
     return result
+
+
+def _fill_attribute_val(node: fx.Node) -> None:
+    """``x.dtype`` / ``x.device`` under symbolic_trace: FakeTensorProp records no value for them, so a pass that
+    evaluates a node reading one (``zeros_like(m, dtype=x.dtype)``) would see None; the attribute of x's value
+    is that value."""
+    source, name = node.args[0], node.args[1]
+    value = tensor_val(source)
+    if value is not None and isinstance(name, str) and name in ("dtype", "device", "layout"):
+        node.meta["val"] = getattr(value, name)
 
 
 def _insert(node: fx.Node, op: str, target, args, kwargs=None) -> fx.Node:
@@ -91,9 +126,11 @@ def _lower_module(gm: fx.GraphModule, node: fx.Node) -> None:
 
 
 def _lower_baddbmm(node: fx.Node) -> None:
-    bias, a, b = node.args[:3]
+    if len(node.args) != 3:  # a spelling positional_call could not complete (``out=``...)
+        return
+    bias, a, b = node.args
     beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
-    if isinstance(beta, fx.Node) or isinstance(alpha, fx.Node):
+    if set(node.kwargs) - {"beta", "alpha"} or isinstance(beta, fx.Node) or isinstance(alpha, fx.Node):
         return
     scores = _insert(node, "call_function", torch.matmul, (a, b))
     if alpha != 1:
@@ -102,6 +139,64 @@ def _lower_baddbmm(node: fx.Node) -> None:
         term = bias if beta == 1 else _insert(node, "call_function", operator.mul, (bias, beta))
         scores = _insert(node, "call_function", operator.add, (scores, term))
     _replace(node, scores)
+
+
+def _lower_where_method(node: fx.Node) -> None:
+    """``x.where(cond, y)`` is ``torch.where(cond, x, y)``: one spelling for the matchers."""
+    if len(node.args) != 3 or node.kwargs:
+        return
+    x, cond, other = node.args
+    _replace(node, _insert(node, "call_function", torch.where, (cond, x, other)))
+
+
+def _lower_flatten(node: fx.Node) -> None:
+    """``x.flatten(0, 1)`` -> ``x.reshape(-1, x.size(2), x.size(3))``; ``x.unflatten(0, (B, H))`` ->
+    ``x.reshape(B, H, x.size(1), x.size(2))``, where only dims before the last two change (so a matrix of
+    scores stays whole); other flattens are left as they are."""
+    x = node.args[0]
+    rank = ndim(x)
+    if rank < 3:
+        return
+    if is_call(node, (torch.flatten,), {"flatten"}):
+        start, end = arg(node, 1, "start_dim", 0), arg(node, 2, "end_dim", -1)
+        if not isinstance(start, int) or not isinstance(end, int):
+            return
+        start, end = start % rank, end % rank
+        if end > rank - 3 or start > end:
+            return
+        kept_before, new, kept_after = range(start), [-1], range(end + 1, rank)
+    else:
+        dim, sizes = arg(node, 1, "dim"), arg(node, 2, "sizes")
+        if not isinstance(dim, int) or not isinstance(sizes, (tuple, list)) or dim % rank > rank - 3:
+            return
+        dim %= rank
+        kept_before, new, kept_after = range(dim), list(sizes), range(dim + 1, rank)
+    shape = [_insert(node, "call_method", "size", (x, i)) for i in kept_before] + new
+    shape += [_insert(node, "call_method", "size", (x, i)) for i in kept_after]
+    _replace(node, _insert(node, "call_method", "reshape", (x, *shape)))
+
+
+def _expand_ellipsis(equation: str, ranks: list[int]) -> Optional[str]:
+    """``'...qd,...kd->...qk'`` with operand ranks [4, 4] -> ``'ABqd,ABkd->ABqk'`` (fresh capital labels for
+    the dims ``...`` stands for); None when the operands' ``...`` cover different numbers of dims."""
+    eq = equation.replace(" ", "")
+    if "..." not in eq:
+        return eq
+    if "->" not in eq:
+        return None
+    lhs, out = eq.split("->")
+    ins = lhs.split(",")
+    if len(ins) != len(ranks):
+        return None
+    counts = {rank - len(labels.replace("...", "")) for labels, rank in zip(ins, ranks) if "..." in labels}
+    if len(counts) != 1:
+        return None
+    n = counts.pop()
+    fresh = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)
+    if n < 0 or n > len(fresh):
+        return None
+    dots = fresh[:n]
+    return ",".join(labels.replace("...", dots) for labels in ins) + "->" + out.replace("...", dots)
 
 
 def _parse_bmm_einsum(equation: str) -> Optional[tuple[str, str, str, str, str, str]]:
@@ -147,7 +242,8 @@ def _lower_einsum(node: fx.Node) -> None:
         operands = tuple(operands[0])
     if not isinstance(equation, str) or len(operands) != 2:
         return
-    parsed = _parse_bmm_einsum(equation)
+    equation = _expand_ellipsis(equation, [ndim(x) for x in operands])
+    parsed = _parse_bmm_einsum(equation) if equation is not None else None
     if parsed is None:
         return
     a_labels, b_labels, out, batch, a_tail, b_tail = parsed

@@ -4,11 +4,14 @@ Two spellings are matched. ``scaled_dot_product_attention`` calls are read off t
 else is anchored at a softmax: walking back from it through the score chain (casts, scale, biases, masks,
 softcapping, reshapes) must reach a matrix product ``A @ B`` (the scores), and walking forward through casts
 and dropout must reach a product with the values. What does not fit but clearly is attention is returned as a
-RejectedSite with the reason; a softmax that is not fed by a product (a router, a classifier) is ignored.
+RejectedSite with the reason (and logged as a warning); a softmax that is not fed by a product (a router, a
+classifier) is ignored. Each site also says which axis its softmax runs over (``axis``: tokens, or feature
+channels for cross-covariance attention), found by following the contracted axis back to the projection.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ from attncc.passes.effects import Aliases, may_be_written, written_nodes, writes
 from attncc.site import AttentionSite, RejectedSite, ScoreStep
 
 INF = float("inf")
+log = logging.getLogger("attncc")
 
 
 class Decline(Exception):
@@ -59,10 +63,12 @@ def detect_sites(gm: fx.GraphModule, graph_index: int = 0) -> tuple[list[Attenti
         except Decline as decline:
             anchor = decline.node or node
             rejected.append(RejectedSite(_module_of(anchor), decline.reason, anchor, graph_index))
+            log.warning("attncc: %s: attention left unchanged: %s", _module_of(anchor) or "<root>", decline.reason)
             continue
         if site is not None:
             site.graph_index = graph_index
             site.kind = "self" if _same_source(site) else "cross"
+            site.axis = attention_axis(site)
             sites.append(site)
     return sites, rejected
 
@@ -105,7 +111,11 @@ def _get_attr(node: fx.Node):
 
 
 def _is_scalar_tensor_like(x: Any) -> bool:
-    """A tensor whose last two dims are 1: a per-batch/per-head multiplier that can move from scores to q."""
+    """A tensor whose last two dims are 1: a per-batch/per-head multiplier that can move from scores to q; or
+    a number computed in the graph (``head_dim ** -0.5`` from a traced size)."""
+    if isinstance(x, fx.Node) and isinstance(g.val(x), (int, float, torch.SymInt, torch.SymFloat)) \
+            and not isinstance(g.val(x), bool):
+        return True
     s = g.shape(x)
     return s is not None and (len(s) < 2 or (s[-1] == 1 and s[-2] == 1))
 
@@ -173,16 +183,18 @@ def _walk_scores(x: fx.Node, softmax: fx.Node) -> Optional[_Scores]:
     q_mults: list[tuple[str, fx.Node]] = []
     cur, reader = x, softmax
     while True:
-        if reader not in cur.users:  # the step skipped nodes (softcap's tanh and divide): no writers there
-            reader = next(iter(cur.users)) if len(cur.users) == 1 else None
-        others = [u for u in cur.users if u is not reader]
+        users = _value_users(cur)
+        if reader not in users:  # the step skipped nodes (softcap's tanh and divide): no writers there
+            reader = users[0] if len(users) == 1 else None
+        others = [u for u in users if u is not reader]
         if others:
             writers = _writers_before(cur, reader, others) if reader is not None else None
             if writers is None:
                 # also when the first node before the softmax (a scale or bias, no step recorded yet) is the
                 # one shared: it is still fed by the product, so this is attention whose scores escape
                 if steps or g.is_matmul(cur) or _reaches_product(cur):
-                    raise Decline("the attention scores are used elsewhere besides the softmax", softmax)
+                    raise Decline(f"the attention scores are used elsewhere besides the softmax "
+                                  f"({_describe_uses(others)})", softmax)
                 return None
             for writer in reversed(writers):  # steps are collected backwards, reversed at the end
                 carried = _step_back(writer, steps, q_mults, softmax)
@@ -217,12 +229,43 @@ def _writers_before(cur: fx.Node, reader: fx.Node, others: list[fx.Node]) -> Opt
     return order
 
 
+_METADATA_ATTRIBUTES = {"dtype", "shape", "device", "ndim", "is_cuda", "layout"}
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """node's users that read its values; those that read only its dtype, shape or device (``type_as(x)``,
+    ``.to(x.dtype)``, ``x.size(-1)``) do not make the scores escape."""
+    return [u for u in node.users if not _reads_metadata_only(u, node)]
+
+
+def _reads_metadata_only(user: fx.Node, node: fx.Node) -> bool:
+    if user.op == "call_function" and user.target is getattr:
+        return user.args[0] is node and user.args[1] in _METADATA_ATTRIBUTES
+    if user.op == "call_method" and user.target in ("size", "dim", "type_as", "to", "new_zeros", "new_empty",
+                                                    "new_ones", "new_full"):
+        positions = [i for i, a in enumerate(user.args) if a is node]
+        if node in user.kwargs.values():
+            return False
+        if user.target in ("size", "dim") or user.target.startswith("new_"):
+            return positions == [0]
+        return bool(positions) and 0 not in positions  # x.type_as(node), x.to(node): node's dtype/device only
+    return False
+
+
+def _describe_uses(users: list[fx.Node]) -> str:
+    """``"also read by Tensor.mean, returned from the graph"``: what else reads the scores (rejection reasons)."""
+    names = sorted({"returned from the graph" if u.op == "output" else f"read by {_op_name(u)}" for u in users})
+    return "also " + ", ".join(names) if names else "also read elsewhere"
+
+
 def _step_back(node: fx.Node, steps: list[ScoreStep], q_mults, softmax: fx.Node) -> Optional[fx.Node]:
     """Record the step ``node`` applies to the scores and return the node that carries the scores into it."""
     if g.is_cast(node) or g.is_identity(node):
         return node.args[0]
     if g.is_call(node, g.MUL | g.DIV, {"mul", "div", "__mul__", "__truediv__", "mul_", "div_"}):
         is_div = g.is_call(node, g.DIV, {"div", "__truediv__", "div_"})
+        if node.kwargs.get("rounding_mode") is not None:
+            return _unsupported(node, softmax, "the scores are divided with rounding")
         i = _chain_arg(node, (0, 1) if not is_div else (0,))
         if i is None:
             return _unsupported(node, softmax)
@@ -284,6 +327,8 @@ def _step_back(node: fx.Node, steps: list[ScoreStep], q_mults, softmax: fx.Node)
             return _unsupported(node, softmax, "torch.where with a fill value that is not a compile-time constant")
         steps.append(ScoreStep(kind, node=cond, value=value))
         return chain
+    if _is_floor(node):
+        return _step_back_floor(node, softmax)
     if g.is_call(node, (torch.reshape,), g.VIEW_METHODS):
         src = node.args[0]
         before, after = g.shape(src), g.shape(node)
@@ -296,6 +341,37 @@ def _step_back(node: fx.Node, steps: list[ScoreStep], q_mults, softmax: fx.Node)
                                            "operations (only a learned sink column right before the softmax is "
                                            "supported)")
     return _unsupported(node, softmax)
+
+
+def _is_floor(node: fx.Node) -> bool:
+    """``torch.max(s, t)`` / ``torch.maximum`` / ``clamp(s, min=c)`` / ``clamp_min``: a lower bound on s."""
+    if g.is_call(node, (torch.max, torch.maximum, torch.fmax), {"max", "maximum", "fmax"}):
+        return len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], fx.Node) \
+            and g.tensor_val(node.args[1]) is not None
+    if g.is_call(node, (torch.clamp, torch.clip), {"clamp", "clip"}):
+        return g.arg(node, 2, "max") is None and len(node.args) >= 2
+    return g.is_call(node, (torch.clamp_min,), {"clamp_min"}) and len(node.args) >= 2
+
+
+def _step_back_floor(node: fx.Node, softmax: fx.Node) -> Optional[fx.Node]:
+    """A lower bound on the scores at the lowest finite value of their dtype (OPT and CodeGen clamp
+    ``max(s, finfo.min)`` so that rows masked with -inf stay finite) changes only scores that are -inf, to
+    that value: a row with any finite score has the same softmax (both give 0 weight there), and a row whose
+    every score is -inf is a fully masked row, whose output attncc leaves undefined as for every fully masked
+    row (README, Mask structure). So the bound is carried as nothing; a higher bound changes the softmax."""
+    is_max = g.is_call(node, (torch.max, torch.maximum, torch.fmax), {"max", "maximum", "fmax"})
+    i = _chain_arg(node, (0, 1) if is_max else (0,))
+    if i is None:
+        return _unsupported(node, softmax)
+    chain, floor = node.args[i], const_value(node.args[1 - i])
+    scores = g.tensor_val(chain)
+    if floor is None:
+        return _unsupported(node, softmax, "the scores are clamped below by a value that is not a compile-time "
+                                           "constant")
+    if scores is None or not scores.dtype.is_floating_point or floor > torch.finfo(scores.dtype).min:
+        return _unsupported(node, softmax, f"the scores are clamped below at {floor:g} (only a clamp at the "
+                                           "dtype's lowest value leaves the softmax unchanged)")
+    return chain
 
 
 def _softcap_inner(x: fx.Node, cap: float) -> Optional[fx.Node]:
@@ -330,7 +406,8 @@ def _unsupported(node: fx.Node, softmax: fx.Node, reason: Optional[str] = None) 
 
 def _peel_mul_scale(x: fx.Node) -> tuple[fx.Node, float]:
     """``x = y * c`` (or ``y / c``) with a constant c and no other user of x: return (y, c)."""
-    if isinstance(x, fx.Node) and len(x.users) == 1 and g.is_call(x, g.MUL | g.DIV, {"mul", "div"}):
+    if isinstance(x, fx.Node) and len(x.users) == 1 and g.is_call(x, g.MUL | g.DIV, {"mul", "div"}) \
+            and x.kwargs.get("rounding_mode") is None:
         is_div = g.is_call(x, g.DIV, {"div"})
         for i in ((0,) if is_div else (0, 1)):
             c = const_value(x.args[1 - i])
@@ -413,6 +490,194 @@ def _same_source(site: AttentionSite) -> bool:
     return False
 
 
+# ------------------------------------------------------------------------------------- contracted axis
+
+
+def attention_axis(site: AttentionSite) -> str:
+    """``'channels'`` when ``q @ k^T`` contracts the token axis of the activations q and k were projected from
+    (XCiT's cross-covariance attention: q and k are ``[B, H, D, N]``, the scores ``[B, H, D, D]``), else
+    ``'tokens'``. Decided by following the contracted axis of q and of k back to their projection (linear,
+    addmm, matmul with a weight, convolution): its output-feature axis means token attention, any other axis
+    channel attention. Where the walk cannot tell (q/k handed in from outside, an operation it does not
+    follow), the site is taken for token attention, as before."""
+    origins = {_axis_origin(site.q, -2 if site.q_stored_transposed else -1),
+               _axis_origin(site.k, -2 if site.k_stored_transposed else -1)}
+    return "channels" if "tokens" in origins and "features" not in origins else "tokens"
+
+
+_LINEAR_FUNCTIONS = (torch._C._nn.linear, torch.nn.functional.linear)
+_CONV_FUNCTIONS = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+                   torch.conv1d, torch.conv2d, torch.conv3d)
+_SAME_AXIS_SPLITS = {"split", "chunk", "tensor_split", "split_with_sizes"}
+
+
+def _axis_origin(node: Any, axis: int, depth: int = 64) -> Optional[str]:
+    """Follow ``axis`` of node back to the projection that made it: 'features' for the projection's output
+    feature axis, 'tokens' for another of its axes, None where the walk stops before one."""
+    cur, ax = node, axis
+    for _ in range(depth):
+        if not isinstance(cur, fx.Node):
+            return None
+        rank = g.ndim(cur)
+        if rank <= 0 or not -rank <= ax < rank:
+            return None
+        ax %= rank
+        projection = _projection_kind(cur)
+        if projection is not None:
+            feature_axis = rank - 1 if projection == "linear" else 1
+            return "features" if ax == feature_axis else "tokens"
+        step = _axis_input(cur, ax, rank)
+        if step is None:
+            return None
+        cur, ax = step
+    return None
+
+
+def _projection_kind(node: fx.Node) -> Optional[str]:
+    """'linear' (features on the last axis) or 'conv' (features on axis 1) for a projection node, else None."""
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(node.target)
+        if isinstance(module, torch.nn.Linear):
+            return "linear"
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            return "conv"
+        return None
+    if g.is_call(node, _LINEAR_FUNCTIONS + (torch.addmm,)):
+        return "linear"
+    if g.is_call(node, _CONV_FUNCTIONS):
+        return "conv"
+    if g.is_matmul(node) and len(node.args) >= 2:
+        # activations [..., N, C] @ weight [C, C'] (a parameter: get_attr, or a placeholder where Dynamo lifted it)
+        weight = node.args[1]
+        if isinstance(weight, fx.Node) and g.ndim(weight) == 2 and (
+                weight.op == "get_attr" or (weight.op == "placeholder" and g.ndim(node.args[0]) >= 3)):
+            return "linear"
+    return None
+
+
+def _axis_input(node: fx.Node, ax: int, rank: int) -> Optional[tuple[fx.Node, int]]:
+    """The input node and its axis that axis ``ax`` of node's output comes from, or None."""
+    if node.op not in ("call_function", "call_method", "call_module") or not node.args:
+        return None
+    src = node.args[0]
+    if g.is_call(node, (torch.reshape, torch.flatten, torch.unflatten), g.VIEW_METHODS | {"flatten", "unflatten"}):
+        before = g.shape(src)
+        mapped = _reshape_axis(before, g.shape(node), ax) if before is not None else None
+        return (src, mapped) if mapped is not None else None
+    if g.is_call(node, (torch.permute,), {"permute"}):
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        return (src, dims[ax] % rank) if len(dims) == rank and all(isinstance(d, int) for d in dims) else None
+    if g.transposed_last_two(node) is not None:
+        swap = {rank - 1: rank - 2, rank - 2: rank - 1}
+        return g.transposed_last_two(node), swap.get(ax, ax)
+    if g.is_call(node, (torch.transpose, torch.swapaxes, torch.swapdims), {"transpose", "swapaxes", "swapdims"}):
+        d0, d1 = node.args[1:3] if len(node.args) >= 3 else (None, None)
+        if not isinstance(d0, int) or not isinstance(d1, int):
+            return None
+        d0, d1 = d0 % rank, d1 % rank
+        return src, {d0: d1, d1: d0}.get(ax, ax)
+    if g.is_call(node, (torch.unsqueeze,), {"unsqueeze"}):
+        d = node.args[1] if len(node.args) > 1 else None
+        if not isinstance(d, int) or d % rank == ax:
+            return None
+        return src, ax if ax < d % rank else ax - 1
+    if node.op == "call_function" and node.target is operator.getitem:
+        return _getitem_axis_input(node, ax, rank)
+    if g.is_matmul(node) and len(node.args) >= 2:
+        a, b = node.args[:2]
+        if ax == rank - 1:
+            return b, -1
+        return a, ax - rank  # rows and batch axes come from the left operand
+    # elementwise and shape-keeping ops (casts, normalize, layer norm, dropout, scaling, rotary embeddings):
+    # the axis is the same axis of the operand that already has the output's shape
+    if g.is_call(node, (torch.cat, torch.concat, torch.concatenate)):
+        first = src[0] if isinstance(src, (list, tuple)) and src else None
+        return (first, ax) if isinstance(first, fx.Node) and g.ndim(first) == rank else None
+    if g.is_call(node, (), {"expand", "expand_as"}):
+        return (src, ax) if g.ndim(src) == rank else None
+    out = g.tensor_val(node)
+    for operand in list(node.args) + list(node.kwargs.values()):
+        t = g.tensor_val(operand) if isinstance(operand, fx.Node) else None
+        if t is not None and out is not None and t.shape == out.shape and t.dtype.is_floating_point:
+            return operand, ax
+    return None
+
+
+def _getitem_axis_input(node: fx.Node, ax: int, rank: int) -> Optional[tuple[fx.Node, int]]:
+    """``parts[i]`` of a split/unbind, or ``x[index]`` with ints, slices, None and Ellipsis."""
+    src, index = node.args[0], node.args[1]
+    if isinstance(g.val(src), (tuple, list)):
+        if not isinstance(src, fx.Node) or not src.args:
+            return None
+        whole = src.args[0]
+        if g.is_call(src, (torch.unbind,), {"unbind"}):
+            dim = g.arg(src, 1, "dim", 0)
+            if not isinstance(dim, int):
+                return None
+            dim %= rank + 1
+            return whole, ax if ax < dim else ax + 1
+        if g.is_call(src, (torch.split, torch.chunk, torch.tensor_split), _SAME_AXIS_SPLITS):
+            return whole, ax
+        return None
+    items = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, fx.Node) or isinstance(i, torch.Tensor) or isinstance(i, (list, bool)) for i in items):
+        return None  # advanced indexing
+    in_rank = g.ndim(src)
+    explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
+    expanded: list = []
+    for i in items:
+        if i is Ellipsis:
+            expanded.extend([slice(None)] * (in_rank - explicit))
+        else:
+            expanded.append(i)
+    expanded.extend([slice(None)] * (in_rank - sum(1 for i in expanded if i is not None)))
+    out_axis = in_axis = 0
+    for i in expanded:
+        if i is None:
+            if out_axis == ax:
+                return None
+            out_axis += 1
+        elif isinstance(i, int):
+            in_axis += 1
+        else:
+            if out_axis == ax:
+                return src, in_axis
+            out_axis += 1
+            in_axis += 1
+    return None
+
+
+def _reshape_axis(before: tuple, after: tuple, ax: int) -> Optional[int]:
+    """The axis of ``before`` that axis ``ax`` of ``after`` comes from in a reshape (the outermost where it
+    merges several); None for a new size-1 axis or where sizes are symbolic."""
+    if not all(isinstance(s, int) and s > 0 for s in (*before, *after)):
+        return None
+    i = j = 0
+    while j < len(after):
+        i0, j0 = i, j
+        size_before = before[i] if i < len(before) else 1
+        i += 1
+        size_after = after[j]
+        j += 1
+        while size_before != size_after:
+            if size_before < size_after:
+                if i >= len(before):
+                    return None
+                size_before *= before[i]
+                i += 1
+            else:
+                if j >= len(after):
+                    return None
+                size_after *= after[j]
+                j += 1
+        if j0 <= ax < j:
+            # the axis is one input axis, a part of one (heads split from features), or several merged into one
+            # (a conv's H and W flattened into tokens): the outermost of them stands for it
+            sources = [d for d in range(i0, min(i, len(before))) if before[d] != 1]
+            return sources[0] if sources and after[ax] != 1 else None
+    return None
+
+
 # ------------------------------------------------------------------------------------------- sites
 
 
@@ -447,7 +712,7 @@ def _describe(site: AttentionSite) -> AttentionSite:
 
 
 def _sdpa_site(node: fx.Node) -> AttentionSite:
-    q, k, v = node.args[:3]
+    q, k, v = (g.arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
     attn_mask = g.arg(node, 3, "attn_mask")
     dropout_p = g.arg(node, 4, "dropout_p", 0.0)
     is_causal = g.arg(node, 5, "is_causal", False)
@@ -488,10 +753,18 @@ def _explicit_site(softmax: fx.Node) -> Optional[AttentionSite]:
         raise Decline("the scores change shape before the softmax", softmax)
     if g.shape(product) != g.shape(x) and g.shape(product)[-2:] != g.shape(x)[-2:]:
         raise Decline("the scores change shape before the softmax", softmax)
-    if any(s.kind == "reshape" for s in scores.steps) and g.shape(product) != g.shape(x):
+    out, transposed, dropout_p, prob_views = _walk_probabilities(softmax, sink)
+    if prob_views:
+        # BLOOM/Falcon/MPT: scores [B*H, N, N] viewed to [B, H, N, N] for the mask and softmax, probabilities viewed
+        # back for the product with v. Softmax works on the last axis, so the view back is the same whether it
+        # comes before or after it: carry it as the last score step (the rewrite reshapes the terms with it).
+        if g.shape(prob_views[-1]) != g.shape(product):
+            raise Decline(f"the attention probabilities are reshaped to {tuple(g.shape(prob_views[-1]))}, not back "
+                          f"to the shape of the scores' product {tuple(g.shape(product))}", softmax)
+        scores.steps.extend(ScoreStep("reshape", node=view) for view in prob_views)
+    elif any(s.kind == "reshape" for s in scores.steps) and g.shape(product) != g.shape(x):
         raise Decline("the scores are reshaped and not restored before the softmax", softmax)
 
-    out, transposed, dropout_p = _walk_probabilities(softmax, sink)
     a, b = product.args[0], product.args[1]
     v_node = out.args[1] if not transposed else out.args[0]
 
@@ -512,13 +785,15 @@ def _sink_column(x: fx.Node, softmax: fx.Node) -> Optional[SinkColumn]:
         raise Decline(refused.reason, softmax) from None
 
 
-def _walk_probabilities(softmax: fx.Node, sink: Optional[SinkColumn] = None) -> tuple[fx.Node, bool, float]:
-    """Follow the probabilities to their product with v: (that product, channels-first?, dropout p). With a
-    learned ``sink`` column, exactly that column must be sliced off on the way."""
-    cur, dropout_p = softmax, 0.0
+def _walk_probabilities(softmax: fx.Node, sink: Optional[SinkColumn] = None
+                        ) -> tuple[fx.Node, bool, float, list[fx.Node]]:
+    """Follow the probabilities to their product with v: (that product, channels-first?, dropout p, the views
+    of the probabilities on the way that keep their last two axes, in order). With a learned ``sink`` column,
+    exactly that column must be sliced off on the way."""
+    cur, dropout_p, views = softmax, 0.0, []
     dropped = False  # the sink column was sliced off
     while True:
-        users = list(cur.users)
+        users = _value_users(cur)
         if len(users) != 1:
             if not users:
                 raise Decline("the attention probabilities are never used", softmax)
@@ -531,23 +806,30 @@ def _walk_probabilities(softmax: fx.Node, sink: Optional[SinkColumn] = None) -> 
             if not any(g.is_matmul(w) or w.op == "output" for w in users):
                 names = ", ".join(sorted({_op_name(w) for w in users}))
                 raise Decline(f"operations {names} are applied to the attention probabilities", softmax)
-            raise Decline("the attention probabilities are used elsewhere (e.g. returned as attention weights)",
-                          softmax)
+            raise Decline("the attention probabilities are used elsewhere "
+                          f"({_describe_uses([w for w in users if not g.is_matmul(w)])})", softmax)
         u = users[0]
         if sink is not None and not dropped and (g.is_matmul(u) or g.transposed_last_two(u) is cur):
             raise Decline("the learned sink column is not dropped from the probabilities before the product "
                           "with v", softmax)
         if g.is_matmul(u) and u.args[0] is cur and u.args[1] is not cur:
-            return u, False, dropout_p
+            return u, False, dropout_p, views
         if g.transposed_last_two(u) is cur and len(u.users) == 1:
             w = next(iter(u.users))
             if g.is_matmul(w) and w.args[1] is u and w.args[0] is not u:
-                return w, True, dropout_p
+                return w, True, dropout_p, views
         if key_slice(u) is not None:  # dropping the learned sink column (gpt-oss: probs[..., :-1])
             problem = slice_problem(u, sink, dropped)
             if problem:
                 raise Decline(problem, softmax)
             dropped, cur = True, u
+            continue
+        if g.is_call(u, (torch.reshape,), g.VIEW_METHODS) and u.args[0] is cur:
+            before, after = g.shape(cur), g.shape(u)
+            if before is None or after is None or len(after) < 2 or tuple(before[-2:]) != tuple(after[-2:]):
+                raise Decline("the attention probabilities are reshaped across their query/key axes", softmax)
+            views.append(u)
+            cur = u
             continue
         if g.is_dropout(u):
             p = g.dropout_probability(u)
@@ -592,8 +874,16 @@ def _set_score_steps(site: AttentionSite, scores: _Scores, softmax: fx.Node) -> 
     kept: list[ScoreStep] = []
     for step in scores.steps:
         if step.kind == "scale":
-            if seen_mask or site.softcap:
-                raise Decline("the scores are rescaled after a bias, mask or softcap", softmax)
+            if site.softcap:
+                raise Decline("the scores are rescaled after a softcap", softmax)
+            if seen_mask:
+                # (s + bias) * c == s * c + bias * c: the terms so far take the factor (a mask's -inf stays -inf)
+                if not step.value > 0:
+                    raise Decline(f"the scores are multiplied by {step.value:g} after a bias or mask (a factor "
+                                  "that is not positive turns masked scores into the largest)", softmax)
+                for earlier in kept:
+                    if earlier.kind in ("add", "fill", "keep"):
+                        earlier.value *= step.value
             site.scale *= step.value
         elif step.kind == "qscale":
             if seen_mask or site.softcap:

@@ -69,6 +69,79 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+# Positional-or-keyword parameters of the calls the passes read, in order; keyword-only ones (SDPA's scale and
+# enable_gqa, baddbmm's beta/alpha, add's alpha, div's rounding_mode) are not listed and stay keywords. Methods
+# are keyed by name and list ``self`` first (a ``call_method`` node holds the tensor in args[0]).
+_TWO = ("input", "other")
+POSITIONAL_PARAMETERS: dict[Any, tuple[str, ...]] = {
+    torch.matmul: _TWO, torch.bmm: ("input", "mat2"), torch.baddbmm: ("input", "batch1", "batch2"),
+    F.softmax: ("input", "dim", "_stacklevel", "dtype"), torch.softmax: ("input", "dim", "dtype"),
+    torch.special.softmax: ("input", "dim", "dtype"),
+    F.scaled_dot_product_attention: ("query", "key", "value", "attn_mask", "dropout_p", "is_causal"),
+    torch._C._nn.scaled_dot_product_attention: ("query", "key", "value", "attn_mask", "dropout_p", "is_causal"),
+    torch.masked_fill: ("input", "mask", "value"), torch.where: ("condition", "input", "other"),
+    torch.transpose: ("input", "dim0", "dim1"), torch.swapdims: ("input", "dim0", "dim1"),
+    torch.swapaxes: ("input", "axis0", "axis1"), torch.permute: ("input", "dims"),
+    F.dropout: ("input", "p", "training", "inplace"), torch.dropout: ("input", "p", "train"),
+    torch.mul: _TWO, torch.div: _TWO, torch.true_divide: _TWO, torch.add: _TWO, torch.sub: _TWO,
+    torch.max: _TWO, torch.maximum: _TWO, torch.clamp: ("input", "min", "max"), torch.clamp_min: ("input", "min"),
+    torch.tanh: ("input",), torch.exp: ("input",), torch.amax: ("input", "dim", "keepdim"),
+    torch.sum: ("input", "dim", "keepdim"), torch.reshape: ("input", "shape"), torch.unsqueeze: ("input", "dim"),
+    torch.repeat_interleave: ("input", "repeats", "dim"), torch.unbind: ("input", "dim"),
+    torch.eq: _TWO, torch.ne: _TWO, torch.lt: _TWO, torch.le: _TWO, torch.gt: _TWO, torch.ge: _TWO,
+    torch.logical_and: _TWO, torch.logical_or: _TWO, torch.logical_not: ("input",),
+    torch.bitwise_and: _TWO, torch.bitwise_or: _TWO,
+    F.linear: ("input", "weight", "bias"), torch._C._nn.linear: ("input", "weight", "bias"),
+    torch.addmm: ("input", "mat1", "mat2"),
+}
+_SELF_OTHER = ("self", "other")
+METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "matmul": _SELF_OTHER, "bmm": ("self", "mat2"), "baddbmm": ("self", "batch1", "batch2"),
+    "softmax": ("self", "dim", "dtype"), "masked_fill": ("self", "mask", "value"),
+    "masked_fill_": ("self", "mask", "value"), "where": ("self", "condition", "other"),
+    "transpose": ("self", "dim0", "dim1"), "swapdims": ("self", "dim0", "dim1"), "swapaxes": ("self", "axis0", "axis1"),
+    "mul": _SELF_OTHER, "div": _SELF_OTHER, "add": _SELF_OTHER, "sub": _SELF_OTHER, "mul_": _SELF_OTHER,
+    "div_": _SELF_OTHER, "add_": _SELF_OTHER, "sub_": _SELF_OTHER, "maximum": _SELF_OTHER,
+    "clamp": ("self", "min", "max"), "clamp_min": ("self", "min"), "amax": ("self", "dim", "keepdim"),
+    "sum": ("self", "dim", "keepdim"), "unsqueeze": ("self", "dim"), "repeat_interleave": ("self", "repeats", "dim"),
+    "unbind": ("self", "dim"), "type_as": _SELF_OTHER, "eq": _SELF_OTHER, "ne": _SELF_OTHER, "lt": _SELF_OTHER,
+    "le": _SELF_OTHER, "gt": _SELF_OTHER, "ge": _SELF_OTHER, "logical_and": _SELF_OTHER, "logical_or": _SELF_OTHER,
+    "bitwise_and": _SELF_OTHER, "bitwise_or": _SELF_OTHER,
+}
+
+
+def positional_parameters(node: fx.Node) -> Optional[tuple[str, ...]]:
+    """The positional-or-keyword parameter names of node's call (``self`` first for methods), None if unknown."""
+    if node.op == "call_method":
+        return METHOD_PARAMETERS.get(node.target)
+    if node.op == "call_function":
+        try:
+            names = POSITIONAL_PARAMETERS.get(node.target)
+        except TypeError:  # an unhashable target
+            return None
+        if names is None and getattr(node.target, "__objclass__", None) in (torch.Tensor, torch._C.TensorBase):
+            names = METHOD_PARAMETERS.get(node.target.__name__)  # torch.Tensor.softmax called as a function
+        return names
+    return None
+
+
+def positional_call(node: fx.Node) -> Optional[tuple[tuple, dict]]:
+    """node's (args, kwargs) with every keyword that names a positional parameter moved into args, as far as
+    the parameters are given without a gap (``F.softmax(input=x, dim=-1)`` -> ``(x, -1), {}``); None when that
+    changes nothing. Passes then read operands by position whatever the model spelled."""
+    names = positional_parameters(node)
+    if names is None or not node.kwargs:
+        return None
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for name in names[len(args):]:
+        if name not in kwargs:
+            break
+        args.append(kwargs.pop(name))
+    if len(args) == len(node.args):
+        return None
+    return tuple(args), kwargs
+
+
 def same_size(a: Any, b: Any) -> bool:
     """Equality of two sizes that may be SymInts, without adding guards where it cannot be known."""
     if isinstance(a, int) and isinstance(b, int):

@@ -27,6 +27,10 @@ from attncc.variants.parse import parse_variant
 MAX_PREFIX_TOKENS = 16
 """At most this many tokens before a ViT's patch grid (class, distillation and register tokens)."""
 
+CHANNEL_ATTENTION = "channel attention (softmax over the feature axis): only exact applies"
+"""Why no approximate variant runs on a site with ``axis == 'channels'``: their windows, blocks and top-k
+choices are about token positions, and its 'keys' are feature channels."""
+
 
 def plan_sites(gm: fx.GraphModule, sites: list[AttentionSite], policy: Policy) -> list[AttentionSite]:
     """Set ``variant``, ``reason``, ``spec``, ``fallback`` and ``min_len`` on each site (in place)."""
@@ -52,6 +56,8 @@ def plan_sites(gm: fx.GraphModule, sites: list[AttentionSite], policy: Policy) -
         # while every row holds one document, and rows packed with several run exact (decided per call).
         checked = dataclasses.replace(site, segments=False) if packed else site
         supported, why = (False, spec) if isinstance(spec, str) else spec.supports(checked)
+        if supported and site.axis == "channels":
+            supported, why = False, CHANNEL_ATTENTION
         if supported and site.layout not in ("bhnd", "(bh)nd"):
             supported, why = False, f"it runs on [B, H, N, D] or [B, N, D] tensors, this site's layout is {site.layout}"
         if supported and site.band is not None and not isinstance(spec, LocalSpec):
@@ -99,7 +105,7 @@ def _specialize(spec, site: AttentionSite):
 
 
 def _grid_for(site: AttentionSite, grids: list[tuple[int, ...]]) -> tuple[Optional[tuple[int, ...]], int]:
-    if site.kind != "self" or not isinstance(site.q_len, int):
+    if site.kind != "self" or site.axis != "tokens" or not isinstance(site.q_len, int):
         return None, 0
     for grid in grids:
         tokens = 1

@@ -159,6 +159,8 @@ class _SiteRewriter:
                 term = self.m(step.node)
                 if step.value == -1.0:
                     term = self.emit("call_function", operator.neg, term)
+                elif step.value != 1.0:  # a scale the model applied after the term: (s + b) * c
+                    term = self.emit("call_function", operator.mul, term, step.value)
                 bias = term if bias is None else self.emit("call_function", operator.add, bias, term)
             elif step.kind in ("fill", "keep"):
                 cond = self.m(step.node)
