@@ -328,13 +328,18 @@ def _drop_row_max_shift(softmax: fx.Node) -> None:
 
 
 def _fold_dtype_read(softmax: fx.Node) -> None:
-    """A softmax's ``dtype=y.dtype`` (a ``getattr`` node) -> the dtype itself, as captured (the graph is
-    specialized to its dtypes already: its values carry them)."""
-    read = softmax.kwargs.get("dtype")
-    if not (isinstance(read, fx.Node) and read.op == "call_function" and read.target is getattr
-            and read.args[1] == "dtype" and tensor_val(read.args[0]) is not None):
-        return
-    softmax.update_kwarg("dtype", tensor_val(read.args[0]).dtype)
+    """A softmax's ``dtype=y.dtype`` (a ``getattr`` node, as keyword or, once keywords are made positional, as
+    an argument) -> the dtype itself, as captured (the graph is specialized to its dtypes already: its values
+    carry them)."""
+
+    def constant(a):
+        if (isinstance(a, fx.Node) and a.op == "call_function" and a.target is getattr and a.args[1] == "dtype"
+                and tensor_val(a.args[0]) is not None):
+            return tensor_val(a.args[0]).dtype
+        return a
+
+    softmax.args = tuple(constant(a) for a in softmax.args)
+    softmax.kwargs = {k: constant(v) for k, v in softmax.kwargs.items()}
 
 
 def _writes_after_first_read(x: fx.Node, reads: set, end: fx.Node) -> bool:

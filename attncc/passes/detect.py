@@ -11,7 +11,6 @@ channels for cross-covariance attention), found by following the contracted axis
 
 from __future__ import annotations
 
-import logging
 import math
 import operator
 from dataclasses import dataclass, field
@@ -27,7 +26,6 @@ from attncc.passes.effects import Aliases, may_be_written, written_nodes, writes
 from attncc.site import AttentionSite, RejectedSite, ScoreStep
 
 INF = float("inf")
-log = logging.getLogger("attncc")
 
 
 class Decline(Exception):
@@ -63,7 +61,6 @@ def detect_sites(gm: fx.GraphModule, graph_index: int = 0) -> tuple[list[Attenti
         except Decline as decline:
             anchor = decline.node or node
             rejected.append(RejectedSite(_module_of(anchor), decline.reason, anchor, graph_index))
-            log.warning("attncc: %s: attention left unchanged: %s", _module_of(anchor) or "<root>", decline.reason)
             continue
         if site is not None:
             site.graph_index = graph_index
