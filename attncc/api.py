@@ -199,7 +199,9 @@ class CompiledModule(nn.Module):
         traced = try_symbolic_trace(self.original_model, call)
         if traced is None:
             if self.frontend == "fx":
-                raise AttnccError("torch.fx.symbolic_trace cannot trace this model; use frontend='dynamo'")
+                raise AttnccError("torch.fx.symbolic_trace cannot trace this model faithfully (tracing failed, or the "
+                                  "traced graph's outputs or buffer updates differ from the model's); "
+                                  "use frontend='dynamo'")
             return None
         capture = Capture("fx", [self._run_pipeline(traced, 0)])
         self._latest = capture

@@ -67,13 +67,76 @@ def try_symbolic_trace(model: nn.Module, call: CallArgs) -> Optional[fx.GraphMod
     concrete = {p.name: p.default for p in params if p.name not in given and p.default is not p.empty}
     if any(p.name not in given and p.default is p.empty for p in params):
         return None
+    buffers = list(model.buffers())
+    with torch.no_grad():
+        saved = [b.detach().clone() for b in buffers]  # tracing runs a buffer's in-place update once
     try:
         # traces into nn.Transformer* containers with PyTorch's fused fast path off (see torch_nn_capture)
         gm = symbolic_trace(model, concrete_args=concrete or None)
         propagate_fake_values(gm, call)
     except Exception:
         return None
-    return gm
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+    return gm if traced_like_the_model(model, gm, call) else None
+
+
+def traced_like_the_model(model: nn.Module, gm: fx.GraphModule, call: CallArgs) -> bool:
+    """Whether the traced graph computes what the model's forward computes on ``call``: the same outputs and the
+    same buffer updates (same random seed for both; buffers restored afterwards).
+
+    ``fx.symbolic_trace`` silently loses writes it cannot record: ``view += b`` on a slice is traced as
+    ``view = view + b`` (a Proxy has no ``__iadd__``), and ``self.buf.add_(1)`` runs once at trace time and is
+    not in the graph. Such a graph must not stand in for the model.
+    """
+    buffers = list(model.buffers())
+    with torch.no_grad():
+        saved = [b.detach().clone() for b in buffers]
+
+    def run(fn) -> tuple[Any, list[torch.Tensor]]:
+        for b, s in zip(buffers, saved):
+            b.copy_(s)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            out = fn()
+        return out, [b.detach().clone() for b in buffers]
+
+    try:
+        with torch.no_grad():
+            want = run(lambda: type(model).forward(model, *call.args, **call.kwargs))
+            got = run(lambda: gm(*placeholder_values(gm, call)))
+    except Exception:
+        return False
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+    return _same_values(want, got)
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    from torch.utils._pytree import tree_flatten
+
+    flat_a, spec_a = tree_flatten(a)
+    flat_b, spec_b = tree_flatten(b)
+    if spec_a != spec_b or len(flat_a) != len(flat_b):
+        return False
+    for x, y in zip(flat_a, flat_b):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype or not torch.allclose(x, y, rtol=1e-5, atol=1e-6,
+                                                                              equal_nan=True):
+                return False
+        elif x is not y:
+            try:
+                if bool(x != y):
+                    return False
+            except Exception:  # a value that does not compare: cannot tell, so not the same
+                return False
+    return True
 
 
 def placeholder_values(gm: fx.GraphModule, call: CallArgs) -> list:
