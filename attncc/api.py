@@ -204,6 +204,7 @@ class CompiledModule(nn.Module):
                                   "use frontend='dynamo'")
             return None
         capture = Capture("fx", [self._run_pipeline(traced, 0)])
+        _warn_if_no_attention(self, capture)
         self._latest = capture
         self._fx_graphs[key] = capture.results[0]
         self._fx_captures[key] = capture
@@ -284,6 +285,7 @@ class CompiledModule(nn.Module):
         if capture is not None and capture.results:
             if snapshot_graph_breaks() != breaks_before or len(capture.results) > 1:
                 self._account_uncaptured(capture, call, graph_break_reasons(breaks_before))
+            _warn_if_no_attention(self, capture)
             self._latest = capture
         elif self._latest is None:
             self._loud("Dynamo captured no graph of the model (is torch.compile disabled for it, or a "
@@ -415,8 +417,6 @@ def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any 
     selected_backend()  # a bad ATTNCC_BACKEND is one error now, not one per op call after capture
     compiled = CompiledModule(model, as_policy(policy), example_inputs, frontend=frontend, backend=backend,
                               strict=strict, measure_error=measure_error)
-    if example_inputs is not None:
-        _warn_if_no_attention(compiled)
     return compiled
 
 
@@ -438,12 +438,11 @@ def check_backend(backend: Union[str, Callable]) -> None:
                       f"torch._dynamo.list_backends(exclude_tags=())), or a callable torch.compile backend")
 
 
-def _warn_if_no_attention(compiled: CompiledModule) -> None:
-    """Warn (the ``attncc`` logger, as for graphs left unchanged) when a capture found no attention at all, so a
-    model attncc cannot help is not mistaken for one it rewrote."""
-    capture = compiled._latest
-    if capture is None or any(result.sites for result in capture.results):
-        return
+def _warn_if_no_attention(compiled: CompiledModule, capture: Capture) -> None:
+    """Warn (once per compiled model) when a capture found no attention at all, so a model attncc cannot help is
+    not mistaken for one it rewrote."""
+    if compiled._latest is not None or any(result.sites for result in capture.results):
+        return  # (a recapture: said at the first one already, or there was attention then)
     near = sum(len(result.rejected) for result in capture.results)
     _warn(f"attncc: no attention found in {type(compiled.original_model).__name__}: nothing was rewritten"
           + (f" ({near} near-miss(es) in report().rejected)" if near else ""))

@@ -108,6 +108,13 @@ def test_model_without_attention_warns_and_says_so():
     assert "no attention found in the model" in str(report)
 
 
+def test_no_attention_is_said_when_captured_at_the_first_call_too():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    cm = attncc.compile(model, "exact")
+    with pytest.warns(AttnccWarning, match="no attention found in Sequential"):
+        cm(torch.randn(2, 8))
+
+
 def test_model_with_attention_does_not_warn():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
