@@ -714,14 +714,22 @@ def _sdpa_site(node: fx.Node) -> AttentionSite:
     dropout_p = g.arg(node, 4, "dropout_p", 0.0)
     is_causal = g.arg(node, 5, "is_causal", False)
     scale = g.arg(node, 6, "scale", None)
-    for name, value in (("dropout_p", dropout_p), ("is_causal", is_causal), ("scale", scale)):
+    for name, value in (("dropout_p", dropout_p), ("is_causal", is_causal)):
         if isinstance(value, fx.Node):
             raise Decline(f"scaled_dot_product_attention with a run-time {name}", node)
+    q_multipliers = []
+    if isinstance(scale, fx.Node):
+        # a scale computed in the graph (from a size under fx, a float input under Dynamo): carried on q
+        if not isinstance(g.val(scale), (int, float, torch.SymInt, torch.SymFloat)) and not (
+                g.tensor_val(scale) is not None and g.tensor_val(scale).numel() == 1):
+            raise Decline("scaled_dot_product_attention with a run-time scale that is not a number", node)
+        q_multipliers, scale = [("mul", scale)], 1.0
     if scale is None:
         scale = 1.0 / math.sqrt(_as_int(g.shape(q)[-1]))
     site = AttentionSite(
         module=_module_of(node), source="sdpa", q=q, k=peel_repeat_kv(k), v=peel_repeat_kv(v), output=node,
         scale=float(scale), causal=bool(is_causal), dropout_p=float(dropout_p), sdpa_mask=attn_mask,
+        q_multipliers=q_multipliers,
     )
     if attn_mask is not None:
         mv = g.tensor_val(attn_mask)
