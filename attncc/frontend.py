@@ -77,10 +77,14 @@ def try_symbolic_trace(model: nn.Module, call: CallArgs) -> Optional[fx.GraphMod
     except Exception:
         return None
     finally:
-        with torch.no_grad():
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
+        _restore(buffers, saved)
     return gm if traced_like_the_model(model, gm, call) else None
+
+
+def _restore(buffers: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for buffer, value in zip(buffers, saved):
+            buffer.copy_(value)
 
 
 def traced_like_the_model(model: nn.Module, gm: fx.GraphModule, call: CallArgs) -> bool:
@@ -96,8 +100,7 @@ def traced_like_the_model(model: nn.Module, gm: fx.GraphModule, call: CallArgs) 
         saved = [b.detach().clone() for b in buffers]
 
     def run(fn) -> tuple[Any, list[torch.Tensor]]:
-        for b, s in zip(buffers, saved):
-            b.copy_(s)
+        _restore(buffers, saved)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             out = fn()
@@ -110,9 +113,7 @@ def traced_like_the_model(model: nn.Module, gm: fx.GraphModule, call: CallArgs) 
     except Exception:
         return False
     finally:
-        with torch.no_grad():
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
+        _restore(buffers, saved)
     return _same_values(want, got)
 
 

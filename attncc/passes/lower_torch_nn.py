@@ -106,7 +106,7 @@ def multi_head_attention(query, key, value, t: dict[str, Any], cfg: MhaConfig):
     Tensor identity (``query is key``) selects the in-projection as in PyTorch (one packed product for self
     attention), so the products are the same ones the original computes.
     """
-    heads, embed = cfg.num_heads, cfg.embed_dim
+    heads = cfg.num_heads
     kpm, attn_mask = t["key_padding_mask"], t["attn_mask"]
     if cfg.batch_first and cfg.batched:  # nn.MultiheadAttention.forward, keeping the identities
         if key is value:

@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import attncc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "passes"))  # forms_helpers
 from forms_helpers import (  # noqa: E402

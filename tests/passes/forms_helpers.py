@@ -17,6 +17,28 @@ FRONTENDS = ("fx", "dynamo")
 B, H, N, D = 2, 4, 12, 16
 
 
+class QKV(torch.nn.Module):
+    """A module around ``fn(q, k, v)``: one attention form per test case."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, q, k, v):
+        return self.fn(q, k, v)
+
+
+class QKVM(torch.nn.Module):
+    """A module around ``fn(q, k, v, m)``: a form with a mask or bias input."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, q, k, v, m):
+        return self.fn(q, k, v, m)
+
+
 def rand(*shape: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed * 7919 + sum(shape))
     return torch.randn(*shape, generator=gen, dtype=dtype)

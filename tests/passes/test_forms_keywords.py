@@ -12,35 +12,16 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from attncc import AttnccWarning
 
 from forms_helpers import (
-    FRONTENDS, B, D, H, N, assert_same_outputs, compile_form, count_ops, count_softmax_like, keep_mask, op_nodes,
+    QKV, QKVM, FRONTENDS, B, D, H, N, assert_same_outputs, compile_form, count_ops, count_softmax_like, keep_mask, op_nodes,
     qkv, rand, run_model,
 )
 
 SCALE = D ** -0.5
-
-
-class QKV(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, q, k, v):
-        return self.fn(q, k, v)
-
-
-class QKVM(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, q, k, v, m):
-        return self.fn(q, k, v, m)
 
 
 def _bh(t):  # [B, H, N, D] -> [B*H, N, D]

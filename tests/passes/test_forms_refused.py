@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from attncc import AttnccWarning
 
 from forms_helpers import (
-    FRONTENDS, B, D, H, N, assert_same_outputs, compile_form, count_ops, count_softmax_like, keep_mask, qkv, rand,
+    QKVM, FRONTENDS, B, D, H, N, assert_same_outputs, compile_form, count_ops, count_softmax_like, keep_mask, qkv, rand,
     run_model,
 )
 
@@ -32,15 +31,6 @@ SCALE = D ** -0.5
 FMIN = torch.finfo(torch.float32).min
 REL_BIAS = rand(1, H, N, N, seed=8)
 REL_POSITIONS = rand(N, D, seed=9)
-
-
-class QKVM(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, q, k, v, m):
-        return self.fn(q, k, v, m)
 
 
 def _inputs(mask_shape=(B, 1, N, N)):
