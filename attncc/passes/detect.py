@@ -496,10 +496,10 @@ def attention_axis(site: AttentionSite) -> str:
     ``'tokens'``. Decided by following the contracted axis of q and of k back to their projection (linear,
     addmm, matmul with a weight, convolution): its output-feature axis means token attention, any other axis
     channel attention. Where the walk cannot tell (q/k handed in from outside, an operation it does not
-    follow), the site is taken for token attention, as before."""
+    follow, for q or for k), the site is taken for token attention, as before: both walks must say channels."""
     origins = {_axis_origin(site.q, -2 if site.q_stored_transposed else -1),
                _axis_origin(site.k, -2 if site.k_stored_transposed else -1)}
-    return "channels" if "tokens" in origins and "features" not in origins else "tokens"
+    return "channels" if origins == {"tokens"} else "tokens"
 
 
 _LINEAR_FUNCTIONS = (torch._C._nn.linear, torch.nn.functional.linear)
@@ -669,10 +669,22 @@ def _reshape_axis(before: tuple, after: tuple, ax: int) -> Optional[int]:
                 j += 1
         if j0 <= ax < j:
             # the axis is one input axis, a part of one (heads split from features), or several merged into one
-            # (a conv's H and W flattened into tokens): the outermost of them stands for it
-            sources = [d for d in range(i0, min(i, len(before))) if before[d] != 1]
-            return sources[0] if sources and after[ax] != 1 else None
+            # (a conv's H and W flattened into tokens): the outermost input axis whose elements it spans stands
+            # for it. Spans are element strides within the group, so a group that merges and splits at once
+            # ([N, B, E] viewed as [N, B*H, D]: D is part of E, not of B) maps each axis to the right input axis.
+            if after[ax] == 1:
+                return None
+            low = math.prod(after[ax + 1:j])
+            high = low * after[ax]
+            sources = [d for d in range(i0, min(i, len(before)))
+                       if before[d] != 1 and _spans_overlap(math.prod(before[d + 1:i]), before[d], low, high)]
+            return sources[0] if sources else None
     return None
+
+
+def _spans_overlap(stride: int, size: int, low: int, high: int) -> bool:
+    """Whether an axis of ``size`` elements at ``stride`` covers any of the element strides ``[low, high)``."""
+    return stride < high and low < stride * size
 
 
 # ------------------------------------------------------------------------------------------- sites

@@ -145,3 +145,25 @@ def test_xcit_channel_sites_stay_exact():
         assert all(s.kind != "channel" for s in rep.sites if s.module.startswith("cls_attn_blocks."))
         assert count_ops(cm) == len(rep.sites) and not rep.rejected
         assert_same_outputs(run_model(cm, inputs), want)
+
+
+def test_reshape_that_merges_and_splits_maps_each_axis_to_its_source():
+    """[N, B, E] viewed as [N, B*H, D] (torch.ao's quantizable MHA): D is part of E (features), not of B."""
+    from attncc.passes.detect import _reshape_axis
+
+    assert _reshape_axis((5, 2, 16), (5, 4, 8), 2) == 2
+    assert _reshape_axis((5, 2, 16), (5, 4, 8), 1) == 1
+    assert _reshape_axis((7, 12), (7, 3, 4), 2) == 1  # heads split from features
+    assert _reshape_axis((2, 3, 4, 5), (2, 3, 20), 2) == 2  # H and W flattened: the outermost stands for it
+
+
+def test_quantizable_multihead_attention_is_token_attention():
+    from torch.ao.nn.quantizable import MultiheadAttention
+
+    torch.manual_seed(0)
+    model = MultiheadAttention(16, 2).eval()
+    x = torch.randn(5, 2, 16)
+    inputs = {"query": x, "key": x, "value": x, "need_weights": False}
+    cm = compile_form(model, inputs, "dynamo", policy="local(window=1)")
+    (site,) = cm.report().sites
+    assert site.kind == "self" and site.variant.startswith("local"), site
