@@ -160,8 +160,7 @@ class CompiledModule(nn.Module):
         # .to()/.half()/.cuda() may replace buffers (and parameters): fx graphs hold the tensors they were traced
         # with, so they are traced again at the next call
         self.original_model._apply(fn, *args, **kwargs)
-        self._fx_graphs.clear()
-        self._fx_captures.clear()
+        self._forget_fx_graphs()
         return self
 
     def forward(self, *args, **kwargs):
@@ -182,14 +181,6 @@ class CompiledModule(nn.Module):
     def _fx_graph(self, call: CallArgs) -> Optional[PassResult]:
         if self.frontend == "dynamo":
             return None
-        if self._structure_seen != _structure_version:  # some module somewhere changed: is it one of ours?
-            self._structure_seen = _structure_version
-            fingerprint = _structure_fingerprint(self.original_model)
-            if fingerprint != self._fingerprint:
-                self._fingerprint = fingerprint
-                self._names = ModuleNames(self.original_model)
-                self._fx_graphs.clear()
-                self._fx_captures.clear()
         key = (self.original_model.training, call.signature_key())
         if key in self._fx_graphs:
             self._latest = self._fx_captures[key]
@@ -265,7 +256,26 @@ class CompiledModule(nn.Module):
 
         return run
 
+    def _check_structure(self) -> None:
+        """When a module somewhere registered a submodule, parameter or buffer: if it changed this model, name the
+        modules again and drop the fx graphs (they hold the modules they were traced with; Dynamo's guards see
+        such changes themselves)."""
+        if self._structure_seen == _structure_version:
+            return
+        self._structure_seen = _structure_version
+        fingerprint = _structure_fingerprint(self.original_model)
+        if fingerprint != self._fingerprint:
+            self._fingerprint = fingerprint
+            self._names = ModuleNames(self.original_model)
+            self._forget_fx_graphs()
+
+    def _forget_fx_graphs(self) -> None:
+        self._fx_graphs.clear()
+        self._fx_captures.clear()
+        self._fx_compiled.clear()
+
     def _run(self, call: CallArgs):
+        self._check_structure()
         result = self._fx_graph(call)
         if result is not None:
             if self.measure_error and result.errors is None and result.sites:
