@@ -121,6 +121,18 @@ def assert_same_outputs(got, want, tol: float = 1e-5) -> None:
         assert err <= tol, f"relative error {err:.3g} > {tol}"
 
 
+def compile_exactly(model: torch.nn.Module, inputs: Any, frontend: str):
+    """Compile with the exact policy and check the form became one exact site: one attncc op, no softmax left,
+    nothing refused, outputs equal to the original's. Returns the compiled module."""
+    want = run_model(model, inputs)
+    cm = compile_form(model, inputs, frontend)
+    rep = cm.report()
+    assert count_ops(cm) == 1 and count_softmax_like(cm) == 0, cm.code()
+    assert len(rep.sites) == 1 and not rep.rejected, rep
+    assert_same_outputs(run_model(cm, inputs), want)
+    return cm
+
+
 def check_fields(site, expected: dict) -> None:
     for key, want in expected.items():
         have = getattr(site, key)

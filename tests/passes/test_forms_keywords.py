@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from attncc import AttnccWarning
 
 from forms_helpers import (
-    QKV, QKVM, FRONTENDS, B, D, H, N, assert_same_outputs, compile_form, count_ops, count_softmax_like, keep_mask, op_nodes,
+    QKV, QKVM, FRONTENDS, compile_exactly, B, D, H, N, assert_same_outputs, compile_form, count_ops, keep_mask, op_nodes,
     qkv, rand, run_model,
 )
 
@@ -117,13 +117,7 @@ KEYWORD_FORMS = [
 @pytest.mark.parametrize("make,inputs,fields", KEYWORD_FORMS)
 def test_keyword_form_is_one_exact_site(make, inputs, fields, frontend):
     model, inputs = make(), inputs()
-    want = run_model(model, inputs)
-    cm = compile_form(model, inputs, frontend)
-    rep = cm.report()
-    assert count_ops(cm) == 1 and count_softmax_like(cm) == 0, cm.code()
-    assert len(rep.sites) == 1 and not rep.rejected, rep
-    assert_same_outputs(run_model(cm, inputs), want)
-    site = rep.sites[0]
+    site = compile_exactly(model, inputs, frontend).report().sites[0]
     for key, value in fields.items():
         assert getattr(site, key) == (pytest.approx(value) if isinstance(value, float) else value), key
 

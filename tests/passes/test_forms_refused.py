@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from attncc import AttnccWarning
 
 from forms_helpers import (
-    QKVM, FRONTENDS, B, D, H, N, assert_same_outputs, compile_form, count_ops, count_softmax_like, keep_mask, qkv, rand,
+    QKVM, FRONTENDS, compile_exactly, B, D, H, N, assert_same_outputs, compile_form, count_ops, keep_mask, qkv, rand,
     run_model,
 )
 
@@ -118,13 +118,7 @@ EXACT = [
 @pytest.mark.parametrize("frontend", FRONTENDS)
 @pytest.mark.parametrize("fn,inputs", EXACT)
 def test_form_is_rewritten_exactly(fn, inputs, frontend):
-    model, inputs = QKVM(fn), inputs()
-    want = run_model(model, inputs)
-    cm = compile_form(model, inputs, frontend)
-    rep = cm.report()
-    assert count_ops(cm) == 1 and count_softmax_like(cm) == 0, cm.code()
-    assert len(rep.sites) == 1 and not rep.rejected, rep
-    assert_same_outputs(run_model(cm, inputs), want)
+    compile_exactly(QKVM(fn), inputs(), frontend)
 
 
 @pytest.mark.parametrize("frontend", FRONTENDS)

@@ -23,7 +23,7 @@ from attncc.passes import run_pipeline
 from attncc.passes.dead_code import remove_dead_code
 from attncc.policy import as_policy
 from forms_helpers import (
-    FRONTENDS, all_nodes, assert_same_outputs, compile_form, count_ops, keep_mask, qkv, rand, run_model,
+    QKVM, FRONTENDS, all_nodes, assert_same_outputs, compile_form, count_ops, keep_mask, qkv, rand, run_model,
 )
 
 SCALE = 16 ** -0.5
@@ -274,15 +274,6 @@ def test_keys_assembled_by_slice_writes(frontend, setitem):
     assert count_ops(cm) == 1, cm.code()
     assert not cm.report().rejected
     assert_same_outputs(run_model(cm, inputs), want)
-
-
-class QKVM(nn.Module):
-    def __init__(self, fn: Callable):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, q, k, v, m):
-        return self.fn(q, k, v, m)
 
 
 def _masked_fill_unassigned(q, k, v, m):
