@@ -366,9 +366,8 @@ class CompiledModule(nn.Module):
         sites, rejected = [], []
         for result in self._latest.results:
             for position, site in enumerate(result.sites):
-                site.index = len(sites)
                 error = result.errors.get(position) if result.errors else None
-                sites.append(SiteReport.from_site(site, error))
+                sites.append(SiteReport.from_site(site, len(sites), error))
             rejected.extend(RejectedReport.from_rejected(r) for r in result.rejected)
         rejected.extend(RejectedReport.from_rejected(r) for r in self._latest.uncaptured)
         return Report(sites, rejected, frontend=self._latest.frontend, graphs=len(self._latest.results),

@@ -18,8 +18,6 @@ import torch.nn as nn
 
 from attncc.torch_nn_capture import capture_context, symbolic_trace
 
-Inputs = tuple | dict
-
 
 @dataclass
 class CallArgs:

@@ -51,10 +51,11 @@ class SiteReport:
     cosine: Optional[float] = None
 
     @staticmethod
-    def from_site(site: AttentionSite, error: Optional[SiteError] = None) -> "SiteReport":
+    def from_site(site: AttentionSite, index: int, error: Optional[SiteError] = None) -> "SiteReport":
+        """The report row of ``site``, the ``index``-th site of the model in program order."""
         before, after = site_flops(site)
         return SiteReport(
-            index=site.index, module=site.module, kind="channel" if site.axis == "channels" else site.kind,
+            index=index, module=site.module, kind="channel" if site.axis == "channels" else site.kind,
             causal=site.causal, mask=site.mask_kind,
             q_heads=site.q_heads, kv_heads=site.kv_heads, q_len=site.q_len, kv_len=site.kv_len,
             head_dim=site.head_dim, value_dim=site.value_dim, variant=site.variant, reason=site.reason,

@@ -97,8 +97,6 @@ class AttentionSite:
     repeated layers (``attncc.module_names``); None where the structure gives none."""
     graph_index: int = 0
     """Which captured graph the site is in."""
-    index: int = 0
-    """Position of the site over the whole model, in program order."""
     has_bias: bool = False
     """True when an additive float term reaches the scores (relative-position bias, ALiBi, additive mask
     that mask analysis could not turn into structure)."""

@@ -21,8 +21,6 @@ from attncc.passes.verify import verify_graph
 from attncc.policy import Policy
 from attncc.site import AttentionSite, RejectedSite
 
-PIPELINE = ("canonicalize", "detect", "analyze_masks", "plan", "rewrite")
-
 
 @dataclass
 class PassResult:
@@ -56,5 +54,5 @@ def run_pipeline(gm: fx.GraphModule, policy: Policy, graph_index: int = 0, verif
     return PassResult(rewritten, sites, rejected)
 
 
-__all__ = ["PIPELINE", "PassResult", "analyze_masks", "canonicalize", "detect_sites", "plan_sites", "rewrite_sites",
+__all__ = ["PassResult", "analyze_masks", "canonicalize", "detect_sites", "plan_sites", "rewrite_sites",
            "run_pipeline", "verify_graph"]

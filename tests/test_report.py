@@ -1,0 +1,116 @@
+"""Unit tests of attncc.report on hand-built sites: the row of a site, its FLOPs before/after, JSON, rendering."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from attncc.measure import SiteError
+from attncc.report import RejectedReport, Report, SiteReport, site_flops
+from attncc.site import AttentionSite, RejectedSite
+from attncc.variants.parse import parse_variant
+
+
+def _site(**fields) -> AttentionSite:
+    base = dict(module="layers.0.attn", source="sdpa", q=None, k=None, v=None, output=None, batch=2, q_heads=8,
+                kv_heads=2, q_len=1024, kv_len=1024, head_dim=64, value_dim=64, dtype=torch.float16, causal=True,
+                mask_kind="none", variant="exact", reason="policy: exact")
+    base.update(fields)
+    return AttentionSite(**base)
+
+
+def _dense_flops(site: AttentionSite) -> int:
+    return 2 * site.batch * site.q_heads * site.q_len * site.kv_len * (site.head_dim + site.value_dim)
+
+
+def test_row_carries_the_site_and_its_measured_error():
+    site = _site(spec=parse_variant("exact"), fallback=parse_variant("exact"))
+    row = SiteReport.from_site(site, 3, SiteError(rel_l2=1e-7, cosine=1.0))
+    assert row.index == 3
+    assert (row.module, row.kind, row.causal, row.dtype) == ("layers.0.attn", "self", True, "float16")
+    assert (row.q_heads, row.kv_heads, row.q_len, row.head_dim) == (8, 2, 1024, 64)
+    assert row.rel_l2 == 1e-7 and row.cosine == 1.0
+    assert row.flops_before == _dense_flops(site)
+
+
+def test_report_leaves_the_site_unchanged():
+    site = _site(spec=parse_variant("exact"))
+    before = repr(site)
+    SiteReport.from_site(site, 5)
+    assert repr(site) == before
+
+
+def test_channel_attention_reads_as_channel():
+    assert SiteReport.from_site(_site(axis="channels"), 0).kind == "channel"
+
+
+def test_flops_of_a_site_left_alone_are_the_models():
+    site = _site(variant="none", spec=None)
+    before, after = site_flops(site)
+    assert before == after == _dense_flops(site)
+
+
+def test_flops_after_follow_the_variant():
+    site = _site(spec=parse_variant("local(window=128)"), fallback=parse_variant("exact"), causal=False)
+    before, after = site_flops(site)
+    assert before == _dense_flops(site)
+    assert 0 < after < before / 4
+
+
+def test_flops_below_min_len_are_the_fallbacks():
+    site = _site(spec=parse_variant("local(window=128)"), fallback=parse_variant("exact"), min_len=4096)
+    before, after = site_flops(site)
+    assert after == site_flops(_site(spec=parse_variant("exact")))[1]
+
+
+def test_dynamic_sizes_give_expression_text():
+    site = _site(q_len="s0", kv_len="s0", spec=parse_variant("exact"))
+    before, after = site_flops(site)
+    assert isinstance(before, str) and "s0" in before
+    assert SiteReport.from_site(site, 0).saving is None
+
+
+def test_saving_is_before_over_after():
+    row = SiteReport.from_site(_site(spec=parse_variant("local(window=128)"), causal=False), 0)
+    assert row.saving == row.flops_before / row.flops_after
+
+
+def test_to_dict_is_plain_json():
+    report = Report([SiteReport.from_site(_site(spec=parse_variant("exact")), 0)],
+                    [RejectedReport.from_rejected(RejectedSite("enc", "softmax over a non-score tensor"))],
+                    frontend="dynamo", graphs=1, policy="exact")
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["frontend"] == "dynamo" and data["graphs"] == 1
+    assert data["sites"][0]["module"] == "layers.0.attn"
+    assert data["rejected"] == [{"module": "enc", "reason": "softmax over a non-score tensor"}]
+
+
+def test_render_before_any_capture():
+    assert "nothing captured yet" in Report(policy="exact", captured=False).render()
+
+
+def test_render_without_attention_names_the_model_and_the_near_misses():
+    text = Report([], [RejectedReport("enc", "scores written in place")], frontend="fx", graphs=1,
+                  policy="exact").render(model="MyNet")
+    assert "no attention found in MyNet" in text
+    assert "scores written in place" in text
+
+
+def test_reasons_table_only_when_a_reason_differs_from_the_policy():
+    plain = SiteReport.from_site(_site(spec=parse_variant("exact")), 0)
+    assert "why" not in Report([plain], frontend="fx", graphs=1, policy="exact").render()
+    odd = SiteReport.from_site(_site(reason="policy: exact; the model's own window is narrower"), 1)
+    text = Report([plain, odd], frontend="fx", graphs=1, policy="exact").render(width=200)
+    assert "why" in text and "the model's own window is narrower" in text
+
+
+def test_error_cells():
+    exact = SiteReport.from_site(_site(), 0, SiteError(rel_l2=0.0, cosine=1.0))
+    approx = SiteReport.from_site(_site(variant="local(window=8)"), 1, SiteError(rel_l2=0.0123, cosine=0.99))
+    unrun = SiteReport.from_site(_site(), 2)
+    untouched = SiteReport.from_site(_site(variant="none"), 3)
+    text = Report([exact, approx, unrun, untouched], frontend="fx", graphs=1, policy="exact").render(width=250)
+    assert "1.23e-02" in text and "0.99000" in text
+    assert "not run" in text
+    assert "exact" in text
