@@ -1,10 +1,11 @@
-"""One test per rule of the detector's rule tables: the score chain (``SCORE_RULES``) and the probabilities
-(``PROBABILITY_RULES``).
+"""One test per rule of the detector's rule tables: the score chain (``SCORE_RULES``), the probabilities
+(``PROBABILITY_RULES``) and the contracted axis (``AXIS_RULES``).
 
 Each case is the smallest graph of the form the rule serves, taken from the form tests where one is there
 (``test_forms``, ``test_forms_refused``, ``test_forms_keywords``, ``test_sinks``), written here where none is.
 The graph is traced with fx and canonicalized as the pipeline does; the test walks from its softmax and checks
-that the rule fired and what it produced (the score steps, the q multipliers, or the reason it refused).
+that the rule fired and what it produced (the score steps, the q multipliers, or the reason it refused). The
+axis rules are checked on one op each: which rule reads it and which input axis it maps the output axis to.
 A rule added to a table without a case here fails ``test_every_rule_has_a_case``.
 """
 
@@ -26,7 +27,8 @@ import test_sinks
 from attncc.frontend import CallArgs, dynamo_capture, try_symbolic_trace
 from attncc.passes import graph_ops as g
 from attncc.passes.canonicalize import canonicalize
-from attncc.passes.detect import PROBABILITY_RULES, SCORE_RULES, Decline
+from attncc.passes.detect import AXIS_RULES, PROBABILITY_RULES, SCORE_RULES, Decline
+from attncc.passes.detect.axis import axis_input
 from attncc.passes.detect.probabilities import walk_probabilities
 from attncc.passes.detect.reading import reaches_product
 from attncc.passes.detect.score_chain import walk_scores
@@ -212,11 +214,54 @@ def test_probability_rule(rule: str):
     assert path.sink_dropped == (sink is not None)
 
 
+# ---------------------------------------------------------------------------------------- contracted axis
+
+
+class _XY(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x, y):
+        return self.fn(x, y)
+
+
+# rule: (the op, x's shape, y's shape, the output axis asked, the input ("x"/"y") and axis it comes from)
+AXIS_CASES = {
+    # heads split from features: [B, N, C] viewed as [B, N, H, D] (every multi-head projection)
+    "reshape": (lambda x, y: x.view(2, 12, 4, 4), (2, 12, 16), (1,), 2, ("x", 2)),
+    "permute": (lambda x, y: x.permute(0, 2, 1, 3), (2, 3, 4, 5), (1,), 1, ("x", 2)),
+    "last_two_swap": (lambda x, y: x.transpose(-2, -1), (2, 3, 4, 5), (1,), 3, ("x", 2)),
+    "transpose": (lambda x, y: x.transpose(1, 2), (2, 3, 4, 5), (1,), 1, ("x", 2)),
+    "unsqueeze": (lambda x, y: x.unsqueeze(1), (2, 3, 4), (1,), 2, ("x", 1)),
+    # ViT's `q, k, v = qkv.unbind(0)`
+    "split_part": (lambda x, y: x.unbind(0)[1], (3, 2, 4), (1,), 0, ("x", 1)),
+    "index": (lambda x, y: x[:, None], (2, 3), (1,), 2, ("x", 1)),
+    # XCiT's channel attention (test_channel_attention): the columns of a product come from its right operand
+    "product": (lambda x, y: x @ y, (2, 3, 4), (4, 5), 2, ("y", -1)),
+    "concatenation": (lambda x, y: torch.cat([x, y], 1), (2, 3), (2, 4), 0, ("x", 0)),
+    "expand": (lambda x, y: x.expand(2, 3, 4), (1, 3, 4), (1,), 1, ("x", 1)),
+    "same_shape": (lambda x, y: torch.tanh(x), (2, 3), (1,), 1, ("x", 1)),
+}
+
+
+@pytest.mark.parametrize("rule", list(AXIS_CASES))
+def test_axis_rule(rule: str):
+    fn, x_shape, y_shape, ax, (name, in_axis) = AXIS_CASES[rule]
+    x, y = rand(*x_shape), rand(*y_shape, seed=1)
+    gm = try_symbolic_trace(_XY(fn), CallArgs.from_example((x, y)))
+    (out,) = [n for n in gm.graph.nodes if n.op == "output"]
+    node = out.args[0]
+    assert next(r for r in AXIS_RULES if r.matches(node)).name == rule
+    placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    assert axis_input(node, ax, g.ndim(node)) == (placeholders[name], in_axis)
+
+
 # ---------------------------------------------------------------------------------------- coverage
 
 
-@pytest.mark.parametrize("table,cases", [(SCORE_RULES, SCORE_CASES), (PROBABILITY_RULES, PROBABILITY_CASES)],
-                         ids=["score_chain", "probabilities"])
+@pytest.mark.parametrize("table,cases", [(SCORE_RULES, SCORE_CASES), (PROBABILITY_RULES, PROBABILITY_CASES),
+                                         (AXIS_RULES, AXIS_CASES)], ids=["score_chain", "probabilities", "axis"])
 def test_every_rule_has_a_case(table, cases):
     names = [rule.name for rule in table]
     assert len(set(names)) == len(names), "rule names must be unique"
