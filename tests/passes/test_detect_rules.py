@@ -110,8 +110,8 @@ SCORE_CASES = {
     "bias": form("relpos_bias_and_mask", steps=(("scale", SCALE), ("add", 1.0), ("add", 1.0))),
     "masked_fill": form("masked_fill_neg_inf", steps=(("scale", SCALE), ("fill", -INF))),
     # `s[~m] = -inf` (no form; Dynamo records operator.setitem, fx cannot trace it)
-    "index_fill": Case(lambda: QKVM(_index_fill), lambda: (*qkv(), keep_mask(B, H, N, N)), steps=(("scale", SCALE), ("fill", -INF)),
-                       frontend="dynamo"),
+    "index_fill": Case(lambda: QKVM(_index_fill), lambda: (*qkv(), keep_mask(B, H, N, N)),
+                       steps=(("scale", SCALE), ("fill", -INF)), frontend="dynamo"),
     "where_keep": form("where_neg_inf", steps=(("scale", SCALE), ("keep", -INF))),
     # the condition says where to fill (no form)
     "where_fill": Case(lambda: QKVM(lambda q, k, v, m: torch.where(~m, -INF, q @ k.mT * SCALE).softmax(-1) @ v),
