@@ -19,7 +19,6 @@ MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
 SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax}
 SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 DROPOUT = {F.dropout, torch.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d}
-TRANSPOSE_METHODS = {"transpose", "transpose_", "mT", "permute", "swapaxes", "swapdims"}
 MUL = {operator.mul, torch.mul, torch.Tensor.mul, operator.imul}
 DIV = {operator.truediv, torch.div, torch.true_divide, torch.Tensor.div, operator.itruediv}
 ADD = {operator.add, torch.add, torch.Tensor.add, operator.iadd}
@@ -174,36 +173,44 @@ def softmax_dim(node: fx.Node) -> Any:
     return arg(node, 1, "dim")
 
 
+SWAP_FUNCTIONS = (torch.transpose, torch.swapaxes, torch.swapdims)
+SWAP_METHODS = {"transpose", "swapaxes", "swapdims"}
+
+
 def transposed_last_two(node: Any) -> Optional[fx.Node]:
     """If node swaps only the last two dims of its input, that input; else None."""
     if not isinstance(node, fx.Node):
         return None
-    if node.op == "call_function" and node.target is getattr and node.args[1] == "mT":
+    if _is_mT(node):
         return node.args[0]
-    # Dynamo records the ``x.mT`` property as a call of the aten op itself (not getattr)
-    if node.op == "call_function" and node.target in (torch.ops.aten.mT, torch.ops.aten.mT.default):
-        return node.args[0]
-    if node.op == "call_function" and node.target in (torch.transpose, torch.swapaxes, torch.swapdims):
-        src, dims = node.args[0], node.args[1:3]
-    elif node.op == "call_method" and node.target in ("transpose", "swapaxes", "swapdims"):
-        src, dims = node.args[0], node.args[1:3]
-    elif (node.op == "call_method" and node.target == "permute") or (
-        node.op == "call_function" and node.target is torch.permute
-    ):
-        src = node.args[0]
+    if is_call(node, SWAP_FUNCTIONS, SWAP_METHODS):
+        return node.args[0] if _swaps_last_two(ndim(node.args[0]), node.args[1:3]) else None
+    if is_call(node, (torch.permute,), {"permute"}):
         dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-        rank = ndim(src)
-        if rank < 2 or len(dims) != rank:
-            return None
-        norm = [d % rank for d in dims]
-        expect = list(range(rank - 2)) + [rank - 1, rank - 2]
-        return src if norm == expect else None
-    else:
-        return None
-    rank = ndim(src)
+        return node.args[0] if _permutes_last_two(ndim(node.args[0]), dims) else None
+    return None
+
+
+def _is_mT(node: fx.Node) -> bool:
+    """``x.mT``: a getattr, or under Dynamo a call of the aten op itself."""
+    if node.op != "call_function":
+        return False
+    return (node.target is getattr and node.args[1] == "mT") or node.target in (torch.ops.aten.mT,
+                                                                                   torch.ops.aten.mT.default)
+
+
+def _swaps_last_two(rank: int, dims: tuple) -> bool:
+    """Whether ``transpose(d0, d1)`` of a rank-``rank`` tensor swaps its last two dims."""
     if rank < 2 or len(dims) != 2 or not all(isinstance(d, int) for d in dims):
-        return None
-    return src if sorted(d % rank for d in dims) == [rank - 2, rank - 1] else None
+        return False
+    return sorted(d % rank for d in dims) == [rank - 2, rank - 1]
+
+
+def _permutes_last_two(rank: int, dims) -> bool:
+    """Whether ``permute(*dims)`` of a rank-``rank`` tensor swaps its last two dims and keeps the others."""
+    if rank < 2 or len(dims) != rank:
+        return False
+    return [d % rank for d in dims] == list(range(rank - 2)) + [rank - 1, rank - 2]
 
 
 def is_cast(node: Any) -> bool:

@@ -179,7 +179,11 @@ def _axis_after(node: fx.Node, axis: Optional[int]) -> Optional[int]:
         pos = len(src_shape) + axis
         dim = dim % len(out_shape)
         return (pos + 1 if dim <= pos else pos) - len(out_shape)
-    items = _none_index(node.args[1])
+    return _axis_after_index(_none_index(node.args[1]), axis, src_shape, out_shape)
+
+
+def _axis_after_index(items: list, axis: int, src_shape: tuple, out_shape: tuple) -> int:
+    """The head axis (from the right) after ``x[items]``, an index of ``None``, ``:`` and ``...`` only."""
     named = sum(i is not None and i is not Ellipsis for i in items)
     full = []  # the index with `...` written out as the `:` it stands for
     for item in items:

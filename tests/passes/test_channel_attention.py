@@ -149,7 +149,7 @@ def test_xcit_channel_sites_stay_exact():
 
 def test_reshape_that_merges_and_splits_maps_each_axis_to_its_source():
     """[N, B, E] viewed as [N, B*H, D] (torch.ao's quantizable MHA): D is part of E (features), not of B."""
-    from attncc.passes.detect import _reshape_axis
+    from attncc.passes.detect.axis import reshape_axis as _reshape_axis
 
     assert _reshape_axis((5, 2, 16), (5, 4, 8), 2) == 2
     assert _reshape_axis((5, 2, 16), (5, 4, 8), 1) == 1
