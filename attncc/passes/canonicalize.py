@@ -21,6 +21,9 @@
 - ``softmax(x, dtype=y.dtype)`` gets the dtype itself (symbolic_trace records the read as a node, which made
   ``y`` look "used elsewhere"; gpt-oss writes ``dtype=combined_logits.dtype``).
 
+Each of these is one named ``Lowering(name, applies, lower)`` in the ordered table ``LOWERINGS`` (at the end of
+this file), grouped in sweeps over the graph; ``tests/passes/test_canonicalize.py`` has one test per lowering.
+
 Casts, scale placement, mask spellings, GQA repeats and transposed layouts are read by the detector through
 ``graph_ops`` predicates instead of being rewritten here: each has one predicate, so the matcher still sees one
 form. The pass is pure: it returns a new GraphModule and leaves its input untouched.
@@ -415,11 +418,11 @@ LOWERINGS: tuple[tuple[Lowering, ...], ...] = (
         Lowering("flex_attention", lambda gm, node: is_flex_attention(node), lower_flex_attention),
         # an in-place module or a call with out=: left as it is, so no rule below drops its write
         Lowering("keep_writes", _writes_in_place, _leave),
-        # nn.Softmax(dim) modules (BERT-era code, timm) -> F.softmax
+        # nn.Softmax(dim) modules (timm's Swin, hand-written attention modules) -> F.softmax
         Lowering("softmax_module", _module_of_type(nn.Softmax), _lower_softmax_module),
         # nn.Dropout on the probabilities (HF BERT/ViT, timm) -> F.dropout(p, training)
         Lowering("dropout_module", _module_of_type(nn.Dropout), _lower_dropout_module),
-        # nn.Identity (timm's attn_drop / norm when disabled) -> its input
+        # nn.Identity (timm's q_norm / k_norm with qk_norm off) -> its input
         Lowering("identity_module", _module_of_type(nn.Identity), _lower_identity_module),
         # torch.baddbmm(bias, q, kT, beta=, alpha=) (BLOOM, HF GPT-2 reorder_and_upcast) -> matmul * alpha + bias
         Lowering("baddbmm", _calls((torch.baddbmm, torch.Tensor.baddbmm), {"baddbmm"}), _on_node(_lower_baddbmm)),
@@ -427,7 +430,7 @@ LOWERINGS: tuple[tuple[Lowering, ...], ...] = (
         Lowering("where_method", _calls((torch.Tensor.where,), {"where"}), _on_node(_lower_where_method)),
         # einsum('bhqd,bhkd->bhqk', q, k), '...qd,...kd->...qk' (lucidrains-style code) -> permutes + matmul
         Lowering("einsum", _calls((torch.einsum,)), _on_node(_lower_einsum)),
-        # x.flatten(0, 1) / x.unflatten(0, (B, H)) of leading dims (xformers-style [B*H, N, D]) -> reshape
+        # x.flatten(0, 1) / x.unflatten(0, (B, H)) of leading dims (3-D [B*H, N, D] attention code) -> reshape
         Lowering("flatten", _calls((torch.flatten, torch.unflatten), {"flatten", "unflatten"}),
                  _on_node(_lower_flatten)),
     ),

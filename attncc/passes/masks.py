@@ -19,6 +19,11 @@ Additive masks of the form ``where(keep, 0, c)`` with ``c`` -inf or below ``-1e3
 read as bool masks: ``exp(c - m)`` is exactly 0 in float32/16, so nothing changes except rows masked
 everywhere (where the model averages every value uniformly and attncc returns what its variant defines).
 Nothing here is a heuristic on values seen at run time: a factor is only taken out when the graph proves it.
+
+How it is organised: ``MaskInterpreter`` reads each node with the first rule of ``MASK_RULES`` (an ordered table of
+``MaskRule(name, matches, evaluate)``, one per model spelling) that matches it; ``site_findings`` turns a site's
+masks into a frozen ``MaskFindings`` or gives the one reason it keeps them as detected; ``analyze_masks`` writes the
+findings onto the site.
 """
 
 from __future__ import annotations
