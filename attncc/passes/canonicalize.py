@@ -21,6 +21,9 @@
 - ``softmax(x, dtype=y.dtype)`` gets the dtype itself (symbolic_trace records the read as a node, which made
   ``y`` look "used elsewhere"; gpt-oss writes ``dtype=combined_logits.dtype``).
 
+Each of these is one named ``Lowering(name, applies, lower)`` in the ordered table ``LOWERINGS`` (at the end of
+this file), grouped in sweeps over the graph; ``tests/passes/test_canonicalize.py`` has one test per lowering.
+
 Casts, scale placement, mask spellings, GQA repeats and transposed layouts are read by the detector through
 ``graph_ops`` predicates instead of being rewritten here: each has one predicate, so the matcher still sees one
 form. The pass is pure: it returns a new GraphModule and leaves its input untouched.
@@ -29,7 +32,8 @@ form. The pass is pure: it returns a new GraphModule and leaves its input untouc
 from __future__ import annotations
 
 import operator
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -46,48 +50,69 @@ from attncc.passes.lower_flex_attention import is_flex_attention, lower_flex_att
 from attncc.passes.lower_torch_nn import is_multihead_attention, lower_multihead_attention
 
 
+@dataclass(frozen=True)
+class Lowering:
+    """One spelling canonicalize rewrites: ``applies(gm, node)`` selects the node, ``lower(gm, node)`` rewrites
+    it in place (leaving it as it is where a closer look finds a form it does not handle)."""
+
+    name: str
+    applies: Callable[[fx.GraphModule, fx.Node], bool]
+    lower: Callable[[fx.GraphModule, fx.Node], None]
+
+
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """Return a canonicalized copy of ``gm`` (same submodules, new graph); every node keeps ``meta['val']``."""
+    """Return a canonicalized copy of ``gm`` (same submodules, new graph); every node keeps ``meta['val']``.
+
+    Runs the sweeps of ``LOWERINGS`` in order; in a sweep, each node gets the first lowering that applies."""
     result, _ = copy_graph_module(gm)
     graph = result.graph
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target is getattr and "val" not in node.meta:
-            _fill_attribute_val(node)
-    for node in list(graph.nodes):
-        if node.op == "call_function" and is_wrapped_function(node.target):
-            inline_call(node)
-    for node in list(graph.nodes):
-        normalized = positional_call(node) if node.op in ("call_function", "call_method") else None
-        if normalized is not None:
-            node.args, node.kwargs = normalized
-    for node in list(graph.nodes):
-        if is_multihead_attention(result, node):
-            lower_multihead_attention(result, node)
-        elif is_flex_attention(node):
-            lower_flex_attention(result, node)
-        elif has_side_effects(node):
-            continue  # an in-place module or a call with out=: its lowered spelling would drop the write
-        elif node.op == "call_module":
-            _lower_module(result, node)
-        elif is_call(node, (torch.baddbmm, torch.Tensor.baddbmm), {"baddbmm"}):
-            _lower_baddbmm(node)
-        elif is_call(node, (torch.Tensor.where,), {"where"}):
-            _lower_where_method(node)
-        elif is_call(node, (torch.einsum,)):
-            _lower_einsum(node)
-        elif is_call(node, (torch.flatten, torch.unflatten), {"flatten", "unflatten"}):
-            _lower_flatten(node)
-    for node in list(graph.nodes):
-        if is_call(node, (torch.exp,), {"exp"}):
-            _fold_written_softmax(node)
-    for node in list(graph.nodes):
-        if is_softmax(node):
-            _fold_dtype_read(node)
-            _drop_row_max_shift(node)
+    for sweep in LOWERINGS:
+        for node in list(graph.nodes):
+            lowering = next((rule for rule in sweep if rule.applies(result, node)), None)
+            if lowering is not None:
+                lowering.lower(result, node)
     remove_dead_code(graph)
     graph.lint()
     result.recompile()
     return result
+
+
+def _calls(functions=(), methods=()) -> Callable[[fx.GraphModule, fx.Node], bool]:
+    return lambda gm, node: is_call(node, functions, methods)
+
+
+def _module_of_type(kind: type) -> Callable[[fx.GraphModule, fx.Node], bool]:
+    return lambda gm, node: node.op == "call_module" and isinstance(gm.get_submodule(node.target), kind)
+
+
+def _reads_attribute_without_val(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is getattr and "val" not in node.meta
+
+
+def _calls_wrapped_function(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_function" and is_wrapped_function(node.target)
+
+
+def _is_call_node(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method")
+
+
+def _make_positional(gm: fx.GraphModule, node: fx.Node) -> None:
+    normalized = positional_call(node)
+    if normalized is not None:
+        node.args, node.kwargs = normalized
+
+
+def _writes_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return has_side_effects(node)
+
+
+def _leave(gm: fx.GraphModule, node: fx.Node) -> None:
+    """An in-place module or a call with ``out=``: its lowered spelling would drop the write."""
+
+
+def _on_node(rewrite: Callable[[fx.Node], None]) -> Callable[[fx.GraphModule, fx.Node], None]:
+    return lambda gm, node: rewrite(node)
 
 
 def _fill_attribute_val(node: fx.Node) -> None:
@@ -113,16 +138,21 @@ def _replace(node: fx.Node, new: fx.Node) -> None:
     node.graph.erase_node(node)
 
 
-def _lower_module(gm: fx.GraphModule, node: fx.Node) -> None:
+def _lower_softmax_module(gm: fx.GraphModule, node: fx.Node) -> None:
     module = gm.get_submodule(node.target)
-    if isinstance(module, nn.Softmax) and module.dim is not None:
+    if module.dim is not None:
         _replace(node, _insert(node, "call_function", F.softmax, (node.args[0],), {"dim": module.dim}))
-    elif isinstance(module, nn.Dropout):
-        _replace(node, _insert(node, "call_function", F.dropout, (node.args[0],),
-                               {"p": module.p, "training": module.training}))
-    elif isinstance(module, nn.Identity):
-        node.replace_all_uses_with(node.args[0])
-        node.graph.erase_node(node)
+
+
+def _lower_dropout_module(gm: fx.GraphModule, node: fx.Node) -> None:
+    module = gm.get_submodule(node.target)
+    _replace(node, _insert(node, "call_function", F.dropout, (node.args[0],),
+                           {"p": module.p, "training": module.training}))
+
+
+def _lower_identity_module(gm: fx.GraphModule, node: fx.Node) -> None:
+    node.replace_all_uses_with(node.args[0])
+    node.graph.erase_node(node)
 
 
 def _lower_baddbmm(node: fx.Node) -> None:
@@ -199,18 +229,25 @@ def _expand_ellipsis(equation: str, ranks: list[int]) -> Optional[str]:
     return ",".join(labels.replace("...", dots) for labels in ins) + "->" + out.replace("...", dots)
 
 
-def _parse_bmm_einsum(equation: str) -> Optional[tuple[str, str, str, str, str, str]]:
-    """For 'b h q d, b h k d -> b h q k'-like equations: (in1, in2, out, batch, free1+contract, contract+free2)."""
+def _two_operand_labels(equation: str) -> Optional[tuple[str, str, str]]:
+    """(labels of operand 1, of operand 2, of the output) of an explicit two-operand equation with no repeated
+    label in any term; None for anything else."""
     eq = equation.replace(" ", "")
     if "->" not in eq or "." in eq:
         return None
     lhs, out = eq.split("->")
     ins = lhs.split(",")
-    if len(ins) != 2:
+    if len(ins) != 2 or any(len(set(term)) != len(term) for term in (*ins, out)):
         return None
-    a, b = ins
-    if len(set(a)) != len(a) or len(set(b)) != len(b) or len(set(out)) != len(out):
+    return ins[0], ins[1], out
+
+
+def _parse_bmm_einsum(equation: str) -> Optional[tuple[str, str, str, str, str, str]]:
+    """For 'b h q d, b h k d -> b h q k'-like equations: (in1, in2, out, batch, free1+contract, contract+free2)."""
+    terms = _two_operand_labels(equation)
+    if terms is None:
         return None
+    a, b, out = terms
     contract = [c for c in a if c in b and c not in out]
     batch = [c for c in out if c in a and c in b]
     free_a = [c for c in a if c not in b]
@@ -278,24 +315,15 @@ def _row_max_dim(node, x) -> Optional[int]:
 
 
 def _fold_written_softmax(exp_node: fx.Node) -> None:
+    """``exp(x - rowmax(x)) / sum(exp(x - rowmax(x)), keepdim=True)`` (or without the max) -> ``F.softmax(x)``."""
     inner = exp_node.args[0]
-    x, dim = inner, None
-    if is_call(inner, (operator.sub, torch.sub), {"sub"}) and isinstance(inner.args[1], fx.Node):
-        dim = _row_max_dim(inner.args[1], inner.args[0])
-        if dim is not None:
-            x = inner.args[0]
-    sums = [u for u in exp_node.users if _is_keepdim_reduction(u, (torch.sum,), {"sum"}, exp_node) is not None]
-    if len(sums) != 1:
+    x, max_dim = _without_row_max(inner)
+    normalized = _normalization(exp_node)
+    if normalized is None:
         return
-    total = sums[0]
-    sum_dim = _is_keepdim_reduction(total, (torch.sum,), {"sum"}, exp_node)
-    if dim is not None and dim != sum_dim:
+    sum_dim, div = normalized
+    if max_dim is not None and max_dim != sum_dim:
         return
-    divs = [u for u in exp_node.users if is_call(u, (operator.truediv, torch.div), {"div"})
-            and u.args[0] is exp_node and u.args[1] is total]
-    if len(divs) != 1 or set(exp_node.users) != {total, divs[0]} or len(total.users) != 1:
-        return
-    div = divs[0]
     if tensor_val(div) is None or tensor_val(x) is None or tensor_val(div).dtype != tensor_val(x).dtype:
         return
     # F.softmax(x) goes where the division was: an in-place write after the pattern first read x would change it
@@ -305,6 +333,28 @@ def _fold_written_softmax(exp_node: fx.Node) -> None:
     if _writes_after_first_read(x, reads, div):
         return
     _replace(div, _insert(div, "call_function", F.softmax, (x,), {"dim": sum_dim}))
+
+
+def _without_row_max(inner) -> tuple:
+    """(x, the dim of the row max) for ``x - rowmax(x)``; (inner, None) for anything else."""
+    if is_call(inner, (operator.sub, torch.sub), {"sub"}) and isinstance(inner.args[1], fx.Node):
+        dim = _row_max_dim(inner.args[1], inner.args[0])
+        if dim is not None:
+            return inner.args[0], dim
+    return inner, None
+
+
+def _normalization(exp_node: fx.Node) -> Optional[tuple[int, fx.Node]]:
+    """(the summed dim, the division) when ``e = exp_node`` is used only as ``e / e.sum(dim, keepdim=True)``."""
+    sums = [u for u in exp_node.users if _is_keepdim_reduction(u, (torch.sum,), {"sum"}, exp_node) is not None]
+    if len(sums) != 1:
+        return None
+    total = sums[0]
+    divs = [u for u in exp_node.users if is_call(u, (operator.truediv, torch.div), {"div"})
+            and u.args[0] is exp_node and u.args[1] is total]
+    if len(divs) != 1 or set(exp_node.users) != {total, divs[0]} or len(total.users) != 1:
+        return None
+    return _is_keepdim_reduction(total, (torch.sum,), {"sum"}, exp_node), divs[0]
 
 
 def _drop_row_max_shift(softmax: fx.Node) -> None:
@@ -352,3 +402,45 @@ def _writes_after_first_read(x: fx.Node, reads: set, end: fx.Node) -> bool:
             return True
         node = node.next
     return False
+
+
+LOWERINGS: tuple[tuple[Lowering, ...], ...] = (
+    # x.dtype / x.device under symbolic_trace carry no meta['val'] (zeros_like(m, dtype=x.dtype) needs it)
+    (Lowering("attribute_val", _reads_attribute_without_val, _on_node(_fill_attribute_val)),),
+    # torch.fx.wrap-ed helpers kept opaque by symbolic_trace (timm's maybe_add_mask): their traced graph
+    (Lowering("inline_wrapped", _calls_wrapped_function, _on_node(inline_call)),),
+    # SDPA(query=q, key=k, value=v), torch.matmul(input=a, other=b): operands by position for every pass
+    (Lowering("positional", _is_call_node, _make_positional),),
+    (
+        # nn.MultiheadAttention modules, F.multi_head_attention_forward (torch.nn Transformer layers, ViT-B)
+        Lowering("multihead_attention", is_multihead_attention, lower_multihead_attention),
+        # Dynamo's flex_attention higher-order op with no score_mod and a full or causal block mask
+        Lowering("flex_attention", lambda gm, node: is_flex_attention(node), lower_flex_attention),
+        # an in-place module or a call with out=: left as it is, so no rule below drops its write
+        Lowering("keep_writes", _writes_in_place, _leave),
+        # nn.Softmax(dim) modules (timm's Swin, hand-written attention modules) -> F.softmax
+        Lowering("softmax_module", _module_of_type(nn.Softmax), _lower_softmax_module),
+        # nn.Dropout on the probabilities (HF BERT/ViT, timm) -> F.dropout(p, training)
+        Lowering("dropout_module", _module_of_type(nn.Dropout), _lower_dropout_module),
+        # nn.Identity (timm's q_norm / k_norm with qk_norm off) -> its input
+        Lowering("identity_module", _module_of_type(nn.Identity), _lower_identity_module),
+        # torch.baddbmm(bias, q, kT, beta=, alpha=) (BLOOM, HF GPT-2 reorder_and_upcast) -> matmul * alpha + bias
+        Lowering("baddbmm", _calls((torch.baddbmm, torch.Tensor.baddbmm), {"baddbmm"}), _on_node(_lower_baddbmm)),
+        # scores.where(keep, -inf) (method spelling) -> torch.where(keep, scores, -inf)
+        Lowering("where_method", _calls((torch.Tensor.where,), {"where"}), _on_node(_lower_where_method)),
+        # einsum('bhqd,bhkd->bhqk', q, k), '...qd,...kd->...qk' (lucidrains-style code) -> permutes + matmul
+        Lowering("einsum", _calls((torch.einsum,)), _on_node(_lower_einsum)),
+        # x.flatten(0, 1) / x.unflatten(0, (B, H)) of leading dims (3-D [B*H, N, D] attention code) -> reshape
+        Lowering("flatten", _calls((torch.flatten, torch.unflatten), {"flatten", "unflatten"}),
+                 _on_node(_lower_flatten)),
+    ),
+    # exp(x - amax(x)) / sum(exp(...)): the written-out safe softmax (hand-written and educational code)
+    (Lowering("written_softmax", _calls((torch.exp,), {"exp"}), _on_node(_fold_written_softmax)),),
+    # softmax(x, dtype=y.dtype): gpt-oss's dtype=combined_logits.dtype read made y look used elsewhere
+    (Lowering("softmax_dtype_read", lambda gm, node: is_softmax(node), _on_node(_fold_dtype_read)),),
+    # softmax(x - rowmax(x)): gpt-oss subtracts the row max before its softmax
+    (Lowering("row_max_shift", lambda gm, node: is_softmax(node), _on_node(_drop_row_max_shift)),),
+)
+"""canonicalize's sweeps over the graph, in order. Within a sweep the first lowering that applies to a node
+rewrites it; a later sweep sees what earlier ones produced (the softmax folds run after the modules became
+F.softmax, positional arguments hold before any lowering reads operands)."""

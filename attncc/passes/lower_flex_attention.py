@@ -75,27 +75,15 @@ def _plan(gm: fx.GraphModule, node: fx.Node) -> Union[str, tuple]:
     if len(args) < 6 or not isinstance(args[4], (tuple, list)):
         return "arguments of an unknown layout"
     q, k, v, score_mod, block_mask, scale = args[:6]
-    score_buffers = args[7] if len(args) > 7 else ()
-    mask_buffers = args[8] if len(args) > 8 else ()
-    for user in node.users:
-        if not (user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int)):
-            return f"its result is used as a whole by {user.format_node()}"
-        if user.args[1] != 0 and user.users:
-            return "its logsumexp is used"
-    if score_buffers or not _is_identity_score_mod(gm, score_mod):
-        return "score_mod is not carried yet"
-    if mask_buffers:
-        return "a mask_mod that reads tensors is not carried yet"
+    reason = _unused_extras(node) or _unplain_mods(gm, node)
+    if reason is not None:
+        return reason
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         return "a run-time scale"
-    qv, kv, vv = (g.tensor_val(x) for x in (q, k, v))
-    if qv is None or kv is None or vv is None or qv.dim() != 4:
-        return "inputs without a recorded 4-D tensor value"
-    sizes = (*qv.shape, *kv.shape)
-    if not all(isinstance(s, int) for s in sizes):
-        return "block_mask with dynamic sizes is not carried yet"
-    if qv.shape[0] != kv.shape[0]:
-        return "key/value batch broadcast is not carried yet"
+    qv, kv = g.tensor_val(q), g.tensor_val(k)
+    reason = _unsupported_inputs(qv, kv, g.tensor_val(v))
+    if reason is not None:
+        return reason
     mask = _effective_mask(gm, node, block_mask, qv.shape[2], kv.shape[2])
     if isinstance(mask, str):
         return mask
@@ -107,6 +95,38 @@ def _plan(gm: fx.GraphModule, node: fx.Node) -> Union[str, tuple]:
     else:
         return "a block_mask other than none or causal is not carried yet"
     return q, k, v, float(scale), causal, qv.shape[1] != kv.shape[1]
+
+
+def _unused_extras(node: fx.Node) -> Optional[str]:
+    """Why the call's result is used beyond its output (the whole tuple, the logsumexp), or None."""
+    for user in node.users:
+        if not (user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int)):
+            return f"its result is used as a whole by {user.format_node()}"
+        if user.args[1] != 0 and user.users:
+            return "its logsumexp is used"
+    return None
+
+
+def _unplain_mods(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+    """Why the score_mod / mask_mod are more than SDPA carries (a score_mod, captured tensors), or None."""
+    score_buffers = node.args[7] if len(node.args) > 7 else ()
+    mask_buffers = node.args[8] if len(node.args) > 8 else ()
+    if score_buffers or not _is_identity_score_mod(gm, node.args[3]):
+        return "score_mod is not carried yet"
+    if mask_buffers:
+        return "a mask_mod that reads tensors is not carried yet"
+    return None
+
+
+def _unsupported_inputs(qv, kv, vv) -> Optional[str]:
+    """Why q/k/v's recorded values do not fit SDPA here (rank, dynamic sizes, batch broadcast), or None."""
+    if qv is None or kv is None or vv is None or qv.dim() != 4:
+        return "inputs without a recorded 4-D tensor value"
+    if not all(isinstance(s, int) for s in (*qv.shape, *kv.shape)):
+        return "block_mask with dynamic sizes is not carried yet"
+    if qv.shape[0] != kv.shape[0]:
+        return "key/value batch broadcast is not carried yet"
+    return None
 
 
 def _is_identity_score_mod(gm: fx.GraphModule, score_mod: Any) -> bool:
@@ -190,11 +210,22 @@ def _constant_values(anchor: fx.Node, targets: list[fx.Node]) -> Optional[dict[f
         if n is anchor:
             break
         prefix.append(n)
-    needed = _ancestors(targets)
+    needed = _with_writes(prefix, _ancestors(targets))
     if needed is None:
         return None
-    grown = True
-    while grown:  # writes into needed tensors, and what they read
+    program = [n for n in prefix if n in needed or (_is_vmap_plumbing(n) and not n.all_input_nodes)]
+    env = _run_program(program)
+    if env is None:
+        return None
+    values = {t: env[t] for t in targets}
+    return values if all(isinstance(x, torch.Tensor) for x in values.values()) else None
+
+
+def _with_writes(prefix: list[fx.Node], needed: Optional[set[fx.Node]]) -> Optional[set[fx.Node]]:
+    """``needed`` grown by the in-place writes into its tensors and what they read; None when a write reads
+    the graph's inputs."""
+    grown = needed is not None
+    while grown:
         grown = False
         for n in prefix:
             if n not in needed and n.args and n.args[0] in needed and is_side_effect(n) and not _is_vmap_plumbing(n):
@@ -203,7 +234,11 @@ def _constant_values(anchor: fx.Node, targets: list[fx.Node]) -> Optional[dict[f
                     return None  # written from the inputs
                 needed |= writes
                 grown = True
-    program = [n for n in prefix if n in needed or (_is_vmap_plumbing(n) and not n.all_input_nodes)]
+    return needed
+
+
+def _run_program(program: list[fx.Node]) -> Optional[dict[fx.Node, Any]]:
+    """Run the nodes on real tensors, in order; their values, or None when one fails."""
     env: dict[fx.Node, Any] = {}
     level = torch._C._functorch.maybe_current_level()
     try:
@@ -220,8 +255,7 @@ def _constant_values(anchor: fx.Node, targets: list[fx.Node]) -> Optional[dict[f
     finally:  # leave functorch's vmap levels as they were, also when a step failed half-way
         while torch._C._functorch.maybe_current_level() != level:
             torch._C._functorch._vmap_decrement_nesting()
-    values = {t: env[t] for t in targets}
-    return values if all(isinstance(x, torch.Tensor) for x in values.values()) else None
+    return env
 
 
 def _ancestors(nodes: list[fx.Node]) -> Optional[set[fx.Node]]:

@@ -19,13 +19,18 @@ Additive masks of the form ``where(keep, 0, c)`` with ``c`` -inf or below ``-1e3
 read as bool masks: ``exp(c - m)`` is exactly 0 in float32/16, so nothing changes except rows masked
 everywhere (where the model averages every value uniformly and attncc returns what its variant defines).
 Nothing here is a heuristic on values seen at run time: a factor is only taken out when the graph proves it.
+
+How it is organised: ``MaskInterpreter`` reads each node with the first rule of ``MASK_RULES`` (an ordered table of
+``MaskRule(name, matches, evaluate)``, one per model spelling) that matches it; ``site_findings`` turns a site's
+masks into a frozen ``MaskFindings`` or gives the one reason it keeps them as detected; ``analyze_masks`` writes the
+findings onto the site.
 """
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -109,15 +114,21 @@ PASS_METHODS = {"to", "bool", "expand", "expand_as", "contiguous", "clone"}
 class MaskInterpreter:
     """Reads the subgraph that builds a mask as affine index expressions and predicates (memoized).
 
+    Each node is read by the first rule of ``MASK_RULES`` that matches it (``fired`` records which); a node no
+    rule reads has no value (None), and a bool node without one stays a residual, evaluated as the model does.
     A node some in-place write may change (``keep = ones(...); keep[:, n:] = False``) is not read from its
-    definition: it stays a residual, evaluated as the model computes it.
+    definition: it stays a residual too.
     """
 
     def __init__(self, aliases: Optional[Aliases] = None):
         self.memo: dict[fx.Node, Value] = {}
+        self.fired: dict[fx.Node, str] = {}
+        """The name of the rule that computed each node's value (absent: no rule matched, or it is written)."""
         self.aliases = aliases
 
     def value(self, x) -> Value:
+        """The abstract value of a node or constant argument: ``Affine`` (index arithmetic), ``Pred`` (a keep
+        predicate), ``Gathered`` (an input tensor indexed by plain indices) or None (not understood)."""
         if isinstance(x, bool):
             return Pred() if x else None
         if isinstance(x, int):
@@ -137,93 +148,215 @@ class MaskInterpreter:
         return Pred(residuals=(node,))
 
     def _eval(self, node: fx.Node) -> Value:
-        t = g.tensor_val(node)
-        if node.op == "call_function" and node.target is torch.arange:
-            return self._arange(node)
-        if g.is_call(node, (operator.add, torch.add, operator.sub, torch.sub), {"add", "sub", "__add__", "__sub__",
-                                                                              "__radd__"}):
-            a, b = self.value(node.args[0]), self.value(node.args[1] if len(node.args) > 1 else None)
-            if isinstance(a, Affine) and isinstance(b, Affine) and node.kwargs.get("alpha", 1) == 1:
-                sub = node.target in (operator.sub, torch.sub) or node.target in ("sub", "__sub__")
-                return a.plus(b, -1 if sub else 1)
-            return None
-        if node.op == "call_function" and node.target is operator.getitem:
-            return self._getitem(node)
-        if g.is_call(node, (torch.unsqueeze,), {"unsqueeze"}):
-            base = self.value(node.args[0])
-            if isinstance(base, Affine) and isinstance(node.args[1], int):
-                dim = node.args[1] if node.args[1] >= 0 else base.ndim + 1 + node.args[1]
-                return _insert_dims(base, [dim])
-            return None
-        compare = COMPARE.get(node.target) if node.op == "call_function" else (
-            COMPARE_METHODS.get(node.target) if node.op == "call_method" else None)
-        if compare is not None and len(node.args) == 2:
-            a, b = self.value(node.args[0]), self.value(node.args[1])
-            if isinstance(a, Affine) and isinstance(b, Affine):
-                return Pred(atoms=(Atom(_compare(a, b, compare), node),))
-            return None
-        if g.is_call(node, (operator.eq, torch.eq), {"eq", "__eq__"}) and len(node.args) == 2:
-            a, b = self.value(node.args[0]), self.value(node.args[1])
-            if isinstance(a, Gathered) and isinstance(b, Gathered) and _same_document(a, b):
-                return Pred(documents=(a.base,))
-            return None
-        if g.is_call(node, AND_FUNCTIONS, AND_METHODS) and len(node.args) == 2:
-            return self.pred(node.args[0]).and_(self.pred(node.args[1]))
-        if g.is_call(node, (torch.Tensor.to,), PASS_METHODS) and node.args:
-            if t is not None and t.dtype != torch.bool and not _is_int(t):
-                return None
-            base = self.value(node.args[0])
-            src = g.tensor_val(node.args[0])
-            if isinstance(base, Pred) and t is not None and t.dtype == torch.bool:
-                return base
-            if isinstance(base, Affine) and t is not None and _is_int(t) and src is not None and _is_int(src):
-                return base
-            return None
-        if g.is_call(node, (), {"new_ones"}) and t is not None and t.dtype == torch.bool:
-            return Pred()
-        if node.op == "call_function" and node.target in (torch.ones, torch.ones_like) and t is not None \
-                and t.dtype == torch.bool:
-            return Pred()
+        for rule in MASK_RULES:
+            if rule.matches(self, node):
+                self.fired[node] = rule.name
+                return rule.evaluate(self, node)
         return None
 
-    def _arange(self, node: fx.Node) -> Value:
-        # a traced length (x.size(1)) only sets how far the index runs; the affine form does not depend on it
-        args = [g.val(a) if isinstance(a, fx.Node) else a for a in node.args]
-        if "start" in node.kwargs or "end" in node.kwargs or "step" in node.kwargs:
-            return None
-        if len(args) == 1 and isinstance(args[0], int):
-            return Affine(((-1, 1),), 0, 1)
-        if len(args) == 2 and all(isinstance(a, int) for a in args):
-            return Affine(((-1, 1),), args[0], 1)
-        return None
 
-    def _getitem(self, node: fx.Node) -> Value:
-        base, index = node.args
-        v = self.value(base)
-        if not isinstance(index, tuple):
-            index = (index,)
-        if isinstance(v, Affine) and all(i is None or i == slice(None) or i is Ellipsis for i in index):
-            return _index_views(v, index)
-        if isinstance(v, Affine) and len(index) == v.ndim and all(isinstance(i, fx.Node) for i in index):
-            # position_ids[batch_idx, q_idx] with affine position ids (arange, expanded over the batch):
-            # substitute each index expression for its axis
-            indices = [self.value(i) for i in index]
-            if not all(isinstance(iv, Affine) for iv in indices):
-                return None
-            result = Affine((), v.const, max(iv.ndim for iv in indices))
-            for axis, iv in enumerate(indices):
-                coeff = v.terms().get(axis - v.ndim, 0)
-                result = result.plus(Affine.of({d: c * coeff for d, c in iv.coeffs}, iv.const * coeff, iv.ndim))
-            return result
-        if v is None and all(isinstance(i, fx.Node) for i in index):
-            dims = []
-            for i in index:
-                iv = self.value(i)
-                if not isinstance(iv, Affine) or iv.const != 0 or len(iv.coeffs) != 1 or iv.coeffs[0][1] != 1:
-                    return None
-                dims.append(iv.coeffs[0][0])
-            return Gathered(base, tuple(dims))
+# ------------------------------------------------------------------------------------ the rule table
+@dataclass(frozen=True)
+class MaskRule:
+    """One spelling the interpreter reads: the first rule whose ``matches(interp, node)`` holds gives the node's
+    value, ``evaluate(interp, node)`` (None where the operands turn out not to be understood)."""
+
+    name: str
+    matches: Callable[[MaskInterpreter, fx.Node], bool]
+    evaluate: Callable[[MaskInterpreter, fx.Node], Value]
+
+
+ADD_SUB_FUNCTIONS = (operator.add, torch.add, operator.sub, torch.sub)
+ADD_SUB_METHODS = {"add", "sub", "__add__", "__sub__", "__radd__"}
+
+
+def _is_arange(interp: MaskInterpreter, node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.arange
+
+
+def _arange(interp: MaskInterpreter, node: fx.Node) -> Value:
+    # a traced length (x.size(1)) only sets how far the index runs; the affine form does not depend on it
+    args = [g.val(a) if isinstance(a, fx.Node) else a for a in node.args]
+    if "start" in node.kwargs or "end" in node.kwargs or "step" in node.kwargs:
         return None
+    if len(args) == 1 and isinstance(args[0], int):
+        return Affine(((-1, 1),), 0, 1)
+    if len(args) == 2 and all(isinstance(a, int) for a in args):
+        return Affine(((-1, 1),), args[0], 1)
+    return None
+
+
+def _is_add_sub(interp: MaskInterpreter, node: fx.Node) -> bool:
+    return g.is_call(node, ADD_SUB_FUNCTIONS, ADD_SUB_METHODS)
+
+
+def _add_sub(interp: MaskInterpreter, node: fx.Node) -> Value:
+    a, b = interp.value(node.args[0]), interp.value(node.args[1] if len(node.args) > 1 else None)
+    if isinstance(a, Affine) and isinstance(b, Affine) and node.kwargs.get("alpha", 1) == 1:
+        sub = node.target in (operator.sub, torch.sub) or node.target in ("sub", "__sub__")
+        return a.plus(b, -1 if sub else 1)
+    return None
+
+
+def _getitem_parts(interp: MaskInterpreter, node: fx.Node) -> Optional[tuple[Value, tuple]]:
+    """(the indexed value, the index as a tuple) of ``base[index]``, or None for another node."""
+    if not (node.op == "call_function" and node.target is operator.getitem):
+        return None
+    base, index = node.args
+    return interp.value(base), index if isinstance(index, tuple) else (index,)
+
+
+def _is_view_index(interp: MaskInterpreter, node: fx.Node) -> bool:
+    parts = _getitem_parts(interp, node)
+    return parts is not None and isinstance(parts[0], Affine) and all(
+        i is None or i == slice(None) or i is Ellipsis for i in parts[1])
+
+
+def _index_view(interp: MaskInterpreter, node: fx.Node) -> Value:
+    v, index = _getitem_parts(interp, node)
+    return _index_views(v, index)
+
+
+def _is_affine_gather(interp: MaskInterpreter, node: fx.Node) -> bool:
+    parts = _getitem_parts(interp, node)
+    return parts is not None and isinstance(parts[0], Affine) and len(parts[1]) == parts[0].ndim and all(
+        isinstance(i, fx.Node) for i in parts[1])
+
+
+def _affine_gather(interp: MaskInterpreter, node: fx.Node) -> Value:
+    """Substitute each index expression for its axis: ``position_ids[batch_idx, q_idx]`` with affine ids."""
+    v, index = _getitem_parts(interp, node)
+    indices = [interp.value(i) for i in index]
+    if not all(isinstance(iv, Affine) for iv in indices):
+        return None
+    result = Affine((), v.const, max(iv.ndim for iv in indices))
+    for axis, iv in enumerate(indices):
+        coeff = v.terms().get(axis - v.ndim, 0)
+        result = result.plus(Affine.of({d: c * coeff for d, c in iv.coeffs}, iv.const * coeff, iv.ndim))
+    return result
+
+
+def _is_tensor_gather(interp: MaskInterpreter, node: fx.Node) -> bool:
+    parts = _getitem_parts(interp, node)
+    return parts is not None and parts[0] is None and all(isinstance(i, fx.Node) for i in parts[1])
+
+
+def _tensor_gather(interp: MaskInterpreter, node: fx.Node) -> Value:
+    """``L[batch_idx, kv_idx]``: each index must be one plain index (coefficient 1, no offset) along one dim."""
+    dims = []
+    for i in _getitem_parts(interp, node)[1]:
+        iv = interp.value(i)
+        if not isinstance(iv, Affine) or iv.const != 0 or len(iv.coeffs) != 1 or iv.coeffs[0][1] != 1:
+            return None
+        dims.append(iv.coeffs[0][0])
+    return Gathered(node.args[0], tuple(dims))
+
+
+def _is_unsqueeze(interp: MaskInterpreter, node: fx.Node) -> bool:
+    return g.is_call(node, (torch.unsqueeze,), {"unsqueeze"})
+
+
+def _unsqueeze(interp: MaskInterpreter, node: fx.Node) -> Value:
+    base = interp.value(node.args[0])
+    if isinstance(base, Affine) and isinstance(node.args[1], int):
+        dim = node.args[1] if node.args[1] >= 0 else base.ndim + 1 + node.args[1]
+        return _insert_dims(base, [dim])
+    return None
+
+
+def _comparison(node: fx.Node) -> Optional[str]:
+    """'le' / 'lt' / 'ge' / 'gt' for an ordering comparison node, else None."""
+    if node.op == "call_function":
+        return COMPARE.get(node.target)
+    if node.op == "call_method":
+        return COMPARE_METHODS.get(node.target)
+    return None
+
+
+def _is_compare(interp: MaskInterpreter, node: fx.Node) -> bool:
+    return _comparison(node) is not None and len(node.args) == 2
+
+
+def _compare_atom(interp: MaskInterpreter, node: fx.Node) -> Value:
+    a, b = interp.value(node.args[0]), interp.value(node.args[1])
+    if isinstance(a, Affine) and isinstance(b, Affine):
+        return Pred(atoms=(Atom(_compare(a, b, _comparison(node)), node),))
+    return None
+
+
+def _is_equal(interp: MaskInterpreter, node: fx.Node) -> bool:
+    return g.is_call(node, (operator.eq, torch.eq), {"eq", "__eq__"}) and len(node.args) == 2
+
+
+def _same_document_pred(interp: MaskInterpreter, node: fx.Node) -> Value:
+    a, b = interp.value(node.args[0]), interp.value(node.args[1])
+    if isinstance(a, Gathered) and isinstance(b, Gathered) and _same_document(a, b):
+        return Pred(documents=(a.base,))
+    return None
+
+
+def _is_and(interp: MaskInterpreter, node: fx.Node) -> bool:
+    return g.is_call(node, AND_FUNCTIONS, AND_METHODS) and len(node.args) == 2
+
+
+def _and(interp: MaskInterpreter, node: fx.Node) -> Value:
+    return interp.pred(node.args[0]).and_(interp.pred(node.args[1]))
+
+
+def _is_pass_through(interp: MaskInterpreter, node: fx.Node) -> bool:
+    return g.is_call(node, (torch.Tensor.to,), PASS_METHODS) and bool(node.args)
+
+
+def _pass_through(interp: MaskInterpreter, node: fx.Node) -> Value:
+    """A predicate stays one through a cast to bool; an index through a cast between integer dtypes."""
+    t, src = g.tensor_val(node), g.tensor_val(node.args[0])
+    if t is not None and t.dtype != torch.bool and not _is_int(t):
+        return None
+    base = interp.value(node.args[0])
+    if isinstance(base, Pred) and t is not None and t.dtype == torch.bool:
+        return base
+    if isinstance(base, Affine) and t is not None and _is_int(t) and src is not None and _is_int(src):
+        return base
+    return None
+
+
+def _is_all_true(interp: MaskInterpreter, node: fx.Node) -> bool:
+    t = g.tensor_val(node)
+    if t is None or t.dtype != torch.bool:
+        return False
+    return g.is_call(node, (), {"new_ones"}) or (
+        node.op == "call_function" and node.target in (torch.ones, torch.ones_like))
+
+
+def _all_true(interp: MaskInterpreter, node: fx.Node) -> Value:
+    return Pred()
+
+
+MASK_RULES: tuple[MaskRule, ...] = (
+    # torch.arange(n): HF transformers 5.x's batch_idx / q_idx / kv_idx and cache_position
+    MaskRule("arange", _is_arange, _arange),
+    # q_idx - window, kv_idx + offset: HF's sliding-window bound (Mistral, Gemma 2/3), cache offsets
+    MaskRule("add_sub", _is_add_sub, _add_sub),
+    # q_idx[:, None], arange(n)[None, None, :, None]: broadcasting views of an index (HF, GPT-style code)
+    MaskRule("index_view", _is_view_index, _index_view),
+    # position_ids[batch_idx, q_idx] with affine position ids (arange expanded over the batch)
+    MaskRule("affine_gather", _is_affine_gather, _affine_gather),
+    # attention_mask[batch_idx, kv_idx], document_ids[batch_idx, q_idx]: HF's padding and packed sequences
+    MaskRule("tensor_gather", _is_tensor_gather, _tensor_gather),
+    # arange(n).unsqueeze(0): index views spelled as unsqueeze (older HF code, hand-written causal masks)
+    MaskRule("unsqueeze", _is_unsqueeze, _unsqueeze),
+    # kv_idx <= q_idx, kv_idx > q_idx - window, q_idx >= 0: HF's causal / sliding / bound checks
+    MaskRule("compare", _is_compare, _compare_atom),
+    # doc[b, q_idx] == doc[b, kv_idx]: packed-sequence (document) masks
+    MaskRule("same_document", _is_equal, _same_document_pred),
+    # keep & (kv_idx <= q_idx) & padding: HF's and_masks of the mask functions
+    MaskRule("and", _is_and, _and),
+    # attention_mask.to(torch.bool), keep.expand(b, -1, n, n), .contiguous(): casts and views of a mask
+    MaskRule("pass_through", _is_pass_through, _pass_through),
+    # q_idx.new_ones((), dtype=torch.bool), torch.ones(..., dtype=bool): the all-true start of HF's mask
+    MaskRule("all_true", _is_all_true, _all_true),
+)
+"""How the interpreter reads each spelling, tried in order; the first rule that matches a node decides."""
 
 
 def _same_document(a: Gathered, b: Gathered) -> bool:
@@ -284,6 +417,15 @@ class MaskStructure:
     """Keys ``j >= i - left``."""
     residuals: list[fx.Node] = field(default_factory=list)
     documents: list[fx.Node] = field(default_factory=list)
+    unexplained: bool = False
+    """A constant mask was found that is not a band: no structure can be taken out."""
+
+    def tighten(self, left: Optional[int], right: Optional[int]) -> None:
+        """AND the band ``i - left <= j <= i + right`` (None: unbounded on that side) into these bounds."""
+        if right is not None:
+            self.right = right if self.right is None else min(self.right, right)
+        if left is not None:
+            self.left = left if self.left is None else min(self.left, left)
 
 
 def structure_of(pred: Pred) -> MaskStructure:
@@ -298,9 +440,9 @@ def structure_of(pred: Pred) -> MaskStructure:
             continue  # -a*i - b*j + c <= 0 holds for every index >= 0 (e.g. q_idx >= 0)
         if not terms and cj == -ci and abs(cj) == 1:
             if cj == 1:   # j - i + c <= 0  ->  j <= i - c
-                out.right = -c if out.right is None else min(out.right, -c)
+                out.tighten(None, -c)
             else:         # i - j + c <= 0  ->  j >= i + c
-                out.left = -c if out.left is None else min(out.left, -c)
+                out.tighten(-c, None)
             continue
         out.residuals.append(atom.node)
     return out
@@ -343,7 +485,35 @@ def constant_value(gm: fx.GraphModule, node: fx.Node, max_elements: int = 1 << 2
     return value if isinstance(value, torch.Tensor) else None
 
 
-ELEMENTWISE_BOOL = {"bool", "logical_not", "__invert__", "eq", "ne", "__eq__", "__ne__"}
+BOOL_OP_FUNCTIONS = {operator.eq: "eq", torch.eq: "eq", operator.ne: "ne", torch.ne: "ne",
+                     operator.invert: "not", torch.logical_not: "not"}
+BOOL_OP_NAMES = {"eq": "eq", "__eq__": "eq", "ne": "ne", "__ne__": "ne", "bool": "bool", "logical_not": "not",
+                 "__invert__": "not"}
+"""Elementwise ops a sliced buffer mask goes through (``tril[:T, :T] == 0``, ``~mask``, ``.bool()``)."""
+
+
+def _bool_op(node: fx.Node) -> Optional[str]:
+    """'eq' / 'ne' / 'bool' / 'not' for an elementwise bool op of ``node.args[0]``, else None."""
+    if node.op == "call_function" and node.target in BOOL_OP_FUNCTIONS:
+        return BOOL_OP_FUNCTIONS[node.target]
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return BOOL_OP_NAMES.get(name) if isinstance(name, str) else None
+
+
+def _apply_bool_op(how: str, base: torch.Tensor, other) -> Optional[torch.Tensor]:
+    if how in ("eq", "ne"):  # only against a scalar: anything else is not the same op on the whole buffer
+        if not isinstance(other, (int, float, bool)):
+            return None
+        return base == other if how == "eq" else base != other
+    return base.bool() if how == "bool" else ~base.bool()
+
+
+def _is_top_left_slice(node: fx.Node) -> bool:
+    """``x[:, :, :T, :T]`` / ``x[..., :T]`` / ``narrow(d, 0, T)``: a slice that starts at 0 on every dim."""
+    if g.is_call(node, (torch.narrow,), {"narrow"}):
+        return len(node.args) == 4 and node.args[2] == 0
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    return all(i is Ellipsis or (isinstance(i, slice) and i.start in (None, 0) and i.step is None) for i in index)
 
 
 def sliced_constant(gm: fx.GraphModule, node, aliases: Optional[Aliases] = None) -> Optional[torch.Tensor]:
@@ -361,30 +531,16 @@ def sliced_constant(gm: fx.GraphModule, node, aliases: Optional[Aliases] = None)
     if node.op == "get_attr":
         value = getattr_path(gm, node.target)
         return value if isinstance(value, torch.Tensor) else None
-    if g.is_call(node, (torch.narrow,), {"narrow"}):
-        if len(node.args) == 4 and node.args[2] == 0:
-            return sliced_constant(gm, node.args[0], aliases)
+    if g.is_call(node, (torch.narrow,), {"narrow"}) or (
+            node.op == "call_function" and node.target is operator.getitem):
+        return sliced_constant(gm, node.args[0], aliases) if _is_top_left_slice(node) else None
+    how = _bool_op(node)
+    if how is None:
         return None
-    if node.op == "call_function" and node.target is operator.getitem:
-        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-        if all(i is Ellipsis or (isinstance(i, slice) and i.start in (None, 0) and i.step is None) for i in index):
-            return sliced_constant(gm, node.args[0], aliases)
+    base = sliced_constant(gm, node.args[0], aliases)
+    if base is None:
         return None
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    if name in ELEMENTWISE_BOOL or (node.op == "call_function" and node.target in (
-            operator.eq, operator.ne, operator.invert, torch.logical_not, torch.eq, torch.ne)):
-        base = sliced_constant(gm, node.args[0], aliases)
-        if base is None:
-            return None
-        other = node.args[1] if len(node.args) > 1 else None
-        if name in ("eq", "__eq__") or node.target in (operator.eq, torch.eq):
-            return base == other if isinstance(other, (int, float, bool)) else None
-        if name in ("ne", "__ne__") or node.target in (operator.ne, torch.ne):
-            return base != other if isinstance(other, (int, float, bool)) else None
-        if name == "bool":
-            return base.bool()
-        return ~base.bool()
-    return None
+    return _apply_bool_op(how, base, node.args[1] if len(node.args) > 1 else None)
 
 
 def getattr_path(gm: fx.GraphModule, target: str):
@@ -462,6 +618,32 @@ def additive_as_keep(node) -> Optional[fx.Node]:
     return None
 
 
+@dataclass(frozen=True)
+class MaskFindings:
+    """What mask analysis proves about one site's masks: the fields ``analyze_masks`` writes onto the site
+    (besides the report summary ``_summarize`` derives from them)."""
+
+    steps: tuple
+    """The score steps still applied as the model wrote them (biases, small fills, softcapping)."""
+    sdpa_mask: Optional[fx.Node]
+    """The SDPA ``attn_mask`` still applied as it is (None where it became structure or a keep node)."""
+    causal: bool
+    """Keys ``j <= i`` only (detected ``is_causal``, or proved from the mask)."""
+    band: Optional[tuple[int, int]] = None
+    """``(left, 0)``: keys ``i - left <= j <= i`` (a causal sliding window)."""
+    segments: bool = False
+    segment_labels: Any = None
+    """Swin's constant region labels ``[nW, N]``, or the node of the ``[B, N]`` document ids."""
+    segment_fill: float = float("-inf")
+    keep_nodes: tuple = ()
+    """Bool residual masks (True = attend), evaluated as the model computes them."""
+
+    @staticmethod
+    def as_detected(site: AttentionSite) -> "MaskFindings":
+        """Nothing taken out: the site's masks as detection found them."""
+        return MaskFindings(tuple(site.steps), site.sdpa_mask, site.causal)
+
+
 def analyze_masks(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[AttentionSite]:
     """Recover causal/band structure and residual masks of each site (in place; returns the list).
 
@@ -470,37 +652,57 @@ def analyze_masks(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[Attent
     """
     interp = MaskInterpreter(Aliases(gm.graph))
     for site in sites:
-        _analyze_site(gm, site, interp)
+        findings = site_findings(gm, site, interp)
+        _record(site, findings if isinstance(findings, MaskFindings) else MaskFindings.as_detected(site))
     return sites
 
 
-def _analyze_site(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpreter) -> None:
-    original = (list(site.steps), site.sdpa_mask)
+def site_findings(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpreter) -> Union[MaskFindings, str]:
+    """What the site's masks reduce to, or why they are kept exactly as detected (the one way to give up)."""
     if any(step.kind == "reshape" for step in site.steps):
         windows = window_segments(gm, site.steps, interp.aliases)
-        if windows is not None:
-            site.steps, site.segment_labels, site.segment_fill = windows
-            site.segments = True
-        _summarize(site, [])
-        return
-    keep_terms: list[fx.Node] = []
-    if site.sdpa_mask is not None:
-        t = g.tensor_val(site.sdpa_mask)
-        keep = site.sdpa_mask if t is not None and t.dtype == torch.bool else additive_as_keep(site.sdpa_mask)
-        if keep is not None:
-            keep_terms.append(keep)
-            site.sdpa_mask = None
-    remaining = []
+        if windows is None:
+            return "the scores are reshaped around something other than Swin's window mask"
+        steps, labels, fill = windows
+        return MaskFindings(tuple(steps), site.sdpa_mask, site.causal, segments=True, segment_labels=labels,
+                            segment_fill=fill)
+    sdpa_keep, sdpa_mask = _sdpa_keep(site.sdpa_mask)
+    terms = [sdpa_keep] if sdpa_keep is not None else []
+    steps = []
     for step in site.steps:
         term = _keep_term(gm, step, interp.aliases)
         if term is None:
-            remaining.append(step)
+            steps.append(step)
         else:
-            keep_terms.append(term)
-    site.steps = remaining
+            terms.append(term)
+    structure, residuals = _structure_of_terms(gm, terms, interp)
+    reason = _unstructured(structure, site)
+    if reason is not None:
+        return reason
+    causal = structure.right == 0
+    band = (structure.left, 0) if causal and structure.left is not None else None
+    document = structure.documents[0] if structure.documents else None
+    return MaskFindings(tuple(steps), sdpa_mask, site.causal or causal, band, segments=document is not None,
+                        segment_labels=document, keep_nodes=tuple(residuals))
+
+
+def _sdpa_keep(mask) -> tuple[Optional[fx.Node], Optional[fx.Node]]:
+    """(the keep-mask an SDPA ``attn_mask`` is, the attn_mask left): a bool mask, or an additive one that is a
+    bool mask in disguise (``where(keep, 0, -inf)``), becomes a keep term; a real bias stays."""
+    if mask is None:
+        return None, None
+    keep = mask if _bool(mask) else additive_as_keep(mask)
+    return (keep, None) if keep is not None else (None, mask)
+
+
+def _structure_of_terms(gm: fx.GraphModule, terms: list, interp: MaskInterpreter):
+    """(MaskStructure of the AND of the keep terms with constant bands folded in, the residual bool nodes).
+
+    A constant residual (a buffer, a slice of one) is evaluated here and read as a band; one that is not a band
+    sets ``structure.unexplained``."""
     pred = Pred()
     constants: list[torch.Tensor] = []
-    for term in keep_terms:
+    for term in terms:
         if isinstance(term, tuple):
             constants.append(term[1])
         else:
@@ -508,35 +710,47 @@ def _analyze_site(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpret
     structure = structure_of(pred)
     residuals = []
     for node in structure.residuals:
-        value = constant_value(gm, node, aliases=interp.aliases)
-        if value is None or value.dtype != torch.bool:
-            whole = sliced_constant(gm, node, interp.aliases)
-            value = whole.bool() if whole is not None and band_of(whole.bool()) is not None else None
-        if value is not None and value.dtype == torch.bool:
-            constants.append(value)
-        else:
+        value = _constant_keep(gm, node, interp.aliases)
+        if value is None:
             residuals.append(node)
+        else:
+            constants.append(value)
     for value in constants:
         band = band_of(value)
-        if band is None:  # a constant we cannot explain: keep it as the model computes it
-            return _give_up(site, original)
-        left, right = band
-        if right is not None:
-            structure.right = right if structure.right is None else min(structure.right, right)
-        if left is not None:
-            structure.left = left if structure.left is None else min(structure.left, left)
+        if band is None:
+            structure.unexplained = True
+            break
+        structure.tighten(*band)
+    return structure, residuals
+
+
+def _constant_keep(gm: fx.GraphModule, node: fx.Node, aliases: Optional[Aliases]) -> Optional[torch.Tensor]:
+    """The value of a bool mask the inputs do not change: evaluated whole, or (a top-left slice of a buffer)
+    the whole buffer when that is a band; None otherwise."""
+    value = constant_value(gm, node, aliases=aliases)
+    if value is None or value.dtype != torch.bool:
+        whole = sliced_constant(gm, node, aliases)
+        value = whole.bool() if whole is not None and band_of(whole.bool()) is not None else None
+    return value if value is not None and value.dtype == torch.bool else None
+
+
+def _unstructured(structure: MaskStructure, site: AttentionSite) -> Optional[str]:
+    """Why the structure found cannot be carried (the tensors are kept as the model computes them), or None."""
+    if structure.unexplained:
+        return "a constant mask that is not a band"
     if structure.right is not None and structure.right != 0 or (structure.right is None and structure.left is not None):
-        return _give_up(site, original)  # bands not anchored at the diagonal: keep the tensors
+        return "a band not anchored at the diagonal"
     if len(structure.documents) > 1 or (structure.documents and site.q_len != site.kv_len):
-        return _give_up(site, original)
-    if structure.right == 0:
-        site.causal = True
-        if structure.left is not None:
-            site.band = (structure.left, 0)
-    if structure.documents:
-        site.segments, site.segment_labels, site.segment_fill = True, structure.documents[0], float("-inf")
-    site.keep_nodes = residuals
-    _summarize(site, residuals)
+        return "several document labels, or documents between sequences of different lengths"
+    return None
+
+
+def _record(site: AttentionSite, findings: MaskFindings) -> None:
+    site.steps, site.sdpa_mask, site.causal = list(findings.steps), findings.sdpa_mask, findings.causal
+    site.band, site.segments = findings.band, findings.segments
+    site.segment_labels, site.segment_fill = findings.segment_labels, findings.segment_fill
+    site.keep_nodes = list(findings.keep_nodes)
+    _summarize(site, site.keep_nodes)
 
 
 def window_segments(gm: fx.GraphModule, steps: list,
@@ -546,12 +760,8 @@ def window_segments(gm: fx.GraphModule, steps: list,
     value (timm: -100) between regions. Returns (the other steps, region labels ``[nW, N]``, fill value), or
     None when the steps are anything else.
     """
-    kinds = [step.kind for step in steps]
-    if kinds[-3:] != ["reshape", "add", "reshape"] or "reshape" in kinds[:-3] or steps[-2].value != 1.0:
-        return None
-    grouped, back = g.shape(steps[-3].node), g.shape(steps[-1].node)
-    before = g.shape(steps[-3].node.args[0])
-    if grouped is None or back is None or before is None or len(grouped) != 5 or tuple(back) != tuple(before):
+    grouped = _window_grouping(steps)
+    if grouped is None:
         return None
     mask = constant_value(gm, steps[-2].node, aliases=aliases)
     while mask is not None and mask.dim() > 4 and mask.shape[0] == 1:
@@ -559,17 +769,35 @@ def window_segments(gm: fx.GraphModule, steps: list,
     if mask is None or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != grouped[1] \
             or tuple(mask.shape[-2:]) != tuple(grouped[-2:]):
         return None
-    m = mask[:, 0].float()                                      # [nW, N, N]
+    regions = region_labels(mask[:, 0].float())
+    return None if regions is None else (steps[:-3], *regions)
+
+
+def _window_grouping(steps: list) -> Optional[tuple]:
+    """The grouped shape ``(B, nW, H, N, N)`` when the steps end in reshape, add (factor 1), reshape back."""
+    kinds = [step.kind for step in steps]
+    if kinds[-3:] != ["reshape", "add", "reshape"] or "reshape" in kinds[:-3] or steps[-2].value != 1.0:
+        return None
+    grouped, back = g.shape(steps[-3].node), g.shape(steps[-1].node)
+    before = g.shape(steps[-3].node.args[0])
+    if grouped is None or back is None or before is None or len(grouped) != 5 or tuple(back) != tuple(before):
+        return None
+    return grouped
+
+
+def region_labels(m: torch.Tensor) -> Optional[tuple[torch.Tensor, float]]:
+    """For an additive mask ``[nW, N, N]`` that is 0 within regions and one negative fill between them:
+    (labels ``[nW, N]``, the first token of each token's region; the fill), else None."""
     fills = torch.unique(m[m != 0])
     if fills.numel() > 1 or (fills.numel() == 1 and float(fills[0]) >= 0):
         return None
     fill = float(fills[0]) if fills.numel() else float("-inf")
     same = m == 0
     n = m.shape[-1]
-    labels = torch.where(same, torch.arange(n), n).min(dim=-1).values   # first token of each token's region
+    labels = torch.where(same, torch.arange(n), n).min(dim=-1).values
     if not torch.equal(labels[:, :, None] == labels[:, None, :], same):
         return None
-    return steps[:-3], labels, fill
+    return labels, fill
 
 
 def _keep_term(gm: fx.GraphModule, step, aliases: Optional[Aliases] = None):
@@ -583,14 +811,19 @@ def _keep_term(gm: fx.GraphModule, step, aliases: Optional[Aliases] = None):
         return None
     if step.kind == "keep":
         return step.node
-    if g.is_call(step.node, (operator.invert, torch.logical_not, torch.bitwise_not),
-                 {"__invert__", "logical_not", "bitwise_not"}) and _bool(step.node.args[0]) \
-            and not may_be_written(step.node):  # ``drop = ~keep; drop[..., 0] = False``: not ~keep any more
-        return step.node.args[0]
-    value = constant_value(gm, step.node, aliases=aliases)
+    return _negated_fill(gm, step.node, aliases)
+
+
+def _negated_fill(gm: fx.GraphModule, drop: fx.Node, aliases: Optional[Aliases]):
+    """The keep-mask of a fill mask ``drop`` (True = masked): ``keep`` of ``~keep``, or the negated constant."""
+    if g.is_call(drop, (operator.invert, torch.logical_not, torch.bitwise_not),
+                 {"__invert__", "logical_not", "bitwise_not"}) and _bool(drop.args[0]) \
+            and not may_be_written(drop):  # ``drop = ~keep; drop[..., 0] = False``: not ~keep any more
+        return drop.args[0]
+    value = constant_value(gm, drop, aliases=aliases)
     if value is not None and value.dtype == torch.bool:
         return ("constant", ~value)
-    whole = sliced_constant(gm, step.node, aliases)
+    whole = sliced_constant(gm, drop, aliases)
     if whole is not None and band_of(~whole.bool()) is not None:
         return ("constant", ~whole.bool())
     return None
@@ -601,27 +834,11 @@ def _bool(node) -> bool:
     return t is not None and t.dtype == torch.bool
 
 
-def _give_up(site: AttentionSite, original) -> None:
-    """Nothing taken out: the site keeps its masks exactly as detected (restores the consumed steps)."""
-    site.steps, site.sdpa_mask = original
-    site.keep_nodes = []
-    _summarize(site, [])
-
-
 def _summarize(site: AttentionSite, residuals: list[fx.Node]) -> None:
     """Fill has_bias / mask_residual / mask_kind (the report's 'mask' column) from what the site carries."""
     site.has_bias = any(s.kind == "add" or (s.kind in ("fill", "keep") and s.value != float("-inf"))
                         for s in site.steps) or (site.sdpa_mask is not None and not _bool(site.sdpa_mask))
-    dense = any(s.kind in ("fill", "keep", "reshape") for s in site.steps) or (
-        site.sdpa_mask is not None and _bool(site.sdpa_mask))
-    padding = False
-    for node in residuals:
-        shape = g.shape(node)
-        if shape is not None and len(shape) >= 2 and shape[-2] == 1 and (len(shape) < 3 or shape[-3] == 1):
-            padding = True
-        else:
-            dense = True
-    site.mask_residual = "dense" if dense else ("padding" if padding else "none")
+    site.mask_residual = _residual_kind(site, residuals)
     parts = ["segments"] if site.segments else []
     if site.causal:
         parts.append("causal")
@@ -632,3 +849,18 @@ def _summarize(site: AttentionSite, residuals: list[fx.Node]) -> None:
     if site.has_bias:
         parts.append("bias")
     site.mask_kind = "+".join(parts) or "none"
+
+
+def _residual_kind(site: AttentionSite, residuals: list[fx.Node]) -> str:
+    """'dense' when a mask is applied per query and key, 'padding' when only per key ``[B, 1, 1, Nk]``, else
+    'none'."""
+    dense = any(s.kind in ("fill", "keep", "reshape") for s in site.steps) or (
+        site.sdpa_mask is not None and _bool(site.sdpa_mask))
+    padding = False
+    for node in residuals:
+        shape = g.shape(node)
+        if shape is not None and len(shape) >= 2 and shape[-2] == 1 and (len(shape) < 3 or shape[-3] == 1):
+            padding = True
+        else:
+            dense = True
+    return "dense" if dense else ("padding" if padding else "none")
