@@ -33,6 +33,7 @@ import torch.fx as fx
 from attncc.passes import graph_ops as g
 from attncc.passes.effects import Aliases, may_be_written, writes_confined
 from attncc.site import AttentionSite
+from attncc.util import getattr_path
 
 NEG_LARGE = -1e30
 """Additive fill values at or below this are masks (HF uses finfo(float32).min = -3.4e38)."""
@@ -385,15 +386,6 @@ def sliced_constant(gm: fx.GraphModule, node, aliases: Optional[Aliases] = None)
             return base.bool()
         return ~base.bool()
     return None
-
-
-def getattr_path(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def _position(gm: fx.GraphModule):
