@@ -118,46 +118,66 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
     the scores ``[*batch, Hq, Nq, Nk]``. Checked here so a mistake reads as the user's, not as a broadcast error
     deep inside a variant.
     """
+    _check_qkv(q, k, v)
+    _check_one_device(q=q, k=k, v=v, bias=bias, mask=mask)
+    scores = (*_batch_shape(q, k, v), q.shape[-2], k.shape[-2])
+    for name, t, kind in (("bias", bias, "floating"), ("mask", mask, "bool")):
+        if t is not None:
+            _check_score_term(name, t, kind, scores, _shapes(q, k, v))
+
+
+def _shapes(q: Tensor, k: Tensor, v: Tensor) -> str:
+    return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """q, k, v are tensors of rank >= 2 with matching Dqk and key counts and one floating dtype."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise AttnccError(f"attention: {name} must be a tensor, got {type(t).__name__}")
         if t.dim() < 2:
             raise AttnccError(f"attention: {name} must have at least 2 dims [..., N, D], got shape {tuple(t.shape)}")
-    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
-        raise AttnccError(f"attention: incompatible shapes {shapes}: q and k need the same last dim (Dqk), "
-                          f"k and v the same key count (dim -2)")
+        raise AttnccError(f"attention: incompatible shapes {_shapes(q, k, v)}: q and k need the same last dim "
+                          f"(Dqk), k and v the same key count (dim -2)")
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
         raise AttnccError(f"attention: q, k and v need one floating dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    devices = {t.device for t in (q, k, v, bias, mask) if t is not None}
-    if len(devices) > 1:
-        named = ", ".join(f"{n} {t.device}" for n, t in (("q", q), ("k", k), ("v", v), ("bias", bias), ("mask", mask))
-                          if t is not None)
+
+
+def _check_one_device(**tensors: Optional[Tensor]) -> None:
+    given = {name: t for name, t in tensors.items() if t is not None}
+    if len({t.device for t in given.values()}) > 1:
+        named = ", ".join(f"{name} {t.device}" for name, t in given.items())
         raise AttnccError(f"attention: all inputs must be on one device, got {named}")
+
+
+def _batch_shape(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
+    """The batch dims of the scores: q's, k's and v's broadcast, the heads of dim -3 grouped for GQA/MQA."""
     bq, bk, bv = q.shape[:-2], k.shape[:-2], v.shape[:-2]
     grouped = len(bq) >= 1 and len(bq) == len(bk) == len(bv) and bk[-1] != bq[-1] and bk[-1] != 1
     if grouped:  # GQA/MQA: dim -3 holds the heads; kv heads must divide the query heads
         if bk[-1] != bv[-1] or bq[-1] % bk[-1] != 0:
             raise AttnccError(f"attention: {bq[-1]} query heads and {bk[-1]} key / {bv[-1]} value heads (dim -3): "
-                              f"the query heads must be a multiple of the key/value heads, got {shapes}")
+                              f"the query heads must be a multiple of the key/value heads, got {_shapes(q, k, v)}")
         outer = (bq[:-1], bk[:-1], bv[:-1])
     else:
         outer = (bq, bk, bv)
     try:
-        batch = (*torch.broadcast_shapes(*outer), *((bq[-1],) if grouped else ()))
+        return (*torch.broadcast_shapes(*outer), *((bq[-1],) if grouped else ()))
     except RuntimeError:
-        raise AttnccError(f"attention: the batch dims of {shapes} do not broadcast (dims before [N, D])") from None
-    scores = (*batch, q.shape[-2], k.shape[-2])
-    for name, t, kind in (("bias", bias, "floating"), ("mask", mask, "bool")):
-        if t is None:
-            continue
-        if (t.dtype == torch.bool) != (kind == "bool") or not (kind == "bool" or t.is_floating_point()):
-            hint = " (an additive float mask goes in bias=)" if name == "mask" else " (a bool mask goes in mask=)"
-            raise AttnccError(f"attention: {name} must be {kind}, got {t.dtype}{hint}")
-        try:
-            fits = tuple(torch.broadcast_shapes(t.shape, scores)) == tuple(scores)
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise AttnccError(f"attention: {name} of shape {tuple(t.shape)} does not broadcast to the scores "
-                              f"{tuple(scores)} [*batch, Hq, Nq, Nk] of {shapes}")
+        raise AttnccError(f"attention: the batch dims of {_shapes(q, k, v)} do not broadcast (dims before [N, D])") \
+            from None
+
+
+def _check_score_term(name: str, t: Tensor, kind: str, scores: tuple[int, ...], shapes: str) -> None:
+    """bias (``kind`` floating) or mask (bool) has its kind and broadcasts to the scores."""
+    if (t.dtype == torch.bool) != (kind == "bool") or not (kind == "bool" or t.is_floating_point()):
+        hint = " (an additive float mask goes in bias=)" if name == "mask" else " (a bool mask goes in mask=)"
+        raise AttnccError(f"attention: {name} must be {kind}, got {t.dtype}{hint}")
+    try:
+        fits = tuple(torch.broadcast_shapes(t.shape, scores)) == tuple(scores)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise AttnccError(f"attention: {name} of shape {tuple(t.shape)} does not broadcast to the scores "
+                          f"{tuple(scores)} [*batch, Hq, Nq, Nk] of {shapes}")
