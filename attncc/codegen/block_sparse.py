@@ -14,6 +14,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from attncc.util import cdiv
 from attncc.variants.base import ScoreMods
 from attncc.variants.block_sparse import BlockSparseSpec, MaskModPattern, _mask_mod_layout, _named_blocks, _pack
 from attncc.variants.blocks import BlockLayout
@@ -34,7 +35,7 @@ def named_layout(spec: BlockSparseSpec, nq: int, nk: int, causal: bool, device: 
 @lru_cache(maxsize=32)
 def _named_layout(spec: BlockSparseSpec, nq: int, nk: int, causal: bool, device: str) -> BlockLayout:
     b = spec.block
-    nqb, nkb = -(-nq // b), -(-nk // b)
+    nqb, nkb = cdiv(nq, b), cdiv(nk, b)
     blocks = _named_blocks(spec.pattern, nqb, nkb, causal, "cpu")
     g = min(spec.pattern.global_rows, nqb)
     if g:

@@ -51,10 +51,10 @@ from attncc.codegen.autotune import Config, choose, length_bucket
 from attncc.codegen.source import interpreting, launch, load_kernel, process_memo
 from attncc.codegen.writer import SourceWriter, next_power_of_2, torch_to_triton_dtype
 from attncc.errors import AttnccError
+from attncc.util import LOG2E, all_of, cdiv
 from attncc.variants.base import ScoreMods
 from attncc.variants.linear import EPS, LinearSpec, _key_keep, check_inputs
 
-LOG2E = 1.4426950408889634
 
 QUAD_BLOCK = 64
 """Quadratic taylor features per block (``BK``) on a GPU: a ``[*, 64]`` feature tile and a ``[64, BV]`` state
@@ -103,7 +103,7 @@ class _Plan:
     @property
     def quad_blocks(self) -> int:
         """Blocks of taylor quadratic features ``x_a x_b`` (``a, b < D``, flattened a-major)."""
-        return -(-self.d * self.d // self.quad_block)
+        return cdiv(self.d * self.d, self.quad_block)
 
     @property
     def fp16(self) -> bool:
@@ -282,7 +282,7 @@ class _Run:
         split writes its partial state; the splits are summed here (the states are small)."""
         plan = self.plan
         split = _split_keys()
-        splits = -(-self.nk // split)
+        splits = cdiv(self.nk, split)
         heads = self.bsz * self.hkv
         flags = dict(even=self.nk % split == 0)  # every key block whole (splits are multiples of each BLOCK_N)
         f32 = dict(dtype=torch.float32, device=self.device)
@@ -331,7 +331,7 @@ class _Run:
         q = self.q
 
         def run(kernel, config: Config, into: Optional[tuple]) -> None:
-            grid = (_cdiv(self.nq, config["BLOCK_M"]), plan.dv_pad // config["BV"], self.bsz * self.hq)
+            grid = (cdiv(self.nq, config["BLOCK_M"]), plan.dv_pad // config["BV"], self.bsz * self.hq)
             launch(kernel, grid, q, *q.stride(), s, z, s0, z0, s2, z2, into[0] if into else out, self.hq,
                    self.hkv, self.nq, self.nk, blocks, BK=plan.quad_block, **config.launch_kwargs())
 
@@ -347,7 +347,7 @@ class _Run:
         den = den if has_lin else out
 
         def run(kernel, config: Config, into: Optional[tuple]) -> None:
-            grid = (_cdiv(self.nq, config["BLOCK_M"]), self.bsz * self.hq)
+            grid = (cdiv(self.nq, config["BLOCK_M"]), self.bsz * self.hq)
             launch(kernel, grid, *self._common_args(), num, den, into[0] if into else out, self.hq,
                    self.hq // self.hkv, self.nq, self.nk, window, scale * LOG2E, **config.launch_kwargs())
 
@@ -381,10 +381,6 @@ class _Run:
 
 _LAUNCHES: dict = process_memo()
 """(kernel name, plan, flags, length bucket, extra, device) -> (kernel, chosen config), for this process."""
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _chunk_tile(chunk: int, n: int) -> int:
@@ -452,12 +448,6 @@ def _window_configs(plan: _Plan, nq: int, window: int) -> list[Config]:
 # -- source generation: shared pieces ------------------------------------------------------------------------
 
 
-def _and(*parts: Optional[str]) -> Optional[str]:
-    """``a & b & ...`` of the masks that exist (None: no mask at all)."""
-    parts = [p for p in parts if p]
-    return " & ".join(parts) if parts else None
-
-
 def _rows(mask: Optional[str]) -> Optional[str]:
     return f"{mask}[:, None]" if mask else None
 
@@ -515,7 +505,7 @@ def _emit_features(w: SourceWriter, plan: _Plan, out: str, x: str, mask: Optiona
 
 def _emit_key_features(w: SourceWriter, plan: _Plan, key: Optional[str], d_ok: Optional[str]) -> None:
     """``fk = phi(k)``, zero for keys that are masked out and for padded head-dim columns."""
-    _emit_features(w, plan, "fk", "k", _and(_rows(key), _cols(d_ok)))
+    _emit_features(w, plan, "fk", "k", all_of(_rows(key), _cols(d_ok)))
 
 
 def _emit_heads(w: SourceWriter, plan: _Plan) -> None:
@@ -639,9 +629,9 @@ def _scan_source(plan: _Plan, reverse: bool, lagged: bool, rows_even: bool, add_
 
         def load_kv(key: Optional[str]) -> None:
             w.line(f"k = tl.load(k_base + kpos[:, None] * stride_kn + offs_d[None, :] * stride_kd"
-                   f"{_masked(_and(_rows(key), _cols(d_ok)))})")
+                   f"{_masked(all_of(_rows(key), _cols(d_ok)))})")
             w.line(f"v = tl.load(v_base + kpos[:, None] * stride_vn + offs_v[None, :] * stride_vd"
-                   f"{_masked(_and(_rows(key), _cols(v_ok)))})")
+                   f"{_masked(all_of(_rows(key), _cols(v_ok)))})")
             _emit_key_features(w, plan, key, d_ok)
 
         def fold(masks: dict) -> None:
@@ -664,13 +654,13 @@ def _scan_source(plan: _Plan, reverse: bool, lagged: bool, rows_even: bool, add_
             w.line("t = n_chunks - 1 - i" if reverse else "t = i")
             masks = _emit_chunk_positions(w, plan, reverse, lagged, rows_even)
             w.line(f"q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd"
-                   f"{_masked(_and(_rows(masks['row']), _cols(d_ok)))})")
+                   f"{_masked(all_of(_rows(masks['row']), _cols(d_ok)))})")
             load_kv(masks["key"])
             _emit_features(w, plan, "fq", "q")
             if plan.taylor:
                 w.line("# intra-chunk weights phi(q).phi(k) = 1 + s + s^2/2 from the raw s = q.k (D wide)")
                 w.line(f"s = {plan.dot('fq', 'tl.trans(fk)')}")
-                w.line(f"a = tl.where({_and('visible', _cols(masks['key']))}, 1.0 + s * (1.0 + 0.5 * s), 0.0)")
+                w.line(f"a = tl.where({all_of('visible', _cols(masks['key']))}, 1.0 + s * (1.0 + 0.5 * s), 0.0)")
             else:
                 w.line(f"a = tl.where(visible, {plan.dot('fq', 'tl.trans(fk)')}, 0.0)")
             if plan.fp16:
@@ -696,7 +686,7 @@ def _emit_scan_store(w: SourceWriter, plan: _Plan, row_ok: Optional[str], v_ok: 
     w.line("buf = pid_bh.to(tl.int64) * NQ + rows")
     if add_buffers or not normalize:
         w.line(f"num_ptrs = NUM + buf[:, None] * {plan.dv} + offs_v[None, :]")
-    tile_mask = _and(_rows(row_ok), _cols(v_ok))
+    tile_mask = all_of(_rows(row_ok), _cols(v_ok))
     if add_buffers:
         w.line(f"num += tl.load(num_ptrs{_masked(tile_mask)})")
         w.line(f"den += tl.load(DEN + buf{_masked(row_ok)})")
@@ -706,7 +696,7 @@ def _emit_scan_store(w: SourceWriter, plan: _Plan, row_ok: Optional[str], v_ok: 
                f"{_store_mask(tile_mask)})")
         return
     w.line(f"tl.store(num_ptrs, num{_store_mask(tile_mask)})")
-    w.line(f"tl.store(DEN + buf, den, mask={_and(row_ok, '(pid_v == 0)')})")
+    w.line(f"tl.store(DEN + buf, den, mask={all_of(row_ok, '(pid_v == 0)')})")
 
 
 # -- taylor's quadratic features -------------------------------------------------------------------------------
@@ -728,7 +718,7 @@ def _emit_quad_features(w: SourceWriter, out: str, base: str, rows: str, x: str,
                         f_ok: Optional[str], dot_dtype: str, weight: str = "") -> None:
     """``out[r, f] = x[r, a_f] * x[r, b_f]`` gathered from rows ``rows`` of tensor ``x`` (q or k: strides
     ``stride_{x}n``/``stride_{x}d``); the gathers hit cache (the same rows' D values)."""
-    mask = _masked(_and(_rows(row_mask), _cols(f_ok)))
+    mask = _masked(all_of(_rows(row_mask), _cols(f_ok)))
     row = f"{base} + {rows}[:, None] * stride_{x}n"
     w.line(f"{out} = tl.load({row} + fa[None, :] * stride_{x}d{mask}).to(tl.float32)")
     w.line(f"{out} = ({out} * tl.load({row} + fb[None, :] * stride_{x}d{mask}).to(tl.float32){weight})"
@@ -761,7 +751,7 @@ def _quad_scan_source(plan: _Plan, reverse: bool, lagged: bool, rows_even: bool)
         def fold(masks: dict) -> None:
             _emit_quad_features(w, "fk", "k_base", "kpos", "k", masks["key"], f_ok, plan.dot_dtype)
             w.line(f"v = tl.load(v_base + kpos[:, None] * stride_vn + offs_v[None, :] * stride_vd"
-                   f"{_masked(_and(_rows(masks['key']), _cols(v_ok)))})")
+                   f"{_masked(all_of(_rows(masks['key']), _cols(v_ok)))})")
             w.line(f"state += {plan.dot('tl.trans(fk)', 'v')}")
             w.line("zsum += tl.sum(fk.to(tl.float32), 0)")
 
@@ -777,9 +767,9 @@ def _quad_scan_source(plan: _Plan, reverse: bool, lagged: bool, rows_even: bool)
             w.line(f"num = {plan.state_dot('fq', 'state', _held(reverse))}")
             w.line("den = tl.sum(fq.to(tl.float32) * zsum[None, :], 1)")
             w.line("buf = pid_bh.to(tl.int64) * NQ + rows")
-            tile_mask = _and(_rows(masks["row"]), _cols(v_ok))
+            tile_mask = all_of(_rows(masks["row"]), _cols(v_ok))
             w.line(f"tl.atomic_add(NUM + buf[:, None] * {plan.dv} + offs_v[None, :], num{_store_mask(tile_mask)})")
-            w.line(f"tl.atomic_add(DEN + buf, den, mask={_and(masks['row'], '(pid_v == 0)')})")
+            w.line(f"tl.atomic_add(DEN + buf, den, mask={all_of(masks['row'], '(pid_v == 0)')})")
             fold(masks)
     return _module(w)
 
@@ -858,9 +848,9 @@ def _state_source(plan: _Plan, even: bool) -> str:
         with w.block("for n0 in range(start, stop, BLOCK_N):"):
             key = _emit_state_keys(w, plan, even)
             w.line(f"k = tl.load(k_base + kpos[:, None] * stride_kn + offs_d[None, :] * stride_kd"
-                   f"{_masked(_and(_rows(key), _cols(d_ok)))})")
+                   f"{_masked(all_of(_rows(key), _cols(d_ok)))})")
             w.line(f"v = tl.load(v_base + kpos[:, None] * stride_vn + offs_v[None, :] * stride_vd"
-                   f"{_masked(_and(_rows(key), _cols(v_ok)))})")
+                   f"{_masked(all_of(_rows(key), _cols(v_ok)))})")
             _emit_key_features(w, plan, key, d_ok)
             w.line(f"state += {plan.dot('tl.trans(fk)', 'v')}")
             w.line("zsum += tl.sum(fk.to(tl.float32), 0)")
@@ -893,7 +883,7 @@ def _quad_state_source(plan: _Plan, even: bool) -> str:
             key = _emit_state_keys(w, plan, even)
             _emit_quad_features(w, "fk", "k_base", "kpos", "k", key, f_ok, plan.dot_dtype)
             w.line(f"v = tl.load(v_base + kpos[:, None] * stride_vn + offs_v[None, :] * stride_vd"
-                   f"{_masked(_and(_rows(key), _cols(v_ok)))})")
+                   f"{_masked(all_of(_rows(key), _cols(v_ok)))})")
             w.line(f"state += {plan.dot('tl.trans(fk)', 'v')}")
             w.line("zsum += tl.sum(fk.to(tl.float32), 0)")
         w.line("rows = slot * BLOCKS * BK + feats")
@@ -934,7 +924,7 @@ def _apply_source(plan: _Plan, even: bool) -> str:
         if v_ok:
             w.line(f"v_ok = offs_v < {plan.dv}")
         w.line(f"q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd"
-               f"{_masked(_and(_rows(row_ok), _cols(d_ok)))})")
+               f"{_masked(all_of(_rows(row_ok), _cols(d_ok)))})")
         _emit_features(w, plan, "fq", "q")
         w.line(f"state = tl.load(S + (kv * {plan.d_pad} + offs_d[:, None]) * {plan.dv_pad} + offs_v[None, :])")
         w.line(f"zsum = tl.load(Z + kv * {plan.d_pad} + offs_d)")
@@ -952,7 +942,7 @@ def _apply_source(plan: _Plan, even: bool) -> str:
                 w.line(f"num += {plan.state_dot('fq2', state2, '(NK + 1.0)')}")
                 w.line("den += tl.sum(fq2.to(tl.float32) * tl.load(Z2 + srows)[None, :], 1)")
         w.line(f"out = num / tl.maximum(den, {EPS!r})[:, None]")
-        tile_mask = _and(_rows(row_ok), _cols(v_ok))
+        tile_mask = all_of(_rows(row_ok), _cols(v_ok))
         w.line(f"tl.store(OUT + (pid_bh.to(tl.int64) * NQ + rows[:, None]) * {plan.dv} + offs_v[None, :], "
                f"out.to({plan.dtype}){_store_mask(tile_mask)})")
     return _module(w)
@@ -988,7 +978,7 @@ def _window_source(plan: _Plan, has_lin: bool) -> str:
         if v_ok:
             w.line(f"v_ok = offs_v < {plan.dv}")
         w.line(f"q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd"
-               f"{_masked(_and('row_ok[:, None]', _cols(d_ok)))})")
+               f"{_masked(all_of('row_ok[:, None]', _cols(d_ok)))})")
         w.lines(f"""
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -1004,7 +994,7 @@ def _window_source(plan: _Plan, has_lin: bool) -> str:
             if plan.has_keep:
                 w.line("col_ok = col_ok & (tl.load(keep_base + cols * stride_mn, mask=col_ok, other=0) != 0)")
             w.line(f"kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd"
-                   f"{_masked(_and('col_ok[None, :]', _rows(d_ok)))})")
+                   f"{_masked(all_of('col_ok[None, :]', _rows(d_ok)))})")
             w.line(f"s = {plan.dot('q', 'kt')} * qk_scale")
             w.line("rel = rows[:, None] - cols[None, :]")
             inside = "(rel >= 0) & (rel < W)" if plan.causal else "(rel < W) & (rel > -W)"
@@ -1018,11 +1008,11 @@ def _window_source(plan: _Plan, has_lin: bool) -> str:
                 l_i = l_i * alpha + tl.sum(p, 1)
             """)
             w.line(f"v = tl.load(v_base + cols[:, None] * stride_vn + offs_v[None, :] * stride_vd"
-                   f"{_masked(_and('col_ok[:, None]', _cols(v_ok)))})")
+                   f"{_masked(all_of('col_ok[:, None]', _cols(v_ok)))})")
             w.line(f"acc = acc * alpha[:, None] + {plan.dot('p', 'v')}")
             w.line("m_i = m_new")
         w.line("buf = pid_bh.to(tl.int64) * NQ + rows")
-        tile_mask = _and("row_ok[:, None]", _cols(v_ok))
+        tile_mask = all_of("row_ok[:, None]", _cols(v_ok))
         if has_lin:
             w.lines(f"""
                 lin_num = tl.load(NUM + buf[:, None] * {plan.dv} + offs_v[None, :], mask={tile_mask}, other=0.0)

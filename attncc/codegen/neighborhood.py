@@ -51,16 +51,13 @@ from torch import Tensor
 
 from attncc.codegen.visits import LayoutVisit, Predicate, TokenMap
 from attncc.errors import AttnccError
+from attncc.util import cdiv
 from attncc.variants.base import ScoreMods, check_self_attention
 from attncc.variants.blocks import BlockLayout
 from attncc.variants.neighborhood import NeighborhoodSpec
 
 BLOCK_SIZES = (16, 32, 64, 128)
 """Block sizes (BLOCK_M and BLOCK_N) the token map has tile shapes for: every size the kernel configs use."""
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def tile_shape(block: int, sub_lengths: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[int, ...]:
@@ -80,7 +77,7 @@ def tile_shape(block: int, sub_lengths: tuple[int, ...], kernel: tuple[int, ...]
         if sum(exps) != exponent:
             continue
         shape = tuple(1 << e for e in exps)
-        tiles = math.prod(_ceil_div(m, t) for m, t in zip(sub_lengths, shape))
+        tiles = math.prod(cdiv(m, t) for m, t in zip(sub_lengths, shape))
         region = math.prod(t + k - 1 for t, k in zip(shape, kernel))
         key = (tiles * region, max(shape), tuple(-t for t in reversed(shape)))
         if best_key is None or key < best_key:
@@ -108,7 +105,7 @@ class AxisTiles:
     @property
     def sub_max(self) -> int:
         """Length of the longest sub-sequence, ``ceil(L / d)``."""
-        return _ceil_div(self.length, self.dilation)
+        return cdiv(self.length, self.dilation)
 
     @property
     def shift(self) -> int:
@@ -116,7 +113,7 @@ class AxisTiles:
 
     @property
     def per_sub(self) -> int:
-        return _ceil_div(self.sub_max + self.shift, self.tile)
+        return cdiv(self.sub_max + self.shift, self.tile)
 
     @property
     def count(self) -> int:
@@ -132,7 +129,7 @@ class AxisTiles:
         idx = torch.arange(self.count)
         residue = idx // self.per_sub
         x0 = (idx % self.per_sub) * self.tile
-        sub_len = (self.length - residue + self.dilation - 1) // self.dilation
+        sub_len = cdiv(self.length - residue, self.dilation)
         return residue, x0, (sub_len - x0).clamp(0, self.tile)
 
     def window_start(self, x: Tensor, sub_len: Tensor) -> Tensor:
@@ -174,7 +171,7 @@ class NeighborhoodTiling:
         """Tile shape of a block of ``block`` visit positions."""
         if block not in BLOCK_SIZES:
             raise AttnccError(f"neighborhood kernel: block size {block} has no tile shape (sizes {BLOCK_SIZES})")
-        return tile_shape(block, tuple(_ceil_div(n, d) for n, d in zip(self.grid, self.dilation)), self.kernel)
+        return tile_shape(block, tuple(cdiv(n, d) for n, d in zip(self.grid, self.dilation)), self.kernel)
 
     def axes(self, block: int, keys: bool) -> list[AxisTiles]:
         """Per-axis tiling of queries (``keys=False``) or keys at ``block``. Keys get a shifted copy along an
@@ -182,14 +179,14 @@ class NeighborhoodTiling:
         whole sub-sequence (a shift cannot save a tile there)."""
         out = []
         for length, k, d, s, t in zip(self.grid, self.kernel, self.dilation, self.stride, self.tile(block)):
-            sub_max = _ceil_div(length, d)
+            sub_max = cdiv(length, d)
             copies = 2 if keys and t >= 2 and sub_max > t and k < sub_max else 1
             out.append(AxisTiles(length, k, d, s, t, copies))
         return out
 
     def global_positions(self, block: int) -> int:
         """Visit positions of the global tokens: ``globals`` rounded up to whole blocks."""
-        return _ceil_div(self.globals, block) * block
+        return cdiv(self.globals, block) * block
 
     def n_visit_for(self, block: int, keys: bool) -> int:
         """Visit positions one block size really uses (global blocks + grid tiles of every copy)."""
@@ -359,7 +356,7 @@ def _axis_visits(qa: AxisTiles, ka: AxisTiles) -> tuple[Tensor, Tensor, Tensor, 
     ``j``-th key tile lies in every window of the query tile on this axis).
     """
     residue, x0, count = qa.tiles()
-    sub_len = (qa.length - residue + qa.dilation - 1) // qa.dilation
+    sub_len = cdiv(qa.length - residue, qa.dilation)
     last = x0 + (count - 1).clamp_min(0)
     # union of the tile's windows (starts never decrease, windows overlap) and their intersection
     lo, hi = qa.window_start(x0, sub_len), qa.window_start(last, sub_len) + qa.kernel
@@ -393,8 +390,8 @@ def _key_tiles(axes: list[AxisTiles]) -> tuple[Tensor, Tensor]:
 @lru_cache(maxsize=64)
 def _layout(tiling: NeighborhoodTiling, block_m: int, block_n: int, device: str) -> BlockLayout:
     q_axes, k_axes = tiling.axes(block_m, False), tiling.axes(block_n, True)
-    n_qb = _ceil_div(tiling.n_q_visit, block_m)
-    glob_q, glob_k = _ceil_div(tiling.globals, block_m), _ceil_div(tiling.globals, block_n)
+    n_qb = cdiv(tiling.n_q_visit, block_m)
+    glob_q, glob_k = cdiv(tiling.globals, block_m), cdiv(tiling.globals, block_n)
     # Global key blocks: whole (not partial) when they hold no padding position.
     glob_blocks = torch.arange(glob_k)
     glob_partial = (glob_blocks + 1) * block_n > tiling.globals

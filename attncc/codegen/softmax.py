@@ -42,10 +42,10 @@ from attncc.codegen.source import interpreting, launch, load_kernel, process_mem
 from attncc.codegen.writer import SourceWriter, next_power_of_2, torch_to_triton_dtype
 from attncc.codegen.visits import BandVisit, DenseVisit, LayoutVisit, Predicate, TokenMap
 from attncc.errors import AttnccError
+from attncc.util import LOG2E, all_of, cdiv
 from attncc.variants.base import ScoreMods
 
 KERNEL_NAME = "softmax_attention_fwd"
-LOG2E = 1.4426950408889634
 M_INIT = -1.0e30
 """Initial running max (log2 units): finite, so a block whose scores are all hidden (-inf) gives
 ``exp2(-inf - M_INIT) = 0`` instead of ``exp2(-inf + inf) = nan``."""
@@ -298,11 +298,6 @@ def _masked_load(pointer: str, mask: Optional[str], other: str = "0.0") -> str:
     return f"tl.load({pointer}, mask={mask}, other={other})" if mask else f"tl.load({pointer})"
 
 
-def _and(*masks: Optional[str]) -> Optional[str]:
-    present = [m for m in masks if m]
-    return " & ".join(f"({m})" for m in present) if len(present) > 1 else (present[0] if present else None)
-
-
 def _parenthesized(term: str) -> str:
     return term if term.isidentifier() else f"({term})"
 
@@ -312,7 +307,7 @@ def _emit_scores(w: SourceWriter, plan: SoftmaxPlan, k_in: Optional[str] = None)
     with ``k_in`` when given."""
     dmask = f"offs_d[:, None] < {plan.d}" if plan.block_d != plan.d else None
     load = _masked_load("K_base + offs_d[:, None] + k_row[None, :] * stride_kn",
-                        _and(dmask, k_in and f"{k_in}[None, :]"))
+                        all_of(dmask, k_in and f"{k_in}[None, :]"))
     w.line(f"kt = {load}")
     if plan.dot_f32:
         w.line("kt = kt.to(tl.float32)")
@@ -348,7 +343,7 @@ def emit_online_softmax_update(w: SourceWriter, plan: SoftmaxPlan, k_in: Optiona
     reading the block's V rows at ``k_row`` (loads masked with ``k_in`` when given)."""
     dmask = f"offs_dv[None, :] < {plan.dv}" if plan.block_dv != plan.dv else None
     load = _masked_load("V_base + k_row[:, None] * stride_vn + offs_dv[None, :]",
-                        _and(k_in and f"{k_in}[:, None]", dmask))
+                        all_of(k_in and f"{k_in}[:, None]", dmask))
     p_dtype = "tl.float32" if plan.dot_f32 else plan.dtype
     w.lines(f"""
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -573,7 +568,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, visit=De
         call = dict(values)
         if isinstance(visit, LayoutVisit):
             call.update(layout_values(bm, bn))
-        grid = (-(-n_q_visit // bm), b * hq)
+        grid = (cdiv(n_q_visit, bm), b * hq)
         launch(kernel, grid, *[call[n] for n in names], **cfg.launch_kwargs())
 
     if config is None and memo is not None:

@@ -36,15 +36,12 @@ from attncc.codegen.autotune import Config, choose, length_bucket
 from attncc.codegen.source import interpreting, launch, load_kernel
 from attncc.codegen.writer import SourceWriter, next_power_of_2, torch_to_triton_dtype
 from attncc.errors import AttnccError
+from attncc.util import cdiv
 from attncc.variants.base import ScoreMods
 from attncc.variants.blocks import BlockLayout
 from attncc.variants.topk import TopKSpec
 
 HEADER = ["import triton", "import triton.language as tl", ""]
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _pow2(n: int) -> int:
@@ -96,7 +93,7 @@ def pool_blocks(x: Tensor, block: int) -> Tensor:
     The ragged last block averages its real rows (as :meth:`TopKSpec.select` pools).
     """
     batch, heads, n, d = x.shape
-    nb = _ceil_div(n, block)
+    nb = cdiv(n, block)
     out = torch.empty(batch, heads, nb, d, dtype=torch.float32, device=x.device)
     block_p2 = _pow2(block)
     desc = {"family": "topk_pool", "dtype": torch_to_triton_dtype(x.dtype), "block": block, "d": d,
@@ -172,7 +169,7 @@ def mask_blocks(mask: Tensor, block: int, shape: tuple[int, int, int, int]) -> t
     mb, mh, mq, mk = m.shape
     rows_per_block = block if mq > 1 else 1
     keys_per_block = block if mk > 1 else 1
-    mqb, mkb = _ceil_div(mq, rows_per_block), _ceil_div(mk, keys_per_block)
+    mqb, mkb = cdiv(mq, rows_per_block), cdiv(mk, keys_per_block)
     any_out = torch.empty(mb, mh, mqb, mkb, dtype=torch.int8, device=m.device)
     all_out = torch.empty_like(any_out)
     keys = _pow2(keys_per_block)
@@ -180,7 +177,7 @@ def mask_blocks(mask: Tensor, block: int, shape: tuple[int, int, int, int]) -> t
     kb_tile = min(_pow2(mkb), max(1, 2048 // (keys * rows)))
     desc = {"family": "topk_mask_blocks"}
     kernel = load_kernel("topk_mask_blocks", desc, lambda: _mask_source(desc), m.device)
-    grid = (mqb, _ceil_div(mkb, kb_tile), mb * mh)
+    grid = (mqb, cdiv(mkb, kb_tile), mb * mh)
     launch(kernel, grid, m.view(torch.int8), any_out, all_out, mq, mk, rows_per_block, keys_per_block, mkb, mh,
            *m.stride(), ROWS=rows, KB_TILE=kb_tile, KEYS=keys)
     return any_out.view(torch.bool), all_out.view(torch.bool)
@@ -268,7 +265,7 @@ def block_scores(pooled_q: Tensor, pooled_k: Tensor, nq: int, block: int, scale:
     m_strides = _broadcast_strides(mask_any)
 
     def run(config: Config) -> None:
-        grid = (_ceil_div(nqb, config["BQ"]), _ceil_div(nkb, config["BK"]), batch * hq)
+        grid = (cdiv(nqb, config["BQ"]), cdiv(nkb, config["BK"]), batch * hq)
         launch(kernel, grid, pooled_q, pooled_k, scores, m, nqb, nkb, nq, hq, hq // hkv, float(scale), *m_strides,
                **config.launch_kwargs())
 
@@ -422,7 +419,7 @@ def select_blocks(spec: TopKSpec, scores: Tensor, nk: int, causal: bool,
     m_strides = _broadcast_strides(mask_all)
 
     def run(config: Config) -> None:
-        grid = (_ceil_div(nqb, config["ROWS"]), batch * hq)
+        grid = (cdiv(nqb, config["ROWS"]), batch * hq)
         launch(kernel, grid, scores, kv_blocks, partial, m, nqb, nkb, nk, hq, kept, width, *m_strides,
                KB_PAD=kb_pad, KEY_BITS=key_bits, **config.launch_kwargs())
 

@@ -26,6 +26,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attncc.util import getattr_path
+
 _INPLACE_OPERATORS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
     operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
@@ -336,11 +338,7 @@ def _is_view(node: fx.Node) -> bool:
 
 def _attr_identity(node: fx.Node) -> Hashable:
     """One root per tensor object: two ``get_attr`` nodes of the same (or a tied) tensor share it."""
-    obj: Any = node.graph.owning_module
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return str(node.target)
+    obj: Any = getattr_path(node.graph.owning_module, str(node.target))
     return id(obj) if isinstance(obj, torch.Tensor) else str(node.target)
 
 

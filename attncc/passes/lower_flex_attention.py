@@ -17,7 +17,6 @@ Anything else keeps its node with ``node.meta[UNLOWERED]`` set to the reason; th
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Any, Optional, Union
 
@@ -29,6 +28,7 @@ from attncc.passes import graph_ops as g
 from attncc.passes.dead_code import is_side_effect
 from attncc.passes.fake_eval import copy_meta, fill_val
 from attncc.passes.lower_torch_nn import UNLOWERED
+from attncc.util import cdiv
 
 PREFIX = "FlexAttention call: "
 MAX_CHECKED_MASK = 1 << 26
@@ -169,7 +169,7 @@ def _effective_mask(gm: fx.GraphModule, node: fx.Node, block_mask: tuple, n_q: i
     cols = torch.arange(n_k) // kv_block
     if num.shape[-1] <= int(rows[-1]):
         return "a block_mask made for shorter queries"
-    n_cols = math.ceil(n_k / kv_block)
+    n_cols = cdiv(n_k, kv_block)
     mod = gm.get_submodule(mask_mod.target)
     try:
         from torch.nn.attention.flex_attention import create_mask

@@ -29,6 +29,7 @@ from torch.fx.proxy import GraphAppendingTracer
 
 from attncc.passes import graph_ops as g
 from attncc.passes.fake_eval import copy_meta, fill_val
+from attncc.util import getattr_path
 
 UNLOWERED = "attncc_unlowered"
 """``node.meta`` key: why canonicalize left a recognized attention call (an MHA node) as it was."""
@@ -338,9 +339,7 @@ def _is_canonical_mask(node: Any) -> bool:
 def _get_attr(gm: fx.GraphModule, anchor: fx.Node, target: str, fake_mode) -> Union[fx.Node, None, str]:
     """A ``get_attr`` node for a tensor attribute of the module (a parameter, or what a parametrization computes);
     None where the module has None there; a reason for anything else."""
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part, None)
+    value: Any = getattr_path(gm, target)
     if value is None:
         return None
     if not isinstance(value, torch.Tensor):

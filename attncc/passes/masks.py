@@ -38,6 +38,7 @@ import torch.fx as fx
 from attncc.passes import graph_ops as g
 from attncc.passes.effects import Aliases, may_be_written, writes_confined
 from attncc.site import AttentionSite
+from attncc.util import getattr_path
 
 NEG_LARGE = -1e30
 """Additive fill values at or below this are masks (HF uses finfo(float32).min = -3.4e38)."""
@@ -541,15 +542,6 @@ def sliced_constant(gm: fx.GraphModule, node, aliases: Optional[Aliases] = None)
     if base is None:
         return None
     return _apply_bool_op(how, base, node.args[1] if len(node.args) > 1 else None)
-
-
-def getattr_path(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def _position(gm: fx.GraphModule):

@@ -17,6 +17,7 @@ from attncc.passes import graph_ops as g
 from attncc.passes.dead_code import remove_dead_code
 from attncc.passes.fake_eval import copy_meta, fill_val
 from attncc.passes.graph_copy import copy_graph_module
+from attncc.runtime.call import AttentionCall
 from attncc.runtime.ops import attention_op  # noqa: F401  (importing registers torch.ops.attncc)
 from attncc.site import AttentionSite
 
@@ -75,50 +76,56 @@ class _SiteRewriter:
 
     def apply(self) -> None:
         site = self.site
-        q, k, v = self.m(site.q), self.m(site.k), self.m(site.v)
-        if site.q_stored_transposed:
-            q = self.transpose(q)
-        if site.k_stored_transposed:
-            k = self.transpose(k)
-        if site.v_stored_transposed:
-            v = self.transpose(v)
-        for how, factor in site.q_multipliers:
-            q = self.emit("call_function", operator.mul if how == "mul" else operator.truediv, q, self.m(factor))
+        q, k, v = self.qkv()
         bias, mask = self.score_terms()
         for keep in site.keep_nodes:
             keep = self.m(keep)
             mask = keep if mask is None else self.emit("call_function", operator.and_, mask, keep)
-        kwargs = {}
-        if bias is not None:
-            kwargs["bias"] = bias
-        if mask is not None:
-            kwargs["mask"] = mask
-        kwargs["scale"] = site.scale
-        if site.causal:
-            kwargs["causal"] = True
-        if site.softcap:
-            kwargs["softcap"] = site.softcap
-        if site.dropout_p:
-            kwargs["dropout_p"] = site.dropout_p
-            kwargs["dropout_seed"] = self.emit("call_function", torch.randint, 0, 2**62, (), dtype=torch.int64)
-        if site.spec is not None and str(site.spec) != "exact":
-            kwargs["variant"] = str(site.spec)
-        if site.fallback is not None and str(site.fallback) != "exact":
-            kwargs["fallback"] = str(site.fallback)  # the model's own exact structure (a band)
-        if site.min_len:
-            kwargs["min_len"] = site.min_len
-        if isinstance(site.segment_labels, fx.Node):  # document ids the model computes from its inputs
-            kwargs["segments"] = self.m(site.segment_labels)
-            kwargs["segment_fill"] = site.segment_fill
-        elif site.segment_labels is not None:        # constant region labels (Swin)
-            kwargs["segments"] = self.constant(f"_attncc_regions_{self.position}", site.segment_labels)
-            kwargs["segment_fill"] = site.segment_fill
-        if site.sink_logits is not None:
-            kwargs["sinks"] = self.sink_vector()
-        out = self.emit("call_function", ATTENTION_OP, q, k, v, **kwargs)
+        segments = self.segment_labels()
+        call = AttentionCall(
+            q, k, v, bias=bias, mask=mask, scale=site.scale, causal=bool(site.causal), softcap=site.softcap or 0.0,
+            dropout_p=site.dropout_p or 0.0, dropout_seed=self.dropout_seed(),
+            variant=str(site.spec) if site.spec is not None else "exact",
+            fallback=str(site.fallback) if site.fallback is not None else "exact",  # the model's own exact band
+            min_len=site.min_len or 0, segments=segments,
+            segment_fill=site.segment_fill if segments is not None else 0.0,
+            sinks=self.sink_vector() if site.sink_logits is not None else None,
+        )
+        # the op's defaults are left out of the node: the graph shows what this site changes
+        args, kwargs = call.op_arguments()
+        out = self.emit("call_function", ATTENTION_OP, *args, **kwargs)
         out.meta[SITE_META] = self.position
         if site.output_transposed:
             out = self.transpose(out)
+        self.replace_output(out)
+
+    def qkv(self) -> tuple[fx.Node, fx.Node, fx.Node]:
+        """The site's q, k, v in SDPA layout ``[..., N, D]``, with the multipliers the model applied to q."""
+        site = self.site
+        q, k, v = self.m(site.q), self.m(site.k), self.m(site.v)
+        q = self.transpose(q) if site.q_stored_transposed else q
+        k = self.transpose(k) if site.k_stored_transposed else k
+        v = self.transpose(v) if site.v_stored_transposed else v
+        for how, factor in site.q_multipliers:
+            q = self.emit("call_function", operator.mul if how == "mul" else operator.truediv, q, self.m(factor))
+        return q, k, v
+
+    def dropout_seed(self) -> Optional[fx.Node]:
+        """A fresh seed per call when the site drops out (backward replays the same mask from it)."""
+        if not self.site.dropout_p:
+            return None
+        return self.emit("call_function", torch.randint, 0, 2**62, (), dtype=torch.int64)
+
+    def segment_labels(self) -> Optional[fx.Node]:
+        """The site's region or document labels as a node: computed by the model from its inputs (documents),
+        or constants stored on the module (Swin's regions)."""
+        labels = self.site.segment_labels
+        if labels is None or isinstance(labels, fx.Node):
+            return self.m(labels)
+        return self.constant(f"_attncc_regions_{self.position}", labels)
+
+    def replace_output(self, out: fx.Node) -> None:
+        """Swap the site's output for ``out`` (cast to its dtype), or undo the rewrite when the shapes differ."""
         want = g.tensor_val(self.anchor)
         have = g.tensor_val(out)
         if tuple(have.shape) != tuple(want.shape):

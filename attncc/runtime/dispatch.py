@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import replace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from attncc.errors import AttnccError
-from attncc.variants.base import ScoreMods
-from attncc.variants.exact import ExactSpec, exact_attention
-from attncc.variants.segments import segment_attention
+from attncc.runtime.call import AttentionCall
+from attncc.variants.base import ScoreMods, VariantSpec
 from attncc.variants.parse import parse_variant
+from attncc.variants.segments import segment_forward
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -62,71 +63,100 @@ def backend_for(q: Tensor) -> str:
     return "triton"
 
 
-def run_attention(
-    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], scale: float, causal: bool,
-    softcap: float, dropout_p: float, dropout_seed: Optional[Tensor], variant: str, fallback: str, min_len: int,
-    segments: Optional[Tensor] = None, segment_fill: float = 0.0, sinks: Optional[Tensor] = None,
-) -> Tensor:
-    """Run the variant ``variant`` names (``fallback`` when the key length is below ``min_len``).
+def run_attention(call: AttentionCall) -> Tensor:
+    """Run one op call: the variant ``call.variant`` names (``call.fallback`` when the key length is below
+    ``call.min_len``), on the backend ``ATTNCC_BACKEND`` selects.
 
     q ``[*batch, Nq, Dqk]``, k ``[*batch_kv, Nk, Dqk]``, v ``[*batch_kv, Nk, Dv]``; returns ``[*batch, Nq, Dv]``.
     The exact variant takes any rank; the others run in ``[B, H, N, D]`` (3-D inputs get a head dim of 1).
     ``sinks``: learned sink logits, ``[Hq]`` for 4-D q (one per query head) or ``[1]`` (shared; the only
     form for other ranks).
     """
-    spec = parse_variant(fallback if min_len and k.shape[-2] < min_len else variant)
+    q, k, v = call.q, call.k, call.v
+    spec = resolve_spec(call)
     backend = backend_for(q)
-    sinks = _sink_vector(sinks, q)
-    if segments is not None and not isinstance(spec, ExactSpec):
-        if segment_fill == float("-inf") and _one_document_per_row(segments):
-            segments = None  # one document per row: the document mask hides nothing
-        else:
-            spec = parse_variant(fallback)  # several documents in a row: the model's exact semantics
-            if not isinstance(spec, ExactSpec):  # the model's own band: add the documents as a bool mask
-                if segment_fill != float("-inf"):
-                    raise AttnccError(f"{spec.name}: region masks with a finite fill run exact only")
-                same = segments[..., :, None] == segments[..., None, :]           # [B, N, N], rare: packed rows
-                same = same[:, None] if q.dim() == 4 else same
-                mask = same if mask is None else mask & same
-                segments = None
+    mods = replace(call.score_mods(), sinks=_sink_vector(call.sinks, q))
+    spec, mods, segments = route_segments(spec, call, mods)
     if segments is not None:
-        return segment_attention(q, k, v, segments, segment_fill, bias, mask, scale, causal, softcap, dropout_p,
-                                 dropout_seed, sinks)
-    if isinstance(spec, ExactSpec) and (backend == "torch" or dropout_p > 0 or _needs_grad(q, k, v, bias, sinks)):
-        return exact_attention(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed, sinks)
-    if dropout_p > 0:
+        return segment_forward(q, k, v, segments, call.segment_fill, mods)
+    if spec.exact and (backend == "torch" or mods.dropout_p > 0 or _needs_grad(q, k, v, mods)):
+        return spec.forward(q, k, v, mods)  # any rank, dropout, autograd: the torch path
+    if mods.dropout_p > 0:
         raise AttnccError(f"{spec.name}: attention dropout is not supported (run the model in eval mode)")
-    if backend == "torch" and mask is not None and mask.dtype == torch.bool and mask.dim() >= 2 \
-            and mask.shape[-2] == 1 and bool(mask.all()):
+    return run_backend(spec, q, k, v, mods, backend)
+
+
+def resolve_spec(call: AttentionCall) -> VariantSpec:
+    """The variant this call runs: ``fallback`` while the key length is below ``min_len``, else ``variant``."""
+    short = call.min_len and call.k.shape[-2] < call.min_len
+    return parse_variant(call.fallback if short else call.variant)
+
+
+def route_segments(spec: VariantSpec, call: AttentionCall,
+                   mods: ScoreMods) -> tuple[VariantSpec, ScoreMods, Optional[Tensor]]:
+    """Where the call's region/document labels go: ``(spec, mods, segments)`` with ``segments`` None once they
+    are accounted for. Exact runs them itself (the labels come back); another variant drops documents that
+    hide nothing, else the call runs the model's own ``fallback``: exactly with the labels, or (a band) with
+    the documents as a bool mask."""
+    segments, fill = call.segments, call.segment_fill
+    if segments is None or spec.exact:
+        return spec, mods, segments
+    if fill == float("-inf") and _one_document_per_row(segments):
+        return spec, mods, None  # one document per row: the document mask hides nothing
+    spec = parse_variant(call.fallback)  # several documents in a row: the model's exact semantics
+    if spec.exact:
+        return spec, mods, segments
+    if fill != float("-inf"):
+        raise AttnccError(f"{spec.name}: region masks with a finite fill run exact only")
+    same = segments[..., :, None] == segments[..., None, :]           # [B, N, N], rare: packed rows
+    same = same[:, None] if call.q.dim() == 4 else same
+    return spec, replace(mods, mask=same if mods.mask is None else mods.mask & same), None
+
+
+def run_backend(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, backend: str) -> Tensor:
+    """``spec`` on ``backend`` (``triton`` or ``torch``) for a call without dropout: inputs brought to
+    ``[B, H, N, D]``, the kernels where they cover the call and it needs no gradient, else the torch path."""
+    if backend == "torch" and _all_visible_padding(mods.mask):
         # a padding mask with nothing padded (the usual unpadded batch): skip its per-block work on the torch
         # path (the kernels read it as one vector per key block, cheaper than a device sync to check it)
-        mask = None
-    rank = q.dim()
-    if isinstance(spec, ExactSpec) and (rank != 4 or k.dim() != 4):
-        q, k, v, bias, mask, restore = _as_heads(q, k, v, bias, mask)
-        if restore is None:
-            return exact_attention(q, k, v, bias, mask, scale, causal, softcap, 0.0, None, sinks)
-        rank = 4
-    else:
-        restore = None
-        if rank == 3:
-            q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
-            bias = bias.unsqueeze(-3) if bias is not None and bias.dim() >= 3 else bias
-            mask = mask.unsqueeze(-3) if mask is not None and mask.dim() >= 3 else mask
-        elif rank != 4:
-            raise AttnccError(f"{spec.name}: expects [B, H, N, D] or [B, N, D] inputs, got rank {rank}")
-    mods = ScoreMods(scale=scale, causal=causal, softcap=softcap, bias=bias, mask=mask,
-                     sinks=None if sinks is None else sinks.expand(q.shape[1]))
+        mods = replace(mods, mask=None)
+    heads = as_heads(spec, q, k, v, mods)
+    if heads is None:  # exact attention in a layout [B, H, N, D] cannot express: the torch path takes any rank
+        return spec.forward(q, k, v, mods)
+    q, k, v, mods, restore = heads
+    mods = mods if mods.sinks is None else replace(mods, sinks=mods.sinks.expand(q.shape[1]))
     out = None
-    if backend == "triton" and not _needs_grad(q, k, v, bias, sinks):
+    if backend == "triton" and not _needs_grad(q, k, v, mods):
         from attncc.runtime.triton_backend import triton_attention
 
         out = triton_attention(spec, q, k, v, mods)
     if out is None:
         out = spec.forward(q, k, v, mods)
-    if restore is not None:
-        return restore(out)
-    return out.squeeze(1) if rank == 3 else out
+    return restore(out)
+
+
+def as_heads(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods):
+    """The call in ``[B, H, N, D]``: ``(q, k, v, mods, restore)`` with ``restore(out)`` giving the output its
+    original shape; None for exact attention no such layout expresses. Exact attention of other ranks folds
+    its leading dims into B; 3-D inputs of other variants get a head dim of 1; other ranks are an error."""
+    if spec.exact and (q.dim() != 4 or k.dim() != 4):
+        return _exact_as_heads(q, k, v, mods)
+    if q.dim() == 4:
+        return q, k, v, mods, lambda out: out
+    if q.dim() != 3:
+        raise AttnccError(f"{spec.name}: expects [B, H, N, D] or [B, N, D] inputs, got rank {q.dim()}")
+
+    def one_head(t: Optional[Tensor]) -> Optional[Tensor]:  # bias / mask [B, N, N] -> [B, 1, N, N]
+        return t.unsqueeze(-3) if t is not None and t.dim() >= 3 else t
+
+    mods = replace(mods, bias=one_head(mods.bias), mask=one_head(mods.mask))
+    return q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), mods, lambda out: out.squeeze(1)
+
+
+def _all_visible_padding(mask: Optional[Tensor]) -> bool:
+    """True for a bool key-padding mask (one row, ``[..., 1, Nk]``) that hides nothing (one device sync)."""
+    return mask is not None and mask.dtype == torch.bool and mask.dim() >= 2 and mask.shape[-2] == 1 \
+        and bool(mask.all())
 
 
 def _sink_vector(sinks: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
@@ -147,23 +177,24 @@ def _one_document_per_row(labels: Tensor) -> bool:
     return bool((labels == labels[..., :1]).all())
 
 
-def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+def _needs_grad(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> bool:
     """True when autograd will differentiate this call (the kernels are forward-only)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mods.bias, mods.sinks))
 
 
-def _as_heads(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor]):
+def _exact_as_heads(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods):
     """Exact attention of any rank as ``[B, H, N, D]``: leading dims of q flattened into B with one head when k
-    has the same leading dims; returns the reshaped tensors and how to shape the output back (None: not
-    expressible, run the torch path)."""
+    has the same leading dims; returns ``(q, k, v, mods, restore)`` reshaped, with how to shape the output back
+    (None: not expressible, run the torch path)."""
     lead = q.shape[:-2]
     if k.shape[:-2] != lead or v.shape[:-2] != lead:
-        return q, k, v, bias, mask, None
+        return None
     n_q, n_k = q.shape[-2], k.shape[-2]
 
-    def flat(t: Optional[Tensor], rows: int) -> Optional[Tensor]:
+    def flat(t: Optional[Tensor]) -> Optional[Tensor]:
         if t is None:
             return None
+        rows = t.shape[-2] if t.dim() >= 2 else n_q
         t = t.expand(*lead, rows, n_k) if t.dim() < len(lead) + 2 or t.shape[:-2] != lead else t
         return t.reshape(-1, 1, t.shape[-2], n_k)
 
@@ -171,8 +202,7 @@ def _as_heads(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Opt
         return t.reshape(-1, 1, *t.shape[-2:])
 
     try:
-        bias4 = flat(bias, bias.shape[-2] if bias is not None and bias.dim() >= 2 else n_q)
-        mask4 = flat(mask, mask.shape[-2] if mask is not None and mask.dim() >= 2 else n_q)
+        mods = replace(mods, bias=flat(mods.bias), mask=flat(mods.mask))
     except RuntimeError:
-        return q, k, v, bias, mask, None
-    return shape(q), shape(k), shape(v), bias4, mask4, lambda out: out.reshape(*lead, n_q, out.shape[-1])
+        return None
+    return shape(q), shape(k), shape(v), mods, lambda out: out.reshape(*lead, n_q, out.shape[-1])

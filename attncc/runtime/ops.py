@@ -13,60 +13,55 @@ import torch
 from torch import Tensor
 
 from attncc.errors import AttnccError
+from attncc.runtime.call import FIELD_NAMES, AttentionCall
 from attncc.runtime.dispatch import run_attention
 from attncc.variants.exact import expand_kv_heads
 from attncc.variants.parse import parse_variant
 
 
-@torch.library.custom_op("attncc::attention", mutates_args=())
-def attention_op(
-    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-    scale: float = 1.0, causal: bool = False, softcap: float = 0.0, dropout_p: float = 0.0,
-    dropout_seed: Optional[Tensor] = None, variant: str = "exact", fallback: str = "exact", min_len: int = 0,
-    segments: Optional[Tensor] = None, segment_fill: float = 0.0, sinks: Optional[Tensor] = None,
-) -> Tensor:
+def _run_op(*args, **kwargs) -> Tensor:
     """One attention site: ``variant`` is the variant's canonical text (``"exact"``, ``"local(window=256)"``,
     semantics in ``attncc.variants``), run as ``fallback`` while the key length is below ``min_len``.
     ``segments`` (int64 ``[nW, N]``, exact only) adds ``segment_fill`` between tokens of different regions; batch
     row r of q uses row ``r % nW`` (Swin's shifted windows). ``sinks`` (float ``[Hq]``, or ``[1]`` shared) are
     learned sink logits: the softmax denominator of query head h gains ``exp(sinks[h])``, no value is added.
-    Returns ``[*batch, Nq, Dv]`` in q's dtype."""
-    out = run_attention(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed, variant, fallback,
-                        min_len, segments, segment_fill, sinks)
+    Arguments: the fields of ``AttentionCall``, in its order. Returns ``[*batch, Nq, Dv]`` in q's dtype."""
+    out = run_attention(AttentionCall(*args, **kwargs))
     # custom ops may not return a view of an input (SDPA can, for some degenerate shapes)
     return out.clone() if out._base is not None else out
 
 
+# the op's signature (hence its schema, which graphs and exported programs hold) is AttentionCall's fields
+_run_op.__signature__ = AttentionCall.op_signature()
+attention_op = torch.library.custom_op("attncc::attention", _run_op, mutates_args=())
+
+
 @attention_op.register_fake
-def _attention_fake(q, k, v, bias=None, mask=None, scale=1.0, causal=False, softcap=0.0, dropout_p=0.0,
-                    dropout_seed=None, variant="exact", fallback="exact", min_len=0, segments=None,
-                    segment_fill=0.0, sinks=None):
-    q, k, v, _ = expand_kv_heads(q, k, v)
+def _attention_fake(*args, **kwargs):
+    call = AttentionCall(*args, **kwargs)
+    q, k, v, _ = expand_kv_heads(call.q, call.k, call.v)
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed, variant, fallback, min_len, segments,
-     segment_fill, sinks) = inputs
-    ctx.save_for_backward(q, k, v, bias, sinks, mask, dropout_seed, segments)
-    ctx.options = (scale, causal, softcap, dropout_p, variant, fallback, min_len, segment_fill)
+    call = AttentionCall(*inputs)
+    ctx.save_for_backward(*call.tensors())
+    ctx.options = call.options()
 
 
 def _backward(ctx, grad_out):
-    q, k, v, bias, sinks, mask, dropout_seed, segments = ctx.saved_tensors
-    scale, causal, softcap, dropout_p, variant, fallback, min_len, segment_fill = ctx.options
-    differentiable = (q, k, v, bias, sinks)
-    # needs_input_grad covers the arguments the call passed (sinks, the last, may be absent)
-    needs = (*ctx.needs_input_grad[:4], len(ctx.needs_input_grad) > 15 and ctx.needs_input_grad[15])
-    wants = [t is not None and t.is_floating_point() and need for t, need in zip(differentiable, needs)]
+    call = AttentionCall.from_saved(ctx.saved_tensors, ctx.options)
+    # needs_input_grad covers the arguments the call passed (trailing defaults, e.g. sinks, may be absent)
+    needs = dict(zip(FIELD_NAMES, ctx.needs_input_grad))
+    wants = {name: t is not None and t.is_floating_point() and needs.get(name, False)
+             for name, t in call.differentiable().items()}
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip(differentiable, wants)]
-        out = run_attention(*leaves[:3], leaves[3], mask, scale, causal, softcap, dropout_p, dropout_seed, variant,
-                            fallback, min_len, segments, segment_fill, leaves[4])
-        targets = [t for t, w in zip(leaves, wants) if w]
-        grads = iter(torch.autograd.grad(out, targets, grad_out)) if targets else iter(())
-    result = [next(grads) if w else None for w in wants]
-    return (*result[:4], *(None,) * 11, result[4])[:len(ctx.needs_input_grad)]
+        leaves = {name: t.detach().requires_grad_(wants[name]) if t is not None else None
+                  for name, t in call.differentiable().items()}
+        out = run_attention(call.replace(**leaves))
+        targets = [name for name, want in wants.items() if want]
+        grads = torch.autograd.grad(out, [leaves[name] for name in targets], grad_out) if targets else ()
+    return AttentionCall.grads(dict(zip(targets, grads)))[:len(ctx.needs_input_grad)]
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -109,8 +104,10 @@ def attention(
     seed = None
     if dropout_p > 0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    return attention_op(q, k, v, bias, mask, scale, causal, float(softcap), float(dropout_p), seed, variant,
-                        sinks=sinks)
+    call = AttentionCall(q, k, v, bias=bias, mask=mask, scale=scale, causal=causal, softcap=float(softcap),
+                         dropout_p=float(dropout_p), dropout_seed=seed, variant=variant, sinks=sinks)
+    args, kwargs = call.op_arguments()
+    return attention_op(*args, **kwargs)
 
 
 def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor]) -> None:
@@ -121,46 +118,66 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
     the scores ``[*batch, Hq, Nq, Nk]``. Checked here so a mistake reads as the user's, not as a broadcast error
     deep inside a variant.
     """
+    _check_qkv(q, k, v)
+    _check_one_device(q=q, k=k, v=v, bias=bias, mask=mask)
+    scores = (*_batch_shape(q, k, v), q.shape[-2], k.shape[-2])
+    for name, t, kind in (("bias", bias, "floating"), ("mask", mask, "bool")):
+        if t is not None:
+            _check_score_term(name, t, kind, scores, _shapes(q, k, v))
+
+
+def _shapes(q: Tensor, k: Tensor, v: Tensor) -> str:
+    return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """q, k, v are tensors of rank >= 2 with matching Dqk and key counts and one floating dtype."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise AttnccError(f"attention: {name} must be a tensor, got {type(t).__name__}")
         if t.dim() < 2:
             raise AttnccError(f"attention: {name} must have at least 2 dims [..., N, D], got shape {tuple(t.shape)}")
-    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
-        raise AttnccError(f"attention: incompatible shapes {shapes}: q and k need the same last dim (Dqk), "
-                          f"k and v the same key count (dim -2)")
+        raise AttnccError(f"attention: incompatible shapes {_shapes(q, k, v)}: q and k need the same last dim "
+                          f"(Dqk), k and v the same key count (dim -2)")
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
         raise AttnccError(f"attention: q, k and v need one floating dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    devices = {t.device for t in (q, k, v, bias, mask) if t is not None}
-    if len(devices) > 1:
-        named = ", ".join(f"{n} {t.device}" for n, t in (("q", q), ("k", k), ("v", v), ("bias", bias), ("mask", mask))
-                          if t is not None)
+
+
+def _check_one_device(**tensors: Optional[Tensor]) -> None:
+    given = {name: t for name, t in tensors.items() if t is not None}
+    if len({t.device for t in given.values()}) > 1:
+        named = ", ".join(f"{name} {t.device}" for name, t in given.items())
         raise AttnccError(f"attention: all inputs must be on one device, got {named}")
+
+
+def _batch_shape(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
+    """The batch dims of the scores: q's, k's and v's broadcast, the heads of dim -3 grouped for GQA/MQA."""
     bq, bk, bv = q.shape[:-2], k.shape[:-2], v.shape[:-2]
     grouped = len(bq) >= 1 and len(bq) == len(bk) == len(bv) and bk[-1] != bq[-1] and bk[-1] != 1
     if grouped:  # GQA/MQA: dim -3 holds the heads; kv heads must divide the query heads
         if bk[-1] != bv[-1] or bq[-1] % bk[-1] != 0:
             raise AttnccError(f"attention: {bq[-1]} query heads and {bk[-1]} key / {bv[-1]} value heads (dim -3): "
-                              f"the query heads must be a multiple of the key/value heads, got {shapes}")
+                              f"the query heads must be a multiple of the key/value heads, got {_shapes(q, k, v)}")
         outer = (bq[:-1], bk[:-1], bv[:-1])
     else:
         outer = (bq, bk, bv)
     try:
-        batch = (*torch.broadcast_shapes(*outer), *((bq[-1],) if grouped else ()))
+        return (*torch.broadcast_shapes(*outer), *((bq[-1],) if grouped else ()))
     except RuntimeError:
-        raise AttnccError(f"attention: the batch dims of {shapes} do not broadcast (dims before [N, D])") from None
-    scores = (*batch, q.shape[-2], k.shape[-2])
-    for name, t, kind in (("bias", bias, "floating"), ("mask", mask, "bool")):
-        if t is None:
-            continue
-        if (t.dtype == torch.bool) != (kind == "bool") or not (kind == "bool" or t.is_floating_point()):
-            hint = " (an additive float mask goes in bias=)" if name == "mask" else " (a bool mask goes in mask=)"
-            raise AttnccError(f"attention: {name} must be {kind}, got {t.dtype}{hint}")
-        try:
-            fits = tuple(torch.broadcast_shapes(t.shape, scores)) == tuple(scores)
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise AttnccError(f"attention: {name} of shape {tuple(t.shape)} does not broadcast to the scores "
-                              f"{tuple(scores)} [*batch, Hq, Nq, Nk] of {shapes}")
+        raise AttnccError(f"attention: the batch dims of {_shapes(q, k, v)} do not broadcast (dims before [N, D])") \
+            from None
+
+
+def _check_score_term(name: str, t: Tensor, kind: str, scores: tuple[int, ...], shapes: str) -> None:
+    """bias (``kind`` floating) or mask (bool) has its kind and broadcasts to the scores."""
+    if (t.dtype == torch.bool) != (kind == "bool") or not (kind == "bool" or t.is_floating_point()):
+        hint = " (an additive float mask goes in bias=)" if name == "mask" else " (a bool mask goes in mask=)"
+        raise AttnccError(f"attention: {name} must be {kind}, got {t.dtype}{hint}")
+    try:
+        fits = tuple(torch.broadcast_shapes(t.shape, scores)) == tuple(scores)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise AttnccError(f"attention: {name} of shape {tuple(t.shape)} does not broadcast to the scores "
+                          f"{tuple(scores)} [*batch, Hq, Nq, Nk] of {shapes}")

@@ -43,6 +43,9 @@ class ScoreMods:
         s[~mask] = -inf                      if mask is not None    (bool, broadcastable to [B, Hq, Nq, Nk])
         s[j > i] = -inf                      if causal              (top-left aligned, SDPA's is_causal)
         p = softmax(s)                       or, with sinks: softmax(cat([s, sinks[h]], -1))[..., :-1]
+        p = dropout(p, dropout_p)            if dropout_p > 0       (seeded by dropout_seed when given)
+
+    ``attncc.variants.score_mods.apply_mods`` is this statement in torch (the steps before the softmax).
     """
 
     scale: float
@@ -55,6 +58,10 @@ class ScoreMods:
     sinks: Optional[Tensor] = None
     """Learned sink logits, float ``[Hq]`` (gpt-oss): every row of query head h gets ``exp(sinks[h])`` in its
     softmax denominator and nothing in its output (a row with no visible key then returns zeros as well)."""
+    dropout_p: float = 0.0
+    """Dropout on the probabilities; only the exact variant supports it (the others raise)."""
+    dropout_seed: Optional[Tensor] = None
+    """int64 scalar tensor seeding the dropout draw, so backward replays the same mask (None: torch's RNG)."""
 
     @staticmethod
     def default_scale(q: Tensor) -> float:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from attncc.errors import AttnccError
+from attncc.util import cdiv, rows_of
 from attncc.variants.base import (
     ScoreMods, VariantSpec, attention_cost, check_int, site_sizes, unapplied_site_features,
 )
@@ -190,7 +191,7 @@ def _radial_distances(window: int, nkb: int) -> list[int]:
     while window * 2 ** (j - 1) + 1 < nkb:
         step = 2 ** j
         lo, hi = window * 2 ** (j - 1) + 1, min(window * 2 ** j, nkb - 1)
-        out.extend(range(-(-lo // step) * step, hi + 1, step))
+        out.extend(range(cdiv(lo, step) * step, hi + 1, step))
         j += 1
     return out
 
@@ -301,13 +302,6 @@ PATTERNS: dict[str, type] = {
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _rows(t: Optional[Tensor], start: int, stop: int, nq: int) -> Optional[Tensor]:
-    """Rows [start, stop) of a tensor broadcastable to ``[..., Nq, Nk]``; a size-1 row dim stays."""
-    if t is None or t.dim() < 2 or t.shape[-2] == 1:
-        return t
-    return t[..., start:stop, :]
-
-
 def block_keep_to_elements(block_keep: Tensor, block_q: int, block_k: int, nq: int, nk: int) -> Tensor:
     """Expand a block mask ``[..., nQB, nKB]`` to the element mask ``[..., Nq, Nk]`` (for references only)."""
     e = block_keep.repeat_interleave(block_q, dim=-2).repeat_interleave(block_k, dim=-1)
@@ -329,10 +323,6 @@ def _named_blocks(pattern: NamedPattern, nqb: int, nkb: int, causal: bool, devic
 @lru_cache(maxsize=32)
 def _mask_mod_layout(pattern: MaskModPattern, nq: int, nk: int, block: int, causal: bool, device: str):
     return layout_from_keep(pattern.keep(causal), nq, nk, block, block, torch.device(device))
-
-
-def _ceil_div(a, b):
-    return -(-a // b)
 
 
 # ------------------------------------------------------------------------------------------------- spec
@@ -383,7 +373,7 @@ class BlockSparseSpec(VariantSpec):
                 layout = _mask_mod_layout(self.pattern, nq, nk, b, bool(site.causal), "cpu")
                 blocks = layout.kv_blocks
             else:
-                blocks = _named_blocks(self.pattern, _ceil_div(nq, b), _ceil_div(nk, b), bool(site.causal), "cpu")
+                blocks = _named_blocks(self.pattern, cdiv(nq, b), cdiv(nk, b), bool(site.causal), "cpu")
             rows = torch.clamp(nq - torch.arange(blocks.shape[0]) * b, max=b)
             cols = torch.clamp(nk - blocks * b, max=b).masked_fill(blocks < 0, 0).sum(dim=1)
             g = min(getattr(self.pattern, "global_rows", 0), blocks.shape[0])
@@ -409,7 +399,7 @@ class BlockSparseSpec(VariantSpec):
         if isinstance(self.pattern, MaskModPattern):
             layout = _mask_mod_layout(self.pattern, nq, nk, b, mods.causal, device)
             return block_sparse_attention(q, k, v, layout, mods, keep=self.pattern.fn)
-        nqb, nkb = _ceil_div(nq, b), _ceil_div(nk, b)
+        nqb, nkb = cdiv(nq, b), cdiv(nk, b)
         blocks = _named_blocks(self.pattern, nqb, nkb, mods.causal, device)
         out = block_sparse_attention(q, k, v, BlockLayout(b, b, nq, nk, blocks), mods)
         g = min(self.pattern.global_rows, nqb)
@@ -419,7 +409,7 @@ class BlockSparseSpec(VariantSpec):
         # long list each) so the other rows keep short lists; their rows of `out` are empty and replaced.
         rows = min(nq, g * b)
         every = _pack(torch.arange(nkb).expand(g, nkb), g, nkb, mods.causal).to(q.device)
-        head_mods = replace(mods, bias=_rows(mods.bias, 0, rows, nq), mask=_rows(mods.mask, 0, rows, nq))
+        head_mods = replace(mods, bias=rows_of(mods.bias, 0, rows), mask=rows_of(mods.mask, 0, rows))
         head = block_sparse_attention(q[..., :rows, :], k, v, BlockLayout(b, b, rows, nk, every), head_mods)
         return torch.cat([head, out[..., rows:, :]], dim=-2)
 
@@ -433,6 +423,6 @@ class BlockSparseSpec(VariantSpec):
             keep = self.pattern.fn(rows, cols)
             keep = torch.as_tensor(keep, dtype=torch.bool, device=q.device).expand(nq, nk)
         else:
-            grid = self.pattern.block_mask(_ceil_div(nq, b), _ceil_div(nk, b), mods.causal).to(q.device)
+            grid = self.pattern.block_mask(cdiv(nq, b), cdiv(nk, b), mods.causal).to(q.device)
             keep = block_keep_to_elements(grid, b, b, nq, nk)
         return masked_reference(q, k, v, mods, keep)

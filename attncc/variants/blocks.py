@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attncc.errors import AttnccError
+from attncc.util import cdiv
 from attncc.variants.base import ScoreMods, sink_rows, softmax_with_sink
+from attncc.variants.score_mods import modified_scores, visible_pairs
 
 MASKED = -1e30
 """Score of a hidden pair. Finite on purpose: a fully hidden row then stays finite through softmax and its
@@ -76,11 +78,11 @@ class BlockLayout:
 
     @property
     def n_q_blocks(self) -> int:
-        return -(-self.nq // self.block_q)
+        return cdiv(self.nq, self.block_q)
 
     @property
     def n_k_blocks(self) -> int:
-        return -(-self.nk // self.block_k)
+        return cdiv(self.nk, self.block_k)
 
     def pairs_visited(self) -> int:
         """(query, key) pairs scored per (batch, head), counting whole blocks (the executor's real work)."""
@@ -99,7 +101,7 @@ def layout_from_keep(keep: KeepFn, nq: int, nk: int, block_q: int, block_k: int,
     for name, value in (("nq", nq), ("nk", nk), ("block_q", block_q), ("block_k", block_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise AttnccError(f"layout_from_keep: {name} must be an integer >= 1, got {value!r}")
-    nqb, nkb = -(-nq // block_q), -(-nk // block_k)
+    nqb, nkb = cdiv(nq, block_q), cdiv(nk, block_k)
     kv_idx = torch.arange(nk, device=device)[None, :]
     rows_per_step = max(1, (1 << 22) // max(1, block_q * nk))
     any_parts, all_parts = [], []
@@ -161,7 +163,7 @@ def block_sparse_attention(
     if chunk_bytes is None:
         chunk_bytes = (8 << 20) if q.device.type == "cpu" else (256 << 20)
     per_block = 4 * b * hq * bq * kk * 3 + 4 * b * hkv * (g if per_head else 1) * kk * (d + dv)
-    step = max(1, min(chunk_bytes // per_block, -(-nqb // torch.get_num_threads())))
+    step = max(1, min(chunk_bytes // per_block, cdiv(nqb, torch.get_num_threads())))
 
     def chunk(c0: int) -> Tensor:
         c1 = min(nqb, c0 + step)
@@ -345,18 +347,15 @@ def dense_rows(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, rows: int) -> T
     dev = q.device
     qg = (q[:, :, :rows].float() * mods.scale).reshape(b, hkv, g * rows, d)
     s = (qg @ k.float().transpose(-1, -2)).view(b, hkv, g, rows, nk)
-    if mods.softcap > 0:
-        s = mods.softcap * torch.tanh(s / mods.softcap)
-    q_pos = torch.arange(rows, device=dev).view(1, rows)
-    k_pos = torch.arange(nk, device=dev).view(1, 1, 1, 1, nk)
-    if mods.bias is not None:
-        s = s + gather_pairs(mods.bias, q_pos, k_pos, hkv, g)[:, :, 0].float()
-    keep = None
-    if mods.mask is not None:
-        keep = gather_pairs(mods.mask, q_pos, k_pos, hkv, g)[:, :, 0]
-    if mods.causal:
-        causal = torch.arange(nk, device=dev) <= torch.arange(rows, device=dev)[:, None]
-        keep = causal if keep is None else keep & causal
+    q_pos, k_pos = torch.arange(rows, device=dev), torch.arange(nk, device=dev)
+
+    def pairs(t: Optional[Tensor]) -> Optional[Tensor]:  # bias / mask rows in the layout of s
+        return None if t is None else gather_pairs(t, q_pos.view(1, rows), k_pos.view(1, 1, 1, 1, nk), hkv, g)[:, :, 0]
+
+    # q was scaled before the product (this path always did; keeps its numbers): scale 1.0 multiplies exactly
+    row_mods = replace(mods, scale=1.0, bias=pairs(mods.bias), mask=pairs(mods.mask))
+    s = modified_scores(s, row_mods)
+    keep = visible_pairs(row_mods, q_pos, k_pos)
     p = masked_softmax(s, keep, sink_rows(mods.sinks, 1, hkv, g, 1, 1))
     return (p.view(b, hkv, g * rows, nk) @ v.float()).view(b, hq, rows, -1)
 
@@ -373,7 +372,7 @@ def masked_softmax(s: Tensor, keep: Optional[Tensor], sink: Optional[Tensor] = N
 
 def dense_layout(nq: int, nk: int, block_q: int = 64, block_k: int = 64, device=None) -> BlockLayout:
     """Every query block visits every key block, none partial: the executor then computes exact attention."""
-    nqb, nkb = -(-nq // block_q), -(-nk // block_k)
+    nqb, nkb = cdiv(nq, block_q), cdiv(nk, block_k)
     kv = torch.arange(nkb, device=device).expand(nqb, nkb).contiguous()
     return BlockLayout(block_q, block_k, nq, nk, kv, torch.zeros(nqb, nkb, dtype=torch.bool, device=device))
 

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attncc.util import rows_of
 from attncc.variants.base import ScoreMods, VariantSpec, attention_cost, site_sizes, softmax_with_sink
+from attncc.variants.score_mods import apply_mods, visible_pairs
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,7 @@ class ExactSpec(VariantSpec):
         return attention_cost(site, pairs)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
-        return exact_attention(q, k, v, mods.bias, mods.mask, mods.scale, mods.causal, mods.softcap,
-                               sinks=mods.sinks)
+        return exact_forward(q, k, v, mods)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         return reference(q, k, v, bias=mods.bias, mask=mods.mask, scale=mods.scale, causal=mods.causal,
@@ -101,11 +102,6 @@ def per_head(sinks: Optional[Tensor], trailing: int) -> Optional[Tensor]:
     return sinks.float().reshape(-1, *(1,) * trailing)
 
 
-def causal_keep_mask(nq: int, nk: int, device) -> Tensor:
-    """``[Nq, Nk]`` bool, True where key j <= query i (top-left aligned)."""
-    return torch.ones(nq, nk, dtype=torch.bool, device=device).tril()
-
-
 def reference(
     q: Tensor, k: Tensor, v: Tensor, *, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
     scale: Optional[float] = None, causal: bool = False, softcap: float = 0.0, sinks: Optional[Tensor] = None,
@@ -116,15 +112,8 @@ def reference(
     q, k, v, gqa = expand_kv_heads(q, k, v)
     if gqa:
         k, v = _repeat_gqa(q, k), _repeat_gqa(q, v)
-    s = (q.float() @ k.float().transpose(-2, -1)) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    if bias is not None:
-        s = s + bias.float()
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    if causal:
-        s = s.masked_fill(~causal_keep_mask(s.shape[-2], s.shape[-1], s.device), float("-inf"))
+    mods = ScoreMods(scale=scale, causal=causal, softcap=softcap, bias=bias, mask=mask)
+    s = apply_mods(q.float() @ k.float().transpose(-2, -1), mods)
     if sinks is not None:
         column = per_head(sinks, 2).expand(*s.shape[:-1], 1)
         return (torch.softmax(torch.cat([s, column], dim=-1), dim=-1)[..., :-1] @ v.float()).to(q.dtype)
@@ -143,17 +132,7 @@ def masked_reference(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, keep: Opt
     if gqa:
         g = qe.shape[-3] // ke.shape[-3]
         ke, ve = ke.repeat_interleave(g, dim=-3), ve.repeat_interleave(g, dim=-3)
-    s = (qe.float() @ ke.float().transpose(-2, -1)) * mods.scale
-    if mods.softcap > 0:
-        s = mods.softcap * torch.tanh(s / mods.softcap)
-    if mods.bias is not None:
-        s = s + mods.bias.float()
-    if mods.mask is not None:
-        s = s.masked_fill(~mods.mask, float("-inf"))
-    if mods.causal:
-        nq, nk = s.shape[-2:]
-        future = torch.arange(nk, device=s.device)[None, :] > torch.arange(nq, device=s.device)[:, None]
-        s = s.masked_fill(future, float("-inf"))
+    s = apply_mods(qe.float() @ ke.float().transpose(-2, -1), mods)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     m = s.amax(dim=-1, keepdim=True).detach()
@@ -195,18 +174,13 @@ def explicit_attention(
     if dropout_p > 0 and dropout_seed is not None:
         keep_all = _dropout_keep((*q.shape[:-2], nq, nk), dropout_p, dropout_seed, q.device)
     outs = []
+    k_pos = torch.arange(nk, device=q.device)
     for start in range(0, nq, query_chunk):
         stop = min(nq, start + query_chunk)
-        s = (q[..., start:stop, :].float() @ k.float().transpose(-2, -1)) * scale  # [*, Bq, Nk]
-        if softcap > 0:
-            s = softcap * torch.tanh(s / softcap)
-        if bias is not None:
-            s = s + _rows(bias, start, stop, nq).float()
-        if mask is not None:
-            s = s.masked_fill(~_rows(mask, start, stop, nq), float("-inf"))
-        if causal:
-            rows = torch.arange(start, stop, device=q.device)[:, None]
-            s = s.masked_fill(torch.arange(nk, device=q.device)[None, :] > rows, float("-inf"))
+        row_mods = ScoreMods(scale=scale, causal=causal, softcap=softcap, bias=rows_of(bias, start, stop),
+                             mask=rows_of(mask, start, stop))
+        s = apply_mods(q[..., start:stop, :].float() @ k.float().transpose(-2, -1), row_mods,
+                       torch.arange(start, stop, device=q.device), k_pos)  # [*, Bq, Nk]
         p = softmax_with_sink(s, sink)
         if keep_all is not None:
             p = p * keep_all[..., start:stop, :] / (1.0 - dropout_p)
@@ -216,23 +190,22 @@ def explicit_attention(
     return torch.cat(outs, dim=-2).to(q.dtype)
 
 
-def _rows(t: Tensor, start: int, stop: int, nq: int) -> Tensor:
-    """Rows [start, stop) of a tensor broadcastable to [..., Nq, Nk] (a size-1 row dim stays as is)."""
-    return t if t.dim() < 2 or t.shape[-2] == 1 else t[..., start:stop, :]
-
-
 def combined_sdpa_mask(q: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], causal: bool, nk: int):
     """Fold bias, bool mask and causality into SDPA's single ``attn_mask`` (None when none applies)."""
     if bias is None and mask is None:
         return None
-    keep = mask
-    if causal:
-        c = causal_keep_mask(q.shape[-2], nk, q.device)
-        keep = c if keep is None else keep & c
+    keep = visible_pairs(ScoreMods(scale=1.0, causal=causal, mask=mask), torch.arange(q.shape[-2], device=q.device),
+                         torch.arange(nk, device=q.device))
     if bias is None:
         return keep
     b = bias.to(q.dtype)
     return b if keep is None else b.masked_fill(~keep, float("-inf"))
+
+
+def exact_forward(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
+    """``exact_attention`` under ``mods`` (dropout included): the exact variant's torch path."""
+    return exact_attention(q, k, v, mods.bias, mods.mask, mods.scale, mods.causal, mods.softcap, mods.dropout_p,
+                           mods.dropout_seed, mods.sinks)
 
 
 def exact_attention(

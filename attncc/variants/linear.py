@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attncc.errors import AttnccError
+from attncc.util import cdiv
 from attncc.variants.base import ScoreMods, VariantSpec, attention_cost, check_int, site_sizes
 
 FEATURE_MAPS = ("elu", "relu", "taylor")
@@ -260,7 +261,7 @@ def _key_keep(spec: LinearSpec, mask: Optional[Tensor], bsz: int, nk: int) -> Op
 def _query_blocks(q5: Tensor, c: int) -> Tensor:
     """``[B, Hkv, g, N, F]`` -> ``[B, Hkv, nC, g*c, F]`` (zero rows pad N to ``nC * c``)."""
     bsz, hkv, g, n, f = q5.shape
-    nc = -(-n // c)
+    nc = cdiv(n, c)
     x = (F.pad(q5, (0, 0, 0, nc * c - n)) if nc * c > n else q5).reshape(bsz, hkv, g, nc, c, f)
     return x.transpose(2, 3).reshape(bsz, hkv, nc, g * c, f)
 

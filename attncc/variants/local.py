@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attncc.errors import AttnccError
+from attncc.util import cdiv
 from attncc.variants.base import (
     ScoreMods, VariantSpec, attention_cost, check_int, check_self_attention, site_sizes, sink_rows,
     softmax_with_sink, unapplied_site_features,
@@ -207,7 +208,7 @@ def local_attention(
     left, right = min(left, n - 1), (0 if mods.causal else min(right, n - 1))
     prefix = min(prefix, n)
     bq = block or _block_size(left, right, n)
-    nqb = -(-n // bq)
+    nqb = cdiv(n, bq)
     npad = nqb * bq
     width = bq + left + right
     dev = q.device

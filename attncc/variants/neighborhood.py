@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from attncc.errors import AttnccError
+from attncc.util import cdiv
 from attncc.variants.base import (
     ScoreMods, VariantSpec, attention_cost, check_int, check_self_attention, site_sizes, sink_rows,
     softmax_with_sink, unapplied_site_features,
@@ -339,7 +340,7 @@ def neighborhood_attention(
 
     per_tile_row = math.prod(n_tiles[1:]) * b * hq * tile_q * (tile_k + globals_)
     # Chunks of tile rows small enough for the cache, and at least one per worker thread where possible.
-    step = max(1, min(CHUNK_FLOATS // per_tile_row, -(-n_tiles[0] // torch.get_num_threads())))
+    step = max(1, min(CHUNK_FLOATS // per_tile_row, cdiv(n_tiles[0], torch.get_num_threads())))
 
     def tile_chunk(task) -> Tensor:
         """Tile rows [c0, c1) of the first axis -> outputs [B, Hkv, tiles, g, T, Dv]."""
@@ -441,7 +442,7 @@ def _unslice_axis(out: Tensor, ax: _AxisTiles, length: int, dim: int) -> Tensor:
     t = ax.tile
     if ax.step == 1:
         return out.narrow(dim, 0, length)
-    longest = -(-length // ax.step)
+    longest = cdiv(length, ax.step)
     parts = []
     for first_tile, sub_len in ax.residues:
         part = out.narrow(dim, first_tile * t, sub_len)

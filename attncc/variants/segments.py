@@ -12,6 +12,7 @@ into -inf).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from attncc.variants.base import ScoreMods
 from attncc.variants.blocks import block_sparse_attention, layout_from_keep
-from attncc.variants.exact import exact_attention
+from attncc.variants.exact import exact_forward
 
 
 def region_bias(labels: Tensor, fill: float, dtype: torch.dtype) -> Tensor:
@@ -33,39 +34,44 @@ def segment_attention(
     scale: float, causal: bool, softcap: float, dropout_p: float, dropout_seed: Optional[Tensor],
     sinks: Optional[Tensor] = None,
 ) -> Tensor:
+    """``segment_forward`` with the score modifications spelled out as arguments."""
+    mods = ScoreMods(scale=scale, causal=causal, softcap=softcap, bias=bias, mask=mask, sinks=sinks,
+                     dropout_p=dropout_p, dropout_seed=dropout_seed)
+    return segment_forward(q, k, v, segments, fill, mods)
+
+
+def segment_forward(q: Tensor, k: Tensor, v: Tensor, segments: Tensor, fill: float, mods: ScoreMods) -> Tensor:
     """Exact attention with a region mask.
 
     q ``[R, H, N, D]`` (R = batch x windows), k/v likewise; ``segments`` int64 ``[nW, N]`` (row r of q uses
-    ``segments[r % nW]``); ``bias`` and ``mask`` broadcast to ``[R, H, N, N]`` (or to ``[1, H, N, N]``);
-    learned sink logits ``sinks`` ``[H]``. Returns ``[R, H, N, Dv]``.
+    ``segments[r % nW]``); ``mods.bias`` and ``mods.mask`` broadcast to ``[R, H, N, N]`` (or to
+    ``[1, H, N, N]``); learned sink logits ``mods.sinks`` ``[H]``. Returns ``[R, H, N, Dv]``.
     """
     rows = q.shape[0]
     windows = segments.shape[0]
     labels = segments.to(q.device).repeat(rows // windows, 1) if rows != windows else segments.to(q.device)
     mixed = (labels != labels[:, :1]).any(dim=1)                      # [R]: windows holding several regions
     if not bool(mixed.any()):
-        return exact_attention(q, k, v, bias, mask, scale, causal, softcap, dropout_p, dropout_seed, sinks)
+        return exact_forward(q, k, v, mods)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     for rows_of, with_regions in ((~mixed).nonzero().flatten(), False), (mixed.nonzero().flatten(), True):
         if rows_of.numel() == 0:
             continue
-        if with_regions and fill == float("-inf") and q.dim() == 4 and dropout_p == 0:
+        if with_regions and fill == float("-inf") and q.dim() == 4 and mods.dropout_p == 0:
             for r in rows_of.tolist():  # documents: visit only the key blocks of the query's own document
-                out[r:r + 1] = _documents(q[r:r + 1], _rows(k, torch.tensor([r]), rows), _rows(v, torch.tensor([r]), rows),
-                                          labels[r], _rows(bias, torch.tensor([r]), rows),
-                                          _rows(mask, torch.tensor([r]), rows), scale, causal, softcap, sinks)
+                index = torch.tensor([r])
+                out[r:r + 1] = _documents(q[r:r + 1], _rows(k, index, rows), _rows(v, index, rows), labels[r],
+                                          _batch_rows(mods, index, rows))
             continue
-        sel_bias = _rows(bias, rows_of, rows)
+        row_mods = _batch_rows(mods, rows_of, rows)
         if with_regions:
             regions = region_bias(labels[rows_of], fill, q.dtype if q.is_floating_point() else torch.float32)
-            sel_bias = regions if sel_bias is None else sel_bias + regions
-        out[rows_of] = exact_attention(q[rows_of], _rows(k, rows_of, rows), _rows(v, rows_of, rows), sel_bias,
-                                       _rows(mask, rows_of, rows), scale, causal, softcap, dropout_p, dropout_seed,
-                                       sinks)
+            row_mods = replace(row_mods, bias=regions if row_mods.bias is None else row_mods.bias + regions)
+        out[rows_of] = exact_forward(q[rows_of], _rows(k, rows_of, rows), _rows(v, rows_of, rows), row_mods)
     return out
 
 
-def _documents(q, k, v, labels, bias, mask, scale, causal, softcap, sinks=None) -> Tensor:
+def _documents(q: Tensor, k: Tensor, v: Tensor, labels: Tensor, mods: ScoreMods) -> Tensor:
     """One batch row whose tokens belong to several documents (``-inf`` between documents): block-sparse
     over the blocks where some query and key share a document, which is exact and skips the others."""
     def same_document(q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -74,8 +80,12 @@ def _documents(q, k, v, labels, bias, mask, scale, causal, softcap, sinks=None) 
     n = q.shape[-2]
     block = 64 if n >= 256 else 16
     layout = layout_from_keep(same_document, n, k.shape[-2], block, block, q.device)
-    mods = ScoreMods(scale=scale, causal=causal, softcap=softcap, bias=bias, mask=mask, sinks=sinks)
     return block_sparse_attention(q, k, v, layout, mods, same_document)
+
+
+def _batch_rows(mods: ScoreMods, index: Tensor, rows: int) -> ScoreMods:
+    """``mods`` with bias and mask cut to batch rows ``index``."""
+    return replace(mods, bias=_rows(mods.bias, index, rows), mask=_rows(mods.mask, index, rows))
 
 
 def _rows(t: Optional[Tensor], index: Tensor, rows: int) -> Optional[Tensor]:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from attncc.errors import AttnccError
+from attncc.util import cdiv
 from attncc.variants.base import (
     ScoreMods, VariantSpec, attention_cost, check_int, site_sizes, unapplied_site_features,
 )
@@ -39,14 +40,10 @@ from attncc.variants.exact import masked_reference
 from attncc.variants.blocks import BlockLayout, block_sparse_attention
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _pool(x: Tensor, block: int) -> Tensor:
     """Mean over blocks of the sequence dim: ``[..., N, D]`` -> float32 ``[..., ceil(N / block), D]``."""
     n = x.shape[-2]
-    nb, whole = _ceil_div(n, block), n // block
+    nb, whole = cdiv(n, block), n // block
     # Sum whole blocks in place and the ragged tail apart: padding would copy all of x.
     parts = [x[..., : whole * block, :].unflatten(-2, (whole, block)).sum(dim=-2, dtype=torch.float32)]
     if whole < nb:
@@ -61,10 +58,10 @@ def _block_any(mask: Tensor, block: int, nq: int, nk: int) -> Tensor:
     ``[b, h, nQB or 1, nKB or 1]`` (broadcast dims stay size 1)."""
     m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     if m.shape[-1] != 1:
-        m = torch.nn.functional.pad(m, (0, _ceil_div(nk, block) * block - nk)).unflatten(-1, (-1, block)).any(-1)
+        m = torch.nn.functional.pad(m, (0, cdiv(nk, block) * block - nk)).unflatten(-1, (-1, block)).any(-1)
     if m.shape[-2] != 1:
         m = m.transpose(-2, -1)
-        m = torch.nn.functional.pad(m, (0, _ceil_div(nq, block) * block - nq)).unflatten(-1, (-1, block)).any(-1)
+        m = torch.nn.functional.pad(m, (0, cdiv(nq, block) * block - nq)).unflatten(-1, (-1, block)).any(-1)
         m = m.transpose(-2, -1)
     return m
 
@@ -145,10 +142,10 @@ class TopKSpec(VariantSpec):
         b = self.block
         if isinstance(site.q_len, int) and isinstance(site.kv_len, int):
             nq, nk = site.q_len, site.kv_len
-            nkb = _ceil_div(nk, b)
+            nkb = cdiv(nk, b)
             kept = max(self.blocks_kept(nkb), min(nkb, self.local + self.sinks))
             total = 0
-            for qb in range(_ceil_div(nq, b)):
+            for qb in range(cdiv(nq, b)):
                 rows = min(b, nq - qb * b)
                 visible = min(nk, (qb + 1) * b) if site.causal else nk
                 total += rows * min(visible, kept * b)
@@ -184,7 +181,7 @@ class TopKSpec(VariantSpec):
         b = self.block
         batch, hq, nq, d = q.shape
         hkv, nk = k.shape[-3], k.shape[-2]
-        nqb, nkb = _ceil_div(nq, b), _ceil_div(nk, b)
+        nqb, nkb = cdiv(nq, b), cdiv(nk, b)
         pq, pk = _pool(q, b), _pool(k, b)  # [B, Hq, nQB, D], [B, Hkv, nKB, D]
         # Query head h reads kv head h // g: group the g query heads' rows under their kv head.
         pq = pq.reshape(batch, hkv, (hq // hkv) * nqb, d)
@@ -237,7 +234,7 @@ class TopKSpec(VariantSpec):
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         """Float32 oracle: the same selection as a dense ``[B, Hq, Nq, Nk]`` mask over exact attention."""
         blocks = self.select(q, k, mods)
-        keep = block_keep_to_elements(blocks_to_keep(blocks, _ceil_div(k.shape[-2], self.block)),
+        keep = block_keep_to_elements(blocks_to_keep(blocks, cdiv(k.shape[-2], self.block)),
                                       self.block, self.block, q.shape[-2], k.shape[-2])
         return masked_reference(q, k, v, mods, keep)
 
