@@ -89,6 +89,10 @@ def sink_rows(sinks: Optional[Tensor], *shape: int) -> Optional[Tensor]:
     raise AttnccError(f"sinks of shape {tuple(sinks.shape)} are not one logit per query head ({math.prod(shape)})")
 
 
+EXAMPLE_TOKENS = 19
+"""The sequence length ``VariantSpec.examples`` are made for (odd, so that blocks and tiles end ragged)."""
+
+
 class VariantSpec:
     """Base class of variant specs (subclasses are frozen dataclasses)."""
 
@@ -100,9 +104,15 @@ class VariantSpec:
 
     @classmethod
     def examples(cls) -> tuple["VariantSpec", ...]:
-        """A few specs of this family that run on small self-attention inputs (the contract tests use them;
-        ``tests/variants/test_contract.py``)."""
+        """A few specs of this family that run on self-attention over ``EXAMPLE_TOKENS`` tokens (the contract
+        tests, ``tests/variants/test_contract.py``, run every registered family's examples)."""
         return ()
+
+    @classmethod
+    def exact_limit(cls, n: int) -> Optional["VariantSpec"]:
+        """A spec of this family that is exact softmax attention on ``n``-token self-attention (its degenerate
+        limit: a window over every key, every block kept), or None where the family has none."""
+        return None
 
     def supports(self, site) -> tuple[bool, str]:
         raise NotImplementedError

@@ -359,6 +359,10 @@ class BlockSparseSpec(VariantSpec):
         return (cls(pattern=BigBirdPattern(window=1, globals=1, random=1), block=4),
                 cls(pattern=RadialPattern(window=1), block=2), cls(pattern=PowerPattern(window=1, sinks=1), block=4))
 
+    @classmethod
+    def exact_limit(cls, n: int) -> VariantSpec:
+        return cls(pattern=RadialPattern(window=n), block=4)  # every block within n blocks: all of them
+
     def __post_init__(self):
         if not isinstance(self.pattern, Pattern):
             raise self.invalid(

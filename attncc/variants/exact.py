@@ -44,6 +44,10 @@ class ExactSpec(VariantSpec):
     def examples(cls) -> tuple[VariantSpec, ...]:
         return (cls(),)
 
+    @classmethod
+    def exact_limit(cls, n: int) -> VariantSpec:
+        return cls()
+
     def supports(self, site) -> tuple[bool, str]:
         """Every detected site can run exactly."""
         return True, "exact softmax attention"

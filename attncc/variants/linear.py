@@ -118,6 +118,10 @@ class LinearSpec(VariantSpec):
     def examples(cls) -> tuple[VariantSpec, ...]:
         return cls(), cls(feature_map="taylor", chunk=4), cls(feature_map="relu", window=3, chunk=4)
 
+    @classmethod
+    def exact_limit(cls, n: int) -> VariantSpec:
+        return cls(window=n, chunk=4)  # every key inside the softmax window
+
     feature_map: str = "elu"
     window: int = 0
     chunk: int = 64

@@ -67,6 +67,10 @@ class LocalSpec(VariantSpec):
     def examples(cls) -> tuple[VariantSpec, ...]:
         return cls(window=3), cls(left=2, right=1, sinks=2), cls(window=2, globals=2)
 
+    @classmethod
+    def exact_limit(cls, n: int) -> VariantSpec:
+        return cls(window=n)
+
     def __post_init__(self):
         if self.window is not None:
             check_int(self, "window", self.window)

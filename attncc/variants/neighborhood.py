@@ -67,8 +67,14 @@ class NeighborhoodSpec(VariantSpec):
 
     @classmethod
     def examples(cls) -> tuple[VariantSpec, ...]:
-        return (cls(kernel=3, grid=(4, 4)), cls(kernel=(3, 3), dilation=(1, 2), grid=(3, 6), globals=1),
-                cls(kernel=3, stride=3, grid=(3, 3, 3)))
+        # EXAMPLE_TOKENS = 19 tokens: global tokens + grid
+        return (cls(kernel=3, grid=(4, 4), globals=3), cls(kernel=(3, 3), dilation=(1, 2), grid=(3, 6), globals=1),
+                cls(kernel=(1, 3, 3), stride=(1, 3, 2), grid=(2, 3, 3), globals=1))
+
+    @classmethod
+    def exact_limit(cls, n: int) -> VariantSpec:
+        # a window over the whole 2 x 2 grid, and every other token global: each token sees all n
+        return cls(kernel=2, grid=(2, 2), globals=n - 4)
 
     def __post_init__(self):
         for field_name in ("kernel", "dilation", "stride", "grid"):

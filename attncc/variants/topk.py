@@ -101,6 +101,10 @@ class TopKSpec(VariantSpec):
     def examples(cls) -> tuple[VariantSpec, ...]:
         return cls(block=4, density=0.5), cls(block=2, k=2, sinks=0, local=1), cls(block=4, threshold=0.8)
 
+    @classmethod
+    def exact_limit(cls, n: int) -> VariantSpec:
+        return cls(block=4, density=1.0)
+
     def __post_init__(self):
         check_int(self, "block", self.block, minimum=1)
         given = [n for n in ("density", "k", "threshold") if getattr(self, n) is not None]
