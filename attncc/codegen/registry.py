@@ -45,7 +45,6 @@ def covers_every_call(spec, q: Tensor, k: Tensor, v: Tensor, mods) -> str:
 
 
 _KERNELS: dict[str, Kernel] = {}
-_discovered = False
 
 
 def kernel_for(variant: str, covers: Covers = covers_every_call) -> Callable[[KernelRun], KernelRun]:
@@ -74,13 +73,7 @@ def kernel(variant: str) -> Optional[Kernel]:
 
 def discover() -> None:
     """Import every module of the ``attncc.codegen`` package once, so each family's decorator has run."""
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    import attncc.codegen as package
-
-    import_modules_of(package)
+    import_modules_of("attncc.codegen")
 
 
 __all__ = ["Kernel", "covers_every_call", "discover", "kernel", "kernel_for", "unregister_kernel"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from contextlib import contextmanager
-from types import ModuleType
+from functools import lru_cache
 from typing import Iterator, Optional
 
 from attncc.errors import AttnccError
@@ -27,8 +27,6 @@ from attncc.variants.base import VariantSpec
 
 _FAMILIES: dict[str, type[VariantSpec]] = {}
 """Registered families by name, in registration order (``variant_classes`` sorts them by ``listed``)."""
-
-_discovered = False
 
 
 def register_variant(cls: type[VariantSpec]) -> type[VariantSpec]:
@@ -81,19 +79,16 @@ def variant_class(name: str) -> Optional[type[VariantSpec]]:
 
 def discover() -> None:
     """Import every module of the ``attncc.variants`` package once, so each family's decorator has run."""
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    import attncc.variants as package
-
-    import_modules_of(package)
+    import_modules_of("attncc.variants")
 
 
-def import_modules_of(package: ModuleType) -> None:
-    """Import every module of ``package`` (what a registry's discovery does: decorators run on import)."""
-    for module in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{module.name}")
+@lru_cache(maxsize=None)
+def import_modules_of(package: str) -> None:
+    """Import every module of the package named ``package``, once per process (what a registry's discovery
+    does: the registering decorators run on import)."""
+    path = importlib.import_module(package).__path__
+    for module in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{module.name}")
 
 
 def _forget_parsed_texts() -> None:

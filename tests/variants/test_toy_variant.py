@@ -6,14 +6,15 @@ kernel). Unregistered, it is gone again.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
 import sympy
 import torch
 from torch import Tensor
-from transformers import AutoConfig, AutoModel
 
 import attncc
 import test_contract as contract
@@ -24,6 +25,9 @@ from attncc.variants.base import (
 )
 from attncc.variants.exact import masked_reference
 from attncc.variants.parse import UnknownName, parse_variant
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "models"))  # the suite's tiny transformers models
+from test_variants_on_models import hf_model  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -99,17 +103,9 @@ def test_strided_meets_the_contract(strided, check):
     contract.test_degenerate_limit_is_exact(strided)
 
 
-def llama():
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
-    cfg._attn_implementation = "sdpa"
-    return AutoModel.from_config(cfg).eval()
-
-
 def test_strided_runs_end_to_end_on_llama(strided):
     torch._dynamo.reset()
-    model = llama()
+    model = hf_model("llama", num_key_value_heads=2)
     n, step = 24, 2
     ids = torch.randint(0, 100, (2, n), generator=torch.Generator().manual_seed(1))
     padding = torch.ones(2, n, dtype=torch.long)
