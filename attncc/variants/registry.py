@@ -36,8 +36,9 @@ def register_variant(cls: type[VariantSpec]) -> type[VariantSpec]:
     if not (isinstance(cls, type) and issubclass(cls, VariantSpec)) or not cls.name:
         raise AttnccError(f"register_variant: {cls!r} is not a VariantSpec subclass with a name")
     taken = _FAMILIES.get(cls.name)
-    if taken is not None and taken.__qualname__ != cls.__qualname__:
-        raise AttnccError(f"register_variant: the name {cls.name!r} is taken by {taken.__module__}.{taken.__qualname__}")
+    if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise AttnccError(
+            f"register_variant: the name {cls.name!r} is taken by {taken.__module__}.{taken.__qualname__}")
     _FAMILIES[cls.name] = cls
     _forget_parsed_texts()
     return cls
@@ -57,6 +58,9 @@ def registered_variant(cls: type[VariantSpec]) -> Iterator[type[VariantSpec]]:
             attncc.compile(model, "strided(step=2)", inputs)
     """
     discover()  # the built-in families first, so that leaving the block cannot drop one of them
+    if cls.name in _FAMILIES:
+        raise AttnccError(
+            f"registered_variant: {cls.name!r} is registered already (by {_FAMILIES[cls.name].__module__})")
     register_variant(cls)
     try:
         yield cls
@@ -98,5 +102,5 @@ def _forget_parsed_texts() -> None:
     parse_variant.cache_clear()
 
 
-__all__ = ["discover", "import_modules_of", "register_variant", "registered_variant", "unregister_variant", "variant_class",
-           "variant_classes"]
+__all__ = ["discover", "import_modules_of", "register_variant", "registered_variant", "unregister_variant",
+           "variant_class", "variant_classes"]

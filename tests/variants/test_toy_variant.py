@@ -124,3 +124,13 @@ def test_strided_runs_end_to_end_on_llama(strided):
     real = padding.bool()
     torch.testing.assert_close(have[real], want[real], rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_a_taken_name_is_refused():
+    class Impostor(StridedSpec):
+        name: ClassVar[str] = "local"
+
+    with pytest.raises(AttnccError, match="'local' is registered already"):
+        with registered_variant(Impostor):
+            pass
+    assert variant_classes()["local"].__module__ == "attncc.variants.local"
