@@ -14,9 +14,11 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from attncc.codegen.registry import kernel_for
+from attncc.codegen.visits import block_fits_tiles
 from attncc.util import cdiv
 from attncc.variants.base import ScoreMods
-from attncc.variants.block_sparse import BlockSparseSpec, MaskModPattern, _mask_mod_layout, _named_blocks, _pack
+from attncc.variants.block_sparse import BlockSparseSpec, MaskModPattern, mask_mod_layout, named_blocks, pack_blocks
 from attncc.variants.blocks import BlockLayout
 
 TILE_PREDICATE = "\n".join([
@@ -36,10 +38,10 @@ def named_layout(spec: BlockSparseSpec, nq: int, nk: int, causal: bool, device: 
 def _named_layout(spec: BlockSparseSpec, nq: int, nk: int, causal: bool, device: str) -> BlockLayout:
     b = spec.block
     nqb, nkb = cdiv(nq, b), cdiv(nk, b)
-    blocks = _named_blocks(spec.pattern, nqb, nkb, causal, "cpu")
+    blocks = named_blocks(spec.pattern, nqb, nkb, causal, "cpu")
     g = min(spec.pattern.global_rows, nqb)
     if g:
-        every = _pack(torch.arange(nkb).expand(g, nkb), g, nkb, causal)
+        every = pack_blocks(torch.arange(nkb).expand(g, nkb), g, nkb, causal)
         width = max(blocks.shape[1], every.shape[1])
         blocks = torch.cat([torch.nn.functional.pad(every, (0, width - every.shape[1]), value=-1),
                             torch.nn.functional.pad(blocks[g:], (0, width - blocks.shape[1]), value=-1)])
@@ -57,7 +59,7 @@ def mask_mod_tiles(spec: BlockSparseSpec, nq: int, nk: int, causal: bool, device
     """
     pattern: MaskModPattern = spec.pattern
     b = spec.block
-    layout = _mask_mod_layout(pattern, nq, nk, b, causal, device)
+    layout = mask_mod_layout(pattern, nq, nk, b, causal, device)
     partial = layout.partial if layout.partial is not None else layout.kv_blocks >= 0
     rows, slots = partial.nonzero(as_tuple=True)
     tile_index = torch.full(partial.shape, -1, dtype=torch.int32, device=device)
@@ -72,6 +74,7 @@ def mask_mod_tiles(spec: BlockSparseSpec, nq: int, nk: int, causal: bool, device
     return layout, tiles, tile_index
 
 
+@kernel_for("block_sparse", covers=block_fits_tiles)
 def block_sparse_attention(spec: BlockSparseSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
     """Block-sparse attention of ``spec`` on the Triton kernels. q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``,
     v ``[B, Hkv, Nk, Dv]`` -> ``[B, Hq, Nq, Dv]``."""

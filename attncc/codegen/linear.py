@@ -48,12 +48,13 @@ import torch
 from torch import Tensor
 
 from attncc.codegen.autotune import Config, choose, length_bucket
+from attncc.codegen.registry import kernel_for
 from attncc.codegen.source import interpreting, launch, load_kernel, process_memo
 from attncc.codegen.writer import SourceWriter, next_power_of_2, torch_to_triton_dtype
 from attncc.errors import AttnccError
 from attncc.util import LOG2E, all_of, cdiv
 from attncc.variants.base import ScoreMods
-from attncc.variants.linear import EPS, LinearSpec, _key_keep, check_inputs
+from attncc.variants.linear import EPS, LinearSpec, check_inputs, key_keep
 
 
 QUAD_BLOCK = 64
@@ -129,6 +130,7 @@ class _Plan:
 # -- the entry point -------------------------------------------------------------------------------------------
 
 
+@kernel_for("linear")
 def linear_attention(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
     """Linear attention of ``spec`` on Triton kernels: q ``[B, Hq, Nq, D]``, k ``[B or 1, Hkv, Nk, D]``,
     v ``[B or 1, Hkv, Nk, Dv]`` (GQA by head mapping, no copies) -> ``[B, Hq, Nq, Dv]`` in q's dtype; the same
@@ -137,7 +139,7 @@ def linear_attention(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor, mods: Sc
     bsz, hq, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[3]
     k, v = k.expand(bsz, *k.shape[1:]), v.expand(bsz, *v.shape[1:])  # batch-1 k/v: stride 0, no copy
-    keep = _key_keep(spec, mods.mask, bsz, nk)
+    keep = key_keep(spec, mods.mask, bsz, nk)
     if nq == 0 or nk == 0:
         return q.new_zeros(bsz, hq, nq, dv)  # no query, or no key to see: the empty-row convention
     dtype = torch_to_triton_dtype(q.dtype)

@@ -49,6 +49,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from attncc.codegen.registry import kernel_for
 from attncc.codegen.visits import LayoutVisit, Predicate, TokenMap
 from attncc.errors import AttnccError
 from attncc.util import cdiv
@@ -247,38 +248,33 @@ class NeighborhoodTiling:
         tile_c = self._split(out, tile_index, [ax.count for ax in axes], name("tr"))
         off_c = self._split(out, name("off"), [ax.tile for ax in axes], name("or"))
         checks = [f"({name('tile')} < {n_tiles})"] if gp + n_tiles * block < n_visit else []
-        token_terms = []
-        for a, ax in enumerate(axes):
-            # position x' inside the dilation sub-sequence, then on the axis (x = residue + d * x')
-            sub_tile = tile_c[a] if ax.dilation == 1 else f"({tile_c[a]} % {ax.per_sub})"
-            terms = [f"{sub_tile} * {ax.tile}" if ax.per_sub > 1 else "", off_c[a] if ax.tile > 1 else ""]
-            sub_pos = " + ".join(t for t in terms if t) or "0"
-            if ax.copies > 1:
-                sub_pos = f"{sub_pos} - {copy_c[a]} * {ax.shift}"
-            x = name(f"x{a}")
-            if ax.dilation > 1:
-                residue = tile_c[a] if ax.per_sub == 1 else f"({tile_c[a]} // {ax.per_sub})"
-                out.append(f"{x} = ({sub_pos}) * {ax.dilation} + {residue}")
-            else:
-                out.append(f"{x} = {sub_pos}")
-            if ax.copies > 1:  # a shifted tile hangs over the axis start
-                checks.append(f"({x} >= 0)")
-            if ax.padded:
-                checks.append(f"({x} < {ax.length})")
-            token_terms.append(x if strides[a] == 1 else f"{x} * {strides[a]}")
+        token_terms = [self._axis_position(out, checks, name(f"x{a}"), ax, tile_c[a], off_c[a], copy_c[a],
+                                           strides[a]) for a, ax in enumerate(axes)]
         grid_tok = " + ".join(([str(g)] if g else []) + token_terms)
-        if g:
-            out.append(f"{name('grid')} = {pos} >= {gp}")
-            grid_ok = " & ".join([name("grid")] + checks)
-            out.append(f"{side}_ok = ({pos} < {g}) | ({grid_ok})")
-            out.append(f"{side}_tok = tl.where({side}_ok, tl.where({name('grid')}, {grid_tok}, {pos}), 0)")
-        elif checks:
-            out.append(f"{side}_ok = {' & '.join(checks)}")
-            out.append(f"{side}_tok = tl.where({side}_ok, {grid_tok}, 0)")
+        return out + _token_statements(side, pos, g, gp, grid_tok, checks, name("grid"))
+
+    @staticmethod
+    def _axis_position(out: list[str], checks: list[str], x: str, ax: AxisTiles, tile: str, offset: str,
+                       copy: str, stride: int) -> str:
+        """Emit ``x``, the position on one axis, from the axis's tile coordinate ``tile``, the coordinate
+        ``offset`` inside the tile and the key copy ``copy``; add its bounds checks to ``checks``; return its
+        term of the grid token index (``x * stride``)."""
+        # position x' inside the dilation sub-sequence, then on the axis (x = residue + d * x')
+        sub_tile = tile if ax.dilation == 1 else f"({tile} % {ax.per_sub})"
+        terms = [f"{sub_tile} * {ax.tile}" if ax.per_sub > 1 else "", offset if ax.tile > 1 else ""]
+        sub_pos = " + ".join(t for t in terms if t) or "0"
+        if ax.copies > 1:
+            sub_pos = f"{sub_pos} - {copy} * {ax.shift}"
+        if ax.dilation > 1:
+            residue = tile if ax.per_sub == 1 else f"({tile} // {ax.per_sub})"
+            out.append(f"{x} = ({sub_pos}) * {ax.dilation} + {residue}")
         else:
-            out.append(f"{side}_ok = {pos} >= 0")
-            out.append(f"{side}_tok = {grid_tok}")
-        return out
+            out.append(f"{x} = {sub_pos}")
+        if ax.copies > 1:  # a shifted tile hangs over the axis start
+            checks.append(f"({x} >= 0)")
+        if ax.padded:
+            checks.append(f"({x} < {ax.length})")
+        return x if stride == 1 else f"{x} * {stride}"
 
     def _split(self, out: list[str], index: str, sizes: list[int], prefix: str) -> list[str]:
         """Emit the row-major split of ``index`` over ``sizes`` (last fastest); returns the per-axis
@@ -374,6 +370,20 @@ def _axis_visits(qa: AxisTiles, ka: AxisTiles) -> tuple[Tensor, Tensor, Tensor, 
     return copy, residue * ka.per_sub + j_lo, n_keys, full
 
 
+def _token_statements(side: str, pos: str, g: int, gp: int, grid_tok: str, checks: list[str],
+                      grid_flag: str) -> list[str]:
+    """The statements that set ``{side}_ok`` and ``{side}_tok`` from the grid token index ``grid_tok`` and the
+    bounds ``checks``: positions below ``gp`` are the ``g`` global tokens (``grid_flag`` says which side of
+    ``gp`` a position is on), the others grid tokens."""
+    if g:
+        grid_ok = " & ".join([grid_flag] + checks)
+        return [f"{grid_flag} = {pos} >= {gp}", f"{side}_ok = ({pos} < {g}) | ({grid_ok})",
+                f"{side}_tok = tl.where({side}_ok, tl.where({grid_flag}, {grid_tok}, {pos}), 0)"]
+    if checks:
+        return [f"{side}_ok = {' & '.join(checks)}", f"{side}_tok = tl.where({side}_ok, {grid_tok}, 0)"]
+    return [f"{side}_ok = {pos} >= 0", f"{side}_tok = {grid_tok}"]
+
+
 def _key_tiles(axes: list[AxisTiles]) -> tuple[Tensor, Tensor]:
     """Tiles of the unshifted key copy that hold any token (indices, increasing) and whether each holds
     padding."""
@@ -453,6 +463,7 @@ def neighborhood_visit(spec: NeighborhoodSpec, n: int, device=None) -> LayoutVis
         predicate=tiling.predicate(), token_map=tiling.token_map(), descriptor=tiling.descriptor())
 
 
+@kernel_for("neighborhood")
 def neighborhood_attention(spec: NeighborhoodSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
     """Neighborhood attention of ``spec`` on the Triton kernels.
 

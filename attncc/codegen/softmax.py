@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from attncc.codegen.autotune import Config, choose, length_bucket
+from attncc.codegen.registry import kernel_for
 from attncc.codegen.source import interpreting, launch, load_kernel, process_memo
 from attncc.codegen.writer import SourceWriter, next_power_of_2, torch_to_triton_dtype
 from attncc.codegen.visits import BandVisit, DenseVisit, LayoutVisit, Predicate, TokenMap
@@ -504,16 +505,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, visit=De
                           f"{type(visit).__name__}")
     dtype = torch_to_triton_dtype(q.dtype)
     q, k, v = (_unit_last_stride(t) for t in (q, k.to(q.dtype), v.to(q.dtype)))
-    if mods.softcap < 0 or not math.isfinite(mods.softcap):
-        raise AttnccError(f"softmax_attention: softcap must be a finite number >= 0, got {mods.softcap}")
-    bias, bias_pattern = _score_operand(mods.bias, "bias", b, hq, nq, nk, q.device)
-    mask, mask_pattern = _score_operand(mods.mask, "mask", b, hq, nq, nk, q.device)
-    if bias is not None and not bias.dtype.is_floating_point:
-        raise AttnccError(f"softmax_attention: bias must be a floating tensor, got {bias.dtype}")
-    if mask is not None:
-        if mask.dtype != torch.bool:
-            raise AttnccError(f"softmax_attention: mask must be a bool tensor, got {mask.dtype}")
-        mask = mask.view(torch.uint8)  # Triton reads bytes; != 0 gives the bool back
+    bias, bias_pattern, mask, mask_pattern = _score_operands(mods, b, hq, nq, nk, q.device)
 
     n_q_visit, n_k_visit = nq, nk
     extra = {}
@@ -539,22 +531,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, visit=De
     else:
         kernel, memo_config = memo
 
-    values = {"Q": q, "K": k, "V": v, "Out": out, "H": hq, "NQ": nq, "NK": nk, "qk_scale": float(mods.scale) * LOG2E}
-    if plan.sinks:
-        values["Sinks"] = _sink_vector(mods.sinks, hq, q.device)
-    values.update(_strides("q", q) | _strides("k", k) | _strides("v", v) | _strides("o", out))
-    for name, tensor, pattern in (("bias", bias, bias_pattern), ("mask", mask, mask_pattern)):
-        if tensor is not None:
-            values[name.capitalize()] = tensor
-            values[f"stride_{name}_b"], values[f"stride_{name}_h"] = tensor.stride(0), tensor.stride(1)
-            values[f"stride_{name}_q"], values[f"stride_{name}_k"] = tensor.stride(2), tensor.stride(3)
-    if plan.softcap:
-        values["tanh_scale"] = 2.0 * LOG2E * mods.scale / mods.softcap
-        values["cap_log2"] = mods.softcap * LOG2E
-    if isinstance(visit, BandVisit):
-        prefix = min(max(visit.sinks, visit.globals), nk)
-        values.update(LEFT=min(visit.left, nk), RIGHT=0 if mods.causal else min(visit.right, nk),
-                      PREFIX=prefix, GLOBALS=min(visit.globals, nq))
+    values = _launch_values(plan, mods, visit, q, k, v, out, bias, mask)
     values.update(extra)
     names = kernel_params(plan)
 
@@ -583,6 +560,61 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, visit=De
 
 _LAUNCHES: dict = process_memo()
 """(plan, sizes, device) -> (kernel, chosen config), for this process."""
+
+
+@kernel_for("exact")
+def exact_kernel(spec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
+    """The ``exact`` variant: every key block (up to the diagonal when causal). Shapes as in
+    :func:`softmax_attention`."""
+    return softmax_attention(q, k, v, mods, DenseVisit())
+
+
+@kernel_for("local")
+def local_kernel(spec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
+    """The ``local`` variant (a :class:`~attncc.variants.local.LocalSpec`): the key blocks of its band plus
+    its sink and global prefix. Shapes as in :func:`softmax_attention`."""
+    left, right = spec.bounds(mods.causal)
+    return softmax_attention(q, k, v, mods, BandVisit(left, right, spec.sinks, spec.globals))
+
+
+def _score_operands(mods: ScoreMods, b: int, hq: int, nq: int, nk: int, device) -> tuple:
+    """``(bias, bias_pattern, mask, mask_pattern)``: the call's bias and mask as the kernel reads them (see
+    ``_score_operand``; the mask as bytes), after checking softcap, bias and mask dtypes."""
+    if mods.softcap < 0 or not math.isfinite(mods.softcap):
+        raise AttnccError(f"softmax_attention: softcap must be a finite number >= 0, got {mods.softcap}")
+    bias, bias_pattern = _score_operand(mods.bias, "bias", b, hq, nq, nk, device)
+    mask, mask_pattern = _score_operand(mods.mask, "mask", b, hq, nq, nk, device)
+    if bias is not None and not bias.dtype.is_floating_point:
+        raise AttnccError(f"softmax_attention: bias must be a floating tensor, got {bias.dtype}")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise AttnccError(f"softmax_attention: mask must be a bool tensor, got {mask.dtype}")
+        mask = mask.view(torch.uint8)  # Triton reads bytes; != 0 gives the bool back
+    return bias, bias_pattern, mask, mask_pattern
+
+
+def _launch_values(plan: SoftmaxPlan, mods: ScoreMods, visit, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                   bias: Optional[Tensor], mask: Optional[Tensor]) -> dict:
+    """The kernel's runtime arguments by name (tensors, sizes, strides, scales, band bounds), except those of
+    a layout visit (``_layout_args``, per launch config)."""
+    hq, nq, nk = q.shape[1], q.shape[2], k.shape[2]
+    values = {"Q": q, "K": k, "V": v, "Out": out, "H": hq, "NQ": nq, "NK": nk, "qk_scale": float(mods.scale) * LOG2E}
+    if plan.sinks:
+        values["Sinks"] = _sink_vector(mods.sinks, hq, q.device)
+    values.update(_strides("q", q) | _strides("k", k) | _strides("v", v) | _strides("o", out))
+    for name, tensor in (("bias", bias), ("mask", mask)):
+        if tensor is not None:
+            values[name.capitalize()] = tensor
+            values[f"stride_{name}_b"], values[f"stride_{name}_h"] = tensor.stride(0), tensor.stride(1)
+            values[f"stride_{name}_q"], values[f"stride_{name}_k"] = tensor.stride(2), tensor.stride(3)
+    if plan.softcap:
+        values["tanh_scale"] = 2.0 * LOG2E * mods.scale / mods.softcap
+        values["cap_log2"] = mods.softcap * LOG2E
+    if isinstance(visit, BandVisit):
+        prefix = min(max(visit.sinks, visit.globals), nk)
+        values.update(LEFT=min(visit.left, nk), RIGHT=0 if mods.causal else min(visit.right, nk),
+                      PREFIX=prefix, GLOBALS=min(visit.globals, nq))
+    return values
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
@@ -879,6 +911,6 @@ def candidate_configs(plan: SoftmaxPlan, n_q: int, n_k: int, visit=DenseVisit(),
 
 __all__ = [
     "BandVisit", "DenseVisit", "LayoutVisit", "Predicate", "SoftmaxPlan", "TokenMap", "candidate_configs",
-    "emit_key_block", "emit_online_softmax_update", "emit_softcap", "generate_source", "kernel_params",
-    "shared_bytes", "softmax_attention",
+    "emit_key_block", "emit_online_softmax_update", "emit_softcap", "exact_kernel", "generate_source",
+    "kernel_params", "local_kernel", "shared_bytes", "softmax_attention",
 ]

@@ -33,7 +33,9 @@ import torch
 from torch import Tensor
 
 from attncc.codegen.autotune import Config, choose, length_bucket
+from attncc.codegen.registry import kernel_for
 from attncc.codegen.source import interpreting, launch, load_kernel
+from attncc.codegen.visits import block_fits_tiles
 from attncc.codegen.writer import SourceWriter, next_power_of_2, torch_to_triton_dtype
 from attncc.errors import AttnccError
 from attncc.util import cdiv
@@ -470,6 +472,7 @@ def topk_layout(spec: TopKSpec, q: Tensor, k: Tensor, mods: ScoreMods) -> BlockL
     return BlockLayout(block, block, nq, nk, kv_blocks, partial)
 
 
+@kernel_for("topk", covers=block_fits_tiles)
 def topk_attention(spec: TopKSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
     """Top-k block-sparse attention on the Triton kernels: select on the device, then online-softmax attention
     over the selected blocks. q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``, v ``[B, Hkv, Nk, Dv]`` ->

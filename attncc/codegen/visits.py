@@ -116,4 +116,14 @@ class LayoutVisit:
 
 Visit = Union[DenseVisit, BandVisit, LayoutVisit]
 
-__all__ = ["BandVisit", "DenseVisit", "LayoutVisit", "Predicate", "TokenMap", "Visit"]
+
+def block_fits_tiles(spec, q, k, v, mods) -> str:
+    """The kernel ``covers`` of a variant with a ``block`` parameter that becomes the kernel's tile size
+    (block_sparse, topk): '' when ``spec.block`` is a power of two >= 16, else why not."""
+    if spec.block < 16 or spec.block & (spec.block - 1):
+        return f"block {spec.block} is not a power of two >= 16 (kernel tiles are)"
+    return ""
+
+
+__all__ = ["BandVisit", "DenseVisit", "LayoutVisit", "Predicate", "TokenMap", "Visit", "block_fits_tiles"]
+

@@ -1,4 +1,5 @@
-"""The Triton backend: which generated kernel family runs each variant spec.
+"""The Triton backend: the generated kernel that runs a variant spec, looked up by the spec's name in the kernel
+registry (``attncc.codegen.registry``: each kernel module declares its variant with ``@kernel_for``).
 
 Every family lives in ``attncc.codegen`` (one module per family) and takes SDPA-layout tensors
 ``q [B, Hq, Nq, Dqk]``, ``k [B, Hkv, Nk, Dqk]``, ``v [B, Hkv, Nk, Dv]`` plus the call's :class:`ScoreMods`.
@@ -32,7 +33,7 @@ def triton_attention(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: S
             log.debug("attncc: %s runs on the torch path: %s", spec, reason)
         return None
     try:
-        return _run_kernels(spec, q, k, v, mods)
+        return _kernel_of(spec).run(spec, q, k, v, mods)
     except Exception as error:
         if not _out_of_resources(error):
             raise
@@ -56,38 +57,9 @@ def _out_of_resources(error: BaseException) -> bool:
     return isinstance(error, OutOfResources)
 
 
-def _run_kernels(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Optional[Tensor]:
-    name = spec.name
-    if name == "exact":
-        from attncc.codegen.softmax import DenseVisit, softmax_attention
-
-        return softmax_attention(q, k, v, mods, DenseVisit())
-    if name == "local":
-        from attncc.codegen.softmax import BandVisit, softmax_attention
-
-        left, right = spec.bounds(mods.causal)
-        return softmax_attention(q, k, v, mods, BandVisit(left, right, spec.sinks, spec.globals))
-    if name == "block_sparse":
-        from attncc.codegen.block_sparse import block_sparse_attention
-
-        return block_sparse_attention(spec, q, k, v, mods)
-    if name == "topk":
-        from attncc.codegen.topk import topk_attention
-
-        return topk_attention(spec, q, k, v, mods)
-    if name == "neighborhood":
-        from attncc.codegen.neighborhood import neighborhood_attention
-
-        return neighborhood_attention(spec, q, k, v, mods)
-    if name == "linear":
-        from attncc.codegen.linear import linear_attention
-
-        return linear_attention(spec, q, k, v, mods)
-    return None
-
-
 def _uncovered(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> str:
-    """Why no kernel runs this call ('' when one does)."""
+    """Why no kernel runs this call ('' when one does): the checks every kernel shares, then the variant's
+    own kernel's ``covers`` (``attncc.codegen.registry``)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"rank {q.dim()} inputs"
     if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -96,6 +68,15 @@ def _uncovered(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMo
         return f"head layout q {tuple(q.shape)}, k {tuple(k.shape)}"
     if q.shape[-2] == 0 or k.shape[-2] == 0:
         return "an empty sequence"
-    if spec.name in ("block_sparse", "topk") and (spec.block < 16 or spec.block & (spec.block - 1)):
-        return f"block {spec.block} is not a power of two >= 16 (kernel tiles are)"
-    return ""
+    found = _kernel_of(spec)
+    if found is None:
+        return f"no Triton kernel is registered for {spec.name}"
+    return found.covers(spec, q, k, v, mods)
+
+
+def _kernel_of(spec: VariantSpec):
+    """The registered kernel of ``spec``'s family, or None. Imported here, not at module level: the kernel
+    modules are found (imported) on first use, only when the Triton backend runs."""
+    from attncc.codegen.registry import kernel
+
+    return kernel(spec.name)

@@ -1,28 +1,18 @@
-"""Variant families. Each module holds a spec, a plain reference, an efficient torch path, a cost and supports().
+"""Variant families. Each module holds a spec, a plain reference, an efficient torch path, a cost, supports()
+and specialize(); its spec class registers itself with ``@register_variant`` (see ``registry``).
 
 ``VARIANTS`` maps the name used in policies (``"local(window=256)"``) to the spec class. The families are
-imported on first use, so importing one variant module does not import the others.
+imported on first use of the registry (every module of this package), so importing one variant module does
+not import the others.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from attncc.variants.base import ScoreMods, VariantSpec
-
-
-@lru_cache(maxsize=1)
-def variant_classes() -> dict[str, type[VariantSpec]]:
-    """Name -> spec class of every variant family."""
-    from attncc.variants.block_sparse import BlockSparseSpec
-    from attncc.variants.exact import ExactSpec
-    from attncc.variants.linear import LinearSpec
-    from attncc.variants.local import LocalSpec
-    from attncc.variants.neighborhood import NeighborhoodSpec
-    from attncc.variants.topk import TopKSpec
-
-    families = (ExactSpec, LocalSpec, NeighborhoodSpec, BlockSparseSpec, TopKSpec, LinearSpec)
-    return {spec.name: spec for spec in families}
+from attncc.variants.exact import exact_spec
+from attncc.variants.registry import (
+    register_variant, registered_variant, unregister_variant, variant_class, variant_classes,
+)
 
 
 def __getattr__(name: str):
@@ -31,4 +21,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'attncc.variants' has no attribute {name!r}")
 
 
-__all__ = ["VARIANTS", "ScoreMods", "VariantSpec", "variant_classes"]
+__all__ = ["VARIANTS", "ScoreMods", "VariantSpec", "exact_spec", "register_variant", "registered_variant",
+           "unregister_variant", "variant_class", "variant_classes"]

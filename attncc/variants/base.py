@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, dataclass, fields
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Union
 
 import sympy
 import torch
@@ -96,15 +96,45 @@ def sink_rows(sinks: Optional[Tensor], *shape: int) -> Optional[Tensor]:
     raise AttnccError(f"sinks of shape {tuple(sinks.shape)} are not one logit per query head ({math.prod(shape)})")
 
 
+EXAMPLE_TOKENS = 19
+"""The sequence length ``VariantSpec.examples`` are made for (odd, so that blocks and tiles end ragged)."""
+
+
 class VariantSpec:
     """Base class of variant specs (subclasses are frozen dataclasses)."""
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = False
     """True when the variant computes softmax attention exactly (the report measures no error to expect)."""
+    listed: ClassVar[int] = 100
+    """Where the family appears in lists of variants (error messages, ``VARIANTS``): lower first."""
+
+    @classmethod
+    def examples(cls) -> tuple["VariantSpec", ...]:
+        """A few specs of this family that run on self-attention over ``EXAMPLE_TOKENS`` tokens (the contract
+        tests, ``tests/variants/test_contract.py``, run every registered family's examples)."""
+        return ()
+
+    @classmethod
+    def exact_limit(cls, n: int) -> Optional["VariantSpec"]:
+        """A spec of this family that is exact softmax attention on ``n``-token self-attention (its degenerate
+        limit: a window over every key, every block kept), or None where the family has none."""
+        return None
 
     def supports(self, site) -> tuple[bool, str]:
         raise NotImplementedError
+
+    def specialize(self, site) -> Union["VariantSpec", str]:
+        """The spec to run on ``site`` (what the site shows filled in), or why this variant cannot run there.
+
+        The default takes the spec as it is, and declines a site the model already limits to a sliding
+        window (``site.band``): a variant other than ``local`` cannot express that band. The reason is the
+        variant's own (its ``supports``) where it declines the site anyway.
+        """
+        if getattr(site, "band", None) is None:
+            return self
+        supported, why = self.supports(site)
+        return why if not supported else f"the model already limits this site to a window of {site.band[0] + 1} keys"
 
     def cost(self, site) -> dict[str, sympy.Expr]:
         raise NotImplementedError

@@ -48,6 +48,7 @@ from attncc.variants.base import (
 )
 from attncc.variants.blocks import BlockLayout, block_sparse_attention, layout_from_keep
 from attncc.variants.exact import masked_reference
+from attncc.variants.registry import register_variant
 
 # --------------------------------------------------------------------------------------------- patterns
 
@@ -104,10 +105,10 @@ def _distance_blocks(nqb: int, nkb: int, causal: bool, distances: list[int], ext
     cands = [qb - d] if causal else [qb - d, qb + d]
     if extra is not None:
         cands.append(extra)
-    return _pack(torch.cat(cands, dim=1), nqb, nkb, causal)
+    return pack_blocks(torch.cat(cands, dim=1), nqb, nkb, causal)
 
 
-def _pack(cand: Tensor, nqb: int, nkb: int, causal: bool) -> Tensor:
+def pack_blocks(cand: Tensor, nqb: int, nkb: int, causal: bool) -> Tensor:
     """Candidates ``[nqb, C]`` -> valid, deduplicated, ascending per row, ``-1`` padding last, width trimmed."""
     qb = torch.arange(nqb)[:, None]
     bad = (cand < 0) | (cand >= nkb)
@@ -316,26 +317,41 @@ def blocks_to_keep(kv_blocks: Tensor, nkb: int) -> Tensor:
 
 
 @lru_cache(maxsize=64)
-def _named_blocks(pattern: NamedPattern, nqb: int, nkb: int, causal: bool, device: str) -> Tensor:
+def named_blocks(pattern: NamedPattern, nqb: int, nkb: int, causal: bool, device: str) -> Tensor:
+    """``pattern.blocks(nqb, nkb, causal)`` (int64 ``[nQB, K]``, ``-1`` padding) on ``device``, cached: the
+    torch path and the kernels read the same lists."""
     return pattern.blocks(nqb, nkb, causal).to(device)
 
 
 @lru_cache(maxsize=32)
-def _mask_mod_layout(pattern: MaskModPattern, nq: int, nk: int, block: int, causal: bool, device: str):
+def mask_mod_layout(pattern: MaskModPattern, nq: int, nk: int, block: int, causal: bool, device: str):
+    """The :class:`BlockLayout` of ``block x block`` tiles a mask_mod predicate visits at these sizes (found by
+    evaluating the predicate; cached), with its partially visible blocks marked."""
     return layout_from_keep(pattern.keep(causal), nq, nk, block, block, torch.device(device))
 
 
 # ------------------------------------------------------------------------------------------------- spec
 
 
+@register_variant
 @dataclass(frozen=True)
 class BlockSparseSpec(VariantSpec):
     """Static block-sparse attention with a named ``pattern`` (see ``PATTERNS``) over ``block``-sized tiles."""
 
     name: ClassVar[str] = "block_sparse"
+    listed: ClassVar[int] = 30
     pattern: Optional[Pattern] = None
     """Required; None only so that a missing pattern is a clear error rather than a TypeError."""
     block: int = 64
+
+    @classmethod
+    def examples(cls) -> tuple[VariantSpec, ...]:
+        return (cls(pattern=BigBirdPattern(window=1, globals=1, random=1), block=4),
+                cls(pattern=RadialPattern(window=1), block=2), cls(pattern=PowerPattern(window=1, sinks=1), block=4))
+
+    @classmethod
+    def exact_limit(cls, n: int) -> VariantSpec:
+        return cls(pattern=RadialPattern(window=n), block=4)  # every block within n blocks: all of them
 
     def __post_init__(self):
         if not isinstance(self.pattern, Pattern):
@@ -370,10 +386,10 @@ class BlockSparseSpec(VariantSpec):
         if isinstance(site.q_len, int) and isinstance(site.kv_len, int):
             nq, nk = site.q_len, site.kv_len
             if isinstance(self.pattern, MaskModPattern):
-                layout = _mask_mod_layout(self.pattern, nq, nk, b, bool(site.causal), "cpu")
+                layout = mask_mod_layout(self.pattern, nq, nk, b, bool(site.causal), "cpu")
                 blocks = layout.kv_blocks
             else:
-                blocks = _named_blocks(self.pattern, cdiv(nq, b), cdiv(nk, b), bool(site.causal), "cpu")
+                blocks = named_blocks(self.pattern, cdiv(nq, b), cdiv(nk, b), bool(site.causal), "cpu")
             rows = torch.clamp(nq - torch.arange(blocks.shape[0]) * b, max=b)
             cols = torch.clamp(nk - blocks * b, max=b).masked_fill(blocks < 0, 0).sum(dim=1)
             g = min(getattr(self.pattern, "global_rows", 0), blocks.shape[0])
@@ -397,10 +413,10 @@ class BlockSparseSpec(VariantSpec):
         nq, nk, b = q.shape[-2], k.shape[-2], self.block
         device = str(q.device)
         if isinstance(self.pattern, MaskModPattern):
-            layout = _mask_mod_layout(self.pattern, nq, nk, b, mods.causal, device)
+            layout = mask_mod_layout(self.pattern, nq, nk, b, mods.causal, device)
             return block_sparse_attention(q, k, v, layout, mods, keep=self.pattern.fn)
         nqb, nkb = cdiv(nq, b), cdiv(nk, b)
-        blocks = _named_blocks(self.pattern, nqb, nkb, mods.causal, device)
+        blocks = named_blocks(self.pattern, nqb, nkb, mods.causal, device)
         out = block_sparse_attention(q, k, v, BlockLayout(b, b, nq, nk, blocks), mods)
         g = min(self.pattern.global_rows, nqb)
         if g == 0:
@@ -408,7 +424,7 @@ class BlockSparseSpec(VariantSpec):
         # Global query rows visit every allowed key block: they run as their own short batch of rows (one
         # long list each) so the other rows keep short lists; their rows of `out` are empty and replaced.
         rows = min(nq, g * b)
-        every = _pack(torch.arange(nkb).expand(g, nkb), g, nkb, mods.causal).to(q.device)
+        every = pack_blocks(torch.arange(nkb).expand(g, nkb), g, nkb, mods.causal).to(q.device)
         head_mods = replace(mods, bias=rows_of(mods.bias, 0, rows), mask=rows_of(mods.mask, 0, rows))
         head = block_sparse_attention(q[..., :rows, :], k, v, BlockLayout(b, b, rows, nk, every), head_mods)
         return torch.cat([head, out[..., rows:, :]], dim=-2)

@@ -29,8 +29,10 @@ from torch import Tensor
 from attncc.util import rows_of
 from attncc.variants.base import ScoreMods, VariantSpec, attention_cost, site_sizes, softmax_with_sink
 from attncc.variants.score_mods import apply_mods, visible_pairs
+from attncc.variants.registry import register_variant
 
 
+@register_variant
 @dataclass(frozen=True)
 class ExactSpec(VariantSpec):
     """Exact softmax attention; no parameters. Masks the model already has (causal, sliding-window bands,
@@ -38,10 +40,23 @@ class ExactSpec(VariantSpec):
 
     name: ClassVar[str] = "exact"
     exact: ClassVar[bool] = True
+    listed: ClassVar[int] = 0
+
+    @classmethod
+    def examples(cls) -> tuple[VariantSpec, ...]:
+        return (cls(),)
+
+    @classmethod
+    def exact_limit(cls, n: int) -> VariantSpec:
+        return cls()
 
     def supports(self, site) -> tuple[bool, str]:
         """Every detected site can run exactly."""
         return True, "exact softmax attention"
+
+    def specialize(self, site) -> VariantSpec:
+        """The site's exact form (:func:`exact_spec`): its model's band where it has one."""
+        return exact_spec(site)
 
     def cost(self, site) -> dict[str, sympy.Expr]:
         """Attention FLOPs and bytes as sympy expressions of the site's sizes (2 FLOPs per multiply-add); a
@@ -56,6 +71,16 @@ class ExactSpec(VariantSpec):
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         return reference(q, k, v, bias=mods.bias, mask=mods.mask, scale=mods.scale, causal=mods.causal,
                          softcap=mods.softcap, sinks=mods.sinks)
+
+
+def exact_spec(site) -> VariantSpec:
+    """The spec that runs ``site`` exactly: ``local(left=L, right=R)`` where the model's mask is the sliding
+    window ``site.band == (L, R)`` (exact, and it skips the blocks outside the window), else ``exact``."""
+    if getattr(site, "band", None) is not None:
+        from attncc.variants.local import LocalSpec  # local imports this module (masked_reference)
+
+        return LocalSpec(left=site.band[0], right=site.band[1])
+    return ExactSpec()
 
 
 def dense_attention_cost(site) -> dict[str, sympy.Expr]:

@@ -59,6 +59,7 @@ from torch import Tensor
 from attncc.errors import AttnccError
 from attncc.util import cdiv
 from attncc.variants.base import ScoreMods, VariantSpec, attention_cost, check_int, site_sizes
+from attncc.variants.registry import register_variant
 
 FEATURE_MAPS = ("elu", "relu", "taylor")
 
@@ -105,12 +106,22 @@ def _full_feature_map(x: Tensor, kind: str) -> Tensor:
     return torch.cat([x.new_ones(*x.shape[:-1], 1), x, quad], dim=-1)
 
 
+@register_variant
 @dataclass(frozen=True)
 class LinearSpec(VariantSpec):
     """Linear attention with feature map ``feature_map``, an exact softmax window of ``window`` keys (0: none)
     and causal chunks of ``chunk`` tokens. Semantics and method in the module docstring."""
 
     name: ClassVar[str] = "linear"
+    listed: ClassVar[int] = 50
+
+    @classmethod
+    def examples(cls) -> tuple[VariantSpec, ...]:
+        return cls(), cls(feature_map="taylor", chunk=4), cls(feature_map="relu", window=3, chunk=4)
+
+    @classmethod
+    def exact_limit(cls, n: int) -> VariantSpec:
+        return cls(window=n, chunk=4)  # every key inside the softmax window
 
     feature_map: str = "elu"
     window: int = 0
@@ -235,10 +246,10 @@ def _prepare(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods)
     check_inputs(spec, q, k, v, mods)
     bsz, nk = q.shape[0], k.shape[2]
     k, v = k.expand(bsz, *k.shape[1:]), v.expand(bsz, *v.shape[1:])
-    return q.float(), k.float(), v.float(), _key_keep(spec, mods.mask, bsz, nk)
+    return q.float(), k.float(), v.float(), key_keep(spec, mods.mask, bsz, nk)
 
 
-def _key_keep(spec: LinearSpec, mask: Optional[Tensor], bsz: int, nk: int) -> Optional[Tensor]:
+def key_keep(spec: LinearSpec, mask: Optional[Tensor], bsz: int, nk: int) -> Optional[Tensor]:
     """A bool mask broadcastable to ``[B, 1, 1, Nk]`` as ``[B or 1, Nk]``; anything else is an error."""
     if mask is None:
         return None

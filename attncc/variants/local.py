@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Union
 
 import sympy
 import torch
@@ -38,7 +38,8 @@ from attncc.variants.base import (
     ScoreMods, VariantSpec, attention_cost, check_int, check_self_attention, site_sizes, sink_rows,
     softmax_with_sink, unapplied_site_features,
 )
-from attncc.variants.exact import masked_reference
+from attncc.variants.exact import exact_spec, masked_reference
+from attncc.variants.registry import register_variant
 from attncc.variants.blocks import (
     DEAD, MASKED, block_sparse_attention, dense_layout, dense_rows, gather_pairs, run_tasks,
 )
@@ -49,6 +50,7 @@ passes several times faster on CPU than one big score tensor (measured: 512K flo
 slower by 10-40%)."""
 
 
+@register_variant
 @dataclass(frozen=True)
 class LocalSpec(VariantSpec):
     """Sliding-window attention (see the module docstring for the exact pattern)."""
@@ -60,6 +62,15 @@ class LocalSpec(VariantSpec):
     globals: int = 0
 
     name: ClassVar[str] = "local"
+    listed: ClassVar[int] = 10
+
+    @classmethod
+    def examples(cls) -> tuple[VariantSpec, ...]:
+        return cls(window=3), cls(left=2, right=1, sinks=2), cls(window=2, globals=2)
+
+    @classmethod
+    def exact_limit(cls, n: int) -> VariantSpec:
+        return cls(window=n)
 
     def __post_init__(self):
         if self.window is not None:
@@ -139,6 +150,19 @@ class LocalSpec(VariantSpec):
         if self.globals:
             extra.append(f"{self.globals} global tokens")
         return True, f"sliding window of {left} keys left, {right} right" + (f" + {', '.join(extra)}" if extra else "")
+
+    def specialize(self, site) -> Union[VariantSpec, str]:
+        """This window within the model's own (``site.band``): the intersection; the site's exact form where
+        the model's window is already at most this one; a reason where sinks or globals would reach outside
+        the model's window (one band cannot say that)."""
+        if site.band is None:
+            return self
+        own_left, _ = self.bounds(site.causal)
+        if own_left >= site.band[0]:
+            return exact_spec(site)  # the model's window is already narrower: nothing to add
+        if self.sinks or self.globals:
+            return "sinks/globals outside the model's own window cannot be expressed"
+        return self.intersect_band(*site.band, causal=site.causal)
 
     def pairs(self, site) -> sympy.Expr:
         """Visible (query, key) pairs per (batch, head) of the pattern under the site's causality, before

@@ -28,7 +28,7 @@ tile rows run on ``blocks.run_tasks`` worker threads on CPU.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import ClassVar, Optional, Union
 
@@ -44,6 +44,7 @@ from attncc.variants.base import (
 )
 from attncc.variants.blocks import DEAD, MASKED, dense_rows, gather_pairs, run_tasks
 from attncc.variants.exact import masked_reference
+from attncc.variants.registry import register_variant
 
 Axes = Union[int, tuple[int, ...]]
 
@@ -51,6 +52,7 @@ CHUNK_FLOATS = 1 << 20
 """Scores per chunk of tiles (4 MB): cache-sized chunks keep the elementwise passes fast on CPU."""
 
 
+@register_variant
 @dataclass(frozen=True)
 class NeighborhoodSpec(VariantSpec):
     """Neighborhood attention over a 2-D or 3-D token grid (see the module docstring)."""
@@ -62,29 +64,29 @@ class NeighborhoodSpec(VariantSpec):
     globals: int = 0
 
     name: ClassVar[str] = "neighborhood"
+    listed: ClassVar[int] = 20
+
+    @classmethod
+    def examples(cls) -> tuple[VariantSpec, ...]:
+        # EXAMPLE_TOKENS = 19 tokens: global tokens + grid
+        return (cls(kernel=3, grid=(4, 4), globals=3), cls(kernel=(3, 3), dilation=(1, 2), grid=(3, 6), globals=1),
+                cls(kernel=(1, 3, 3), stride=(1, 3, 2), grid=(2, 3, 3), globals=1))
+
+    @classmethod
+    def exact_limit(cls, n: int) -> VariantSpec:
+        # a window over the whole 2 x 2 grid, and every other token global: each token sees all n
+        return cls(kernel=2, grid=(2, 2), globals=n - 4)
 
     def __post_init__(self):
         for field_name in ("kernel", "dilation", "stride", "grid"):
             value = getattr(self, field_name)
             if isinstance(value, list):  # lists from YAML policies: canonical text shows tuples
                 object.__setattr__(self, field_name, tuple(value))
-        ranks = set()
-        for field_name in ("kernel", "dilation", "stride"):
-            value = getattr(self, field_name)
-            if isinstance(value, tuple):
-                if len(value) not in (2, 3) or not all(_is_int(x) and x >= 1 for x in value):
-                    raise self.invalid(field_name, f"must be an integer >= 1 or a tuple of 2 or 3 of them, "
-                                                   f"got {value!r}")
-                ranks.add(len(value))
-            elif not (_is_int(value) and value >= 1):
-                raise self.invalid(field_name, f"must be an integer >= 1 or a tuple of 2 or 3 of them, got {value!r}")
+        ranks = {self._axes_rank(field_name) for field_name in ("kernel", "dilation", "stride")}
         if self.grid is not None:
-            if not isinstance(self.grid, tuple) or len(self.grid) not in (2, 3) or not all(
-                _is_int(x) and x >= 1 for x in self.grid
-            ):
-                raise self.invalid("grid", f"must be None or a tuple (H, W) or (T, H, W) of integers >= 1, "
-                                           f"got {self.grid!r}")
+            self._check_grid_sizes()
             ranks.add(len(self.grid))
+        ranks.discard(None)
         if len(ranks) > 1:
             raise self.invalid("kernel", f"dilation, stride and grid must have the same number of axes, got "
                                          f"kernel={self.kernel!r}, dilation={self.dilation!r}, "
@@ -100,6 +102,25 @@ class NeighborhoodSpec(VariantSpec):
             problem = self._grid_problem(self.grid)
             if problem:
                 raise self.invalid("kernel", problem)
+
+    def _axes_rank(self, field_name: str) -> Optional[int]:
+        """How many axes ``kernel``, ``dilation`` or ``stride`` gives (None for one int for every axis); an
+        error unless it is an int >= 1 or a tuple of 2 or 3 of them."""
+        value = getattr(self, field_name)
+        if isinstance(value, tuple):
+            if len(value) in (2, 3) and all(_is_int(x) and x >= 1 for x in value):
+                return len(value)
+        elif _is_int(value) and value >= 1:
+            return None
+        raise self.invalid(field_name, f"must be an integer >= 1 or a tuple of 2 or 3 of them, got {value!r}")
+
+    def _check_grid_sizes(self) -> None:
+        """An error unless ``grid`` is a tuple (H, W) or (T, H, W) of integers >= 1."""
+        if not isinstance(self.grid, tuple) or len(self.grid) not in (2, 3) or not all(
+            _is_int(x) and x >= 1 for x in self.grid
+        ):
+            raise self.invalid("grid", f"must be None or a tuple (H, W) or (T, H, W) of integers >= 1, "
+                                       f"got {self.grid!r}")
 
     # ------------------------------------------------------------------------------------------ pattern
 
@@ -168,6 +189,14 @@ class NeighborhoodSpec(VariantSpec):
         kernel, _, _ = self.axes(len(grid))
         return True, f"neighborhood {'x'.join(map(str, kernel))} on grid {'x'.join(map(str, grid))}" + (
             f" + {prefix} global tokens" if prefix else "")
+
+    def specialize(self, site) -> Union[VariantSpec, str]:
+        """This spec on the site's token grid (``site.grid``, ``site.grid_prefix`` global tokens) where it names
+        none; a model's sliding-window band declines it as for any variant (``VariantSpec.specialize``)."""
+        spec = self
+        if self.grid is None and site.grid is not None:
+            spec = replace(self, grid=site.grid, globals=site.grid_prefix)
+        return VariantSpec.specialize(spec, site)
 
     def pairs(self, site) -> sympy.Expr:
         """Visible (query, key) pairs per (batch, head): ``prod(kernel)`` per grid query, plus global rows and

@@ -37,6 +37,7 @@ from attncc.variants.base import (
 )
 from attncc.variants.block_sparse import block_keep_to_elements, blocks_to_keep
 from attncc.variants.exact import masked_reference
+from attncc.variants.registry import register_variant
 from attncc.variants.blocks import BlockLayout, block_sparse_attention
 
 
@@ -74,6 +75,7 @@ def _as_fraction(spec: "TopKSpec", field_name: str, value) -> Optional[float]:
     return float(value)
 
 
+@register_variant
 @dataclass(frozen=True)
 class TopKSpec(VariantSpec):
     """Dynamic block-sparse attention choosing key blocks per query block from mean-pooled scores.
@@ -89,6 +91,16 @@ class TopKSpec(VariantSpec):
     threshold: Optional[float] = None
     sinks: int = 1
     local: int = 1
+
+    listed: ClassVar[int] = 40
+
+    @classmethod
+    def examples(cls) -> tuple[VariantSpec, ...]:
+        return cls(block=4, density=0.5), cls(block=2, k=2, sinks=0, local=1), cls(block=4, threshold=0.8)
+
+    @classmethod
+    def exact_limit(cls, n: int) -> VariantSpec:
+        return cls(block=4, density=1.0)
 
     def __post_init__(self):
         check_int(self, "block", self.block, minimum=1)
