@@ -1,12 +1,22 @@
-"""AttentionSite: the one record a detected attention computation becomes.
+"""AttentionSite: the one record a detected attention computation becomes, and what each pass adds to it.
 
-Passes hand each other nothing else about an attention. Node fields point into the canonicalized graph
-the detector ran on; the rewrite pass maps them onto its own copy.
+Passes hand each other nothing else about an attention. Every record here is frozen: a pass returns new values
+and never changes the ones it was given.
+
+* detect builds the :class:`AttentionSite` (its q/k/v, sizes, layout, score chain);
+* mask analysis proves a :class:`MaskFacts` (the structure of the masks) and returns ``site.with_masks(facts)``;
+* the plan decides a :class:`SitePlan` (the variant the op runs) and returns ``site.with_plan(plan)``;
+* the rewrite pass returns the sites it could not rewrite with ``site.with_plan(SitePlan.left_alone(...))``.
+
+The site keeps the fields of the records flat (``site.band``, ``site.variant``), so that what reads a site (the
+policy, ``VariantSpec.supports``, the report) reads one record whichever pass it runs after. Node fields point
+into the canonicalized graph the detector ran on; the rewrite pass maps them onto its own copy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
@@ -16,14 +26,14 @@ Dim = Union[int, str]
 """A size: an int where static, the symbol's name (e.g. ``"s0"``) where Dynamo captured it as dynamic."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScoreStep:
     """One operation between the score product ``q @ k^T`` and the softmax, in program order.
 
     kind is one of ``scale`` (value: float), ``softcap`` (value: float), ``add`` (node: additive term, value: its
     factor: 1, -1 for a subtraction, or the scale the model applied after adding it),
     ``fill`` (node: bool tensor, True where the score is replaced by value), ``keep`` (node: bool tensor,
-    True where the score survives; elsewhere value), ``reshape`` (value: the new shape, a tuple).
+    True where the score survives; elsewhere value), ``reshape`` (node: the view of the scores to a new shape).
     """
 
     kind: str
@@ -31,7 +41,7 @@ class ScoreStep:
     node: Optional[fx.Node] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionSite:
     """One attention computation found in a graph.
 
@@ -54,7 +64,7 @@ class AttentionSite:
     """True when the k node holds ``k^T`` (keys stored pre-transposed, ``[*batch_kv, Dqk, Nk]``)."""
     v_stored_transposed: bool = False
     """True when the v node holds ``v^T`` (``[*batch_kv, Dv, Nk]``, channels-first)."""
-    q_multipliers: list = field(default_factory=list)
+    q_multipliers: tuple = ()
     """Per-head/per-batch tensor multipliers of the scores, moved onto q: ``[('mul'|'div', node)]``."""
     output_transposed: bool = False
     """True when the model computed ``out^T`` (channels-first: ``v @ attn^T``)."""
@@ -77,12 +87,10 @@ class AttentionSite:
     """Multiplier of ``q @ k^T`` before anything else."""
     causal: bool = False
     """Top-left aligned causal mask (SDPA ``is_causal``)."""
-    steps: list[ScoreStep] = field(default_factory=list)
+    steps: tuple[ScoreStep, ...] = ()
     """What the model does to the scaled scores before softmax (biases, masks, softcapping)."""
     sdpa_mask: Optional[fx.Node] = None
     """The attn_mask argument of an SDPA call, if any (bool: True = attend; float: added)."""
-    mask_kind: str = "none"
-    """'none', 'bool', 'additive' or 'bool+additive' (what the op receives)."""
     softcap: float = 0.0
     """``c * tanh(s / c)`` applied to the scaled scores when > 0 (Gemma 2)."""
     dropout_p: float = 0.0
@@ -112,7 +120,7 @@ class AttentionSite:
     computes (document ids); batch row r of q uses row ``r % len(labels)``."""
     segment_fill: float = float("-inf")
     """What the model adds to scores between different regions (timm's Swin: -100)."""
-    keep_nodes: list = field(default_factory=list)
+    keep_nodes: tuple = ()
     """Bool masks (True = attend) left by mask analysis, ANDed into the op's mask; the structured part of the
     model's masks is in ``causal`` / ``band`` instead."""
     grid: Optional[tuple[int, ...]] = None
@@ -129,6 +137,85 @@ class AttentionSite:
     reason: str = ""
     """Why that variant (or why not rewritten)."""
 
+    @property
+    def mask_kind(self) -> str:
+        """What the site's masks are, as the report's 'mask' column says it: the structure mask analysis found
+        and what is left, joined by '+' (``causal+window 4096+padding+bias``), or 'none'."""
+        parts = ["segments"] if self.segments else []
+        if self.causal:
+            parts.append("causal")
+        if self.band is not None:
+            parts.append(f"window {self.band[0] + 1}")
+        if self.mask_residual != "none":
+            parts.append(self.mask_residual)
+        if self.has_bias:
+            parts.append("bias")
+        return "+".join(parts) or "none"
+
+    def replace(self, **changes) -> "AttentionSite":
+        """A copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def with_masks(self, facts: "MaskFacts") -> "AttentionSite":
+        """This site with the masks mask analysis proved (its structure, what is left of the score chain)."""
+        return dataclasses.replace(self, **{f.name: getattr(facts, f.name) for f in dataclasses.fields(facts)})
+
+    def with_plan(self, plan: "SitePlan") -> "AttentionSite":
+        """This site with the variant the plan (or the rewrite, when it leaves the site alone) decided."""
+        return dataclasses.replace(self, **{f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)})
+
+
+@dataclass(frozen=True)
+class MaskFacts:
+    """What mask analysis (``attncc.passes.masks``) proves about one site's masks.
+
+    Each field replaces the site's field of the same name (``AttentionSite.with_masks``).
+    """
+
+    steps: tuple
+    """The score steps still applied as the model wrote them (biases, fills it did not turn into structure)."""
+    sdpa_mask: Optional[fx.Node]
+    """The SDPA ``attn_mask`` still applied as it is (None where it became structure or a keep node)."""
+    causal: bool
+    """Keys ``j <= i`` only: the detected ``is_causal``, or proved from the mask."""
+    band: Optional[tuple[int, int]] = None
+    """``(left, right)``: keys ``i - left <= j <= i + right`` only (a sliding window)."""
+    segments: bool = False
+    segment_labels: Any = None
+    """Swin's constant region labels ``[nW, N]``, or the node of the ``[B, N]`` document ids."""
+    segment_fill: float = float("-inf")
+    keep_nodes: tuple = ()
+    """Bool residual masks (True = attend), ANDed into the op's mask."""
+    has_bias: bool = False
+    """An additive float term reaches the scores."""
+    mask_residual: str = "none"
+    """The bool mask left besides the structure: 'none', 'padding' (per key) or 'dense'."""
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """What runs at one site: the plan's decision (``attncc.passes.plan``), or the rewrite's 'left alone'.
+
+    Each field replaces the site's field of the same name (``AttentionSite.with_plan``).
+    """
+
+    variant: str
+    """The variant's canonical text, 'exact', or 'none' (the site runs as the model wrote it)."""
+    reason: str
+    """The policy rule that chose it, and why a variant did not apply where it did not."""
+    spec: Any = None
+    """The variant spec the op runs (None for 'none')."""
+    fallback: Any = None
+    """The exact spec the op runs while the key length is below ``min_len``."""
+    min_len: int = 0
+    grid: Optional[tuple[int, ...]] = None
+    """The token grid the plan found for the site (a ViT's patches)."""
+    grid_prefix: int = 0
+
+    @staticmethod
+    def left_alone(site: "AttentionSite", reason: str) -> "SitePlan":
+        """The site runs as the model wrote it, for ``reason`` (its grid kept for the report)."""
+        return SitePlan("none", reason, grid=site.grid, grid_prefix=site.grid_prefix)
 
 
 @dataclass

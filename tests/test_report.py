@@ -15,7 +15,7 @@ from attncc.variants.parse import parse_variant
 def _site(**fields) -> AttentionSite:
     base = dict(module="layers.0.attn", source="sdpa", q=None, k=None, v=None, output=None, batch=2, q_heads=8,
                 kv_heads=2, q_len=1024, kv_len=1024, head_dim=64, value_dim=64, dtype=torch.float16, causal=True,
-                mask_kind="none", variant="exact", reason="policy: exact")
+                variant="exact", reason="policy: exact")
     base.update(fields)
     return AttentionSite(**base)
 
@@ -114,3 +114,10 @@ def test_error_cells():
     assert "1.23e-02" in text and "0.99000" in text
     assert "not run" in text
     assert "exact" in text
+
+
+def test_mask_column_names_the_structure_and_what_is_left():
+    assert SiteReport.from_site(_site(causal=False), 0).mask == "none"
+    site = _site(band=(4095, 0), mask_residual="padding", has_bias=True)
+    assert SiteReport.from_site(site, 0).mask == "causal+window 4096+padding+bias"
+    assert SiteReport.from_site(_site(causal=False, segments=True, mask_residual="dense"), 0).mask == "segments+dense"

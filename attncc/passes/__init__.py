@@ -1,6 +1,7 @@
 """The pass pipeline: canonicalize -> detect -> analyze masks -> plan (policy) -> rewrite (-> verify, in tests).
 
-Each pass is one file and pure: it returns a new graph or a list of sites and leaves its input untouched.
+Each pass is pure: it returns a new graph or new sites (frozen records, ``attncc.site``) and leaves its input
+untouched.
 """
 
 from __future__ import annotations
@@ -43,12 +44,11 @@ def run_pipeline(gm: fx.GraphModule, policy: Policy, graph_index: int = 0, verif
     canonical = canonicalize(gm)
     sites, rejected = detect_sites(canonical, graph_index)
     if modules is not None:
-        for site in sites:
-            site.layer = modules.layer_of(site.module)
-    analyze_masks(canonical, sites)
-    plan_sites(canonical, sites, policy)
+        sites = [site.replace(layer=modules.layer_of(site.module)) for site in sites]
+    sites = analyze_masks(canonical, sites)
+    sites = plan_sites(canonical, sites, policy)
     # policy 'none' runs the captured graph exactly as it was; detection only reports
-    rewritten = rewrite_sites(canonical, sites) if policy.rewrites else gm
+    rewritten, sites = rewrite_sites(canonical, sites) if policy.rewrites else (gm, sites)
     if verify:
         verify_graph(rewritten)
     return PassResult(rewritten, sites, rejected)

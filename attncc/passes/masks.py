@@ -22,22 +22,22 @@ Nothing here is a heuristic on values seen at run time: a factor is only taken o
 
 How it is organised: ``MaskInterpreter`` reads each node with the first rule of ``MASK_RULES`` (an ordered table of
 ``MaskRule(name, matches, evaluate)``, one per model spelling) that matches it; ``site_findings`` turns a site's
-masks into a frozen ``MaskFindings`` or gives the one reason it keeps them as detected; ``analyze_masks`` writes the
-findings onto the site.
+masks into a frozen ``attncc.site.MaskFacts`` or gives the one reason it keeps them as detected; ``analyze_masks``
+returns each site with its facts (``site.with_masks``).
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional, Union
 
 import torch
 import torch.fx as fx
 
 from attncc.passes import graph_ops as g
 from attncc.passes.effects import Aliases, may_be_written, writes_confined
-from attncc.site import AttentionSite
+from attncc.site import AttentionSite, MaskFacts
 from attncc.util import getattr_path
 
 NEG_LARGE = -1e30
@@ -610,53 +610,33 @@ def additive_as_keep(node) -> Optional[fx.Node]:
     return None
 
 
-@dataclass(frozen=True)
-class MaskFindings:
-    """What mask analysis proves about one site's masks: the fields ``analyze_masks`` writes onto the site
-    (besides the report summary ``_summarize`` derives from them)."""
-
-    steps: tuple
-    """The score steps still applied as the model wrote them (biases, small fills, softcapping)."""
-    sdpa_mask: Optional[fx.Node]
-    """The SDPA ``attn_mask`` still applied as it is (None where it became structure or a keep node)."""
-    causal: bool
-    """Keys ``j <= i`` only (detected ``is_causal``, or proved from the mask)."""
-    band: Optional[tuple[int, int]] = None
-    """``(left, 0)``: keys ``i - left <= j <= i`` (a causal sliding window)."""
-    segments: bool = False
-    segment_labels: Any = None
-    """Swin's constant region labels ``[nW, N]``, or the node of the ``[B, N]`` document ids."""
-    segment_fill: float = float("-inf")
-    keep_nodes: tuple = ()
-    """Bool residual masks (True = attend), evaluated as the model computes them."""
-
-    @staticmethod
-    def as_detected(site: AttentionSite) -> "MaskFindings":
-        """Nothing taken out: the site's masks as detection found them."""
-        return MaskFindings(tuple(site.steps), site.sdpa_mask, site.causal)
-
-
 def analyze_masks(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[AttentionSite]:
-    """Recover causal/band structure and residual masks of each site (in place; returns the list).
+    """The sites with the structure of their masks recovered (``site.with_masks``); the given ones are unchanged.
 
     After it, a site's masks are: ``site.causal``, ``site.band``, the bool ``site.keep_nodes`` (ANDed) and
     whatever bias/fill steps remain in ``site.steps`` (or ``site.sdpa_mask`` when it was not understood).
     """
     interp = MaskInterpreter(Aliases(gm.graph))
-    for site in sites:
-        findings = site_findings(gm, site, interp)
-        _record(site, findings if isinstance(findings, MaskFindings) else MaskFindings.as_detected(site))
-    return sites
+    return [site.with_masks(mask_facts(gm, site, interp)) for site in sites]
 
 
-def site_findings(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpreter) -> Union[MaskFindings, str]:
+def mask_facts(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpreter) -> MaskFacts:
+    """What the site's masks are: the structure ``site_findings`` proves, or the masks as detected where it gives
+    up; with the summary the variants read (``has_bias``, ``mask_residual``)."""
+    found = site_findings(gm, site, interp)
+    if not isinstance(found, MaskFacts):
+        found = MaskFacts(tuple(site.steps), site.sdpa_mask, site.causal)
+    return replace(found, has_bias=_has_bias(found), mask_residual=_residual_kind(found))
+
+
+def site_findings(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpreter) -> Union[MaskFacts, str]:
     """What the site's masks reduce to, or why they are kept exactly as detected (the one way to give up)."""
     if any(step.kind == "reshape" for step in site.steps):
         windows = window_segments(gm, site.steps, interp.aliases)
         if windows is None:
             return "the scores are reshaped around something other than Swin's window mask"
         steps, labels, fill = windows
-        return MaskFindings(tuple(steps), site.sdpa_mask, site.causal, segments=True, segment_labels=labels,
+        return MaskFacts(tuple(steps), site.sdpa_mask, site.causal, segments=True, segment_labels=labels,
                             segment_fill=fill)
     sdpa_keep, sdpa_mask = _sdpa_keep(site.sdpa_mask)
     terms = [sdpa_keep] if sdpa_keep is not None else []
@@ -674,7 +654,7 @@ def site_findings(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpret
     causal = structure.right == 0
     band = (structure.left, 0) if causal and structure.left is not None else None
     document = structure.documents[0] if structure.documents else None
-    return MaskFindings(tuple(steps), sdpa_mask, site.causal or causal, band, segments=document is not None,
+    return MaskFacts(tuple(steps), sdpa_mask, site.causal or causal, band, segments=document is not None,
                         segment_labels=document, keep_nodes=tuple(residuals))
 
 
@@ -735,14 +715,6 @@ def _unstructured(structure: MaskStructure, site: AttentionSite) -> Optional[str
     if len(structure.documents) > 1 or (structure.documents and site.q_len != site.kv_len):
         return "several document labels, or documents between sequences of different lengths"
     return None
-
-
-def _record(site: AttentionSite, findings: MaskFindings) -> None:
-    site.steps, site.sdpa_mask, site.causal = list(findings.steps), findings.sdpa_mask, findings.causal
-    site.band, site.segments = findings.band, findings.segments
-    site.segment_labels, site.segment_fill = findings.segment_labels, findings.segment_fill
-    site.keep_nodes = list(findings.keep_nodes)
-    _summarize(site, site.keep_nodes)
 
 
 def window_segments(gm: fx.GraphModule, steps: list,
@@ -826,30 +798,19 @@ def _bool(node) -> bool:
     return t is not None and t.dtype == torch.bool
 
 
-def _summarize(site: AttentionSite, residuals: list[fx.Node]) -> None:
-    """Fill has_bias / mask_residual / mask_kind (the report's 'mask' column) from what the site carries."""
-    site.has_bias = any(s.kind == "add" or (s.kind in ("fill", "keep") and s.value != float("-inf"))
-                        for s in site.steps) or (site.sdpa_mask is not None and not _bool(site.sdpa_mask))
-    site.mask_residual = _residual_kind(site, residuals)
-    parts = ["segments"] if site.segments else []
-    if site.causal:
-        parts.append("causal")
-    if site.band is not None:
-        parts.append(f"window {site.band[0] + 1}")
-    if site.mask_residual != "none":
-        parts.append(site.mask_residual)
-    if site.has_bias:
-        parts.append("bias")
-    site.mask_kind = "+".join(parts) or "none"
+def _has_bias(facts: MaskFacts) -> bool:
+    """An additive float term reaches the scores: an add step, a finite fill, or an additive SDPA mask."""
+    return any(s.kind == "add" or (s.kind in ("fill", "keep") and s.value != float("-inf")) for s in facts.steps) \
+        or (facts.sdpa_mask is not None and not _bool(facts.sdpa_mask))
 
 
-def _residual_kind(site: AttentionSite, residuals: list[fx.Node]) -> str:
+def _residual_kind(facts: MaskFacts) -> str:
     """'dense' when a mask is applied per query and key, 'padding' when only per key ``[B, 1, 1, Nk]``, else
     'none'."""
-    dense = any(s.kind in ("fill", "keep", "reshape") for s in site.steps) or (
-        site.sdpa_mask is not None and _bool(site.sdpa_mask))
+    dense = any(s.kind in ("fill", "keep", "reshape") for s in facts.steps) or (
+        facts.sdpa_mask is not None and _bool(facts.sdpa_mask))
     padding = False
-    for node in residuals:
+    for node in facts.keep_nodes:
         shape = g.shape(node)
         if shape is not None and len(shape) >= 2 and shape[-2] == 1 and (len(shape) < 3 or shape[-3] == 1):
             padding = True

@@ -10,7 +10,6 @@ and it skips the blocks outside the window).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 from attncc.passes import graph_ops as g
 from attncc.policy import Policy
-from attncc.site import AttentionSite
+from attncc.site import AttentionSite, SitePlan
 from attncc.variants import VariantSpec, exact_spec
 from attncc.variants.parse import parse_variant
 
@@ -32,38 +31,38 @@ choices are about token positions, and its 'keys' are feature channels."""
 
 
 def plan_sites(gm: fx.GraphModule, sites: list[AttentionSite], policy: Policy) -> list[AttentionSite]:
-    """Set ``variant``, ``reason``, ``spec``, ``fallback`` and ``min_len`` on each site (in place)."""
+    """The sites with the plan's decision (``site.with_plan``: variant, reason, spec, fallback, min_len, grid);
+    the given ones are unchanged."""
     grids = patch_grids(gm)
-    for site in sites:
-        site.grid, site.grid_prefix = _grid_for(site, grids)
-        decision = policy.decide(site)
-        site.variant, site.reason, site.min_len = decision.variant, decision.reason, 0
-        if decision.variant == "none":
-            site.spec = site.fallback = None
-            continue
-        exact = exact_spec(site)
-        asked = parse_variant(decision.variant)
-        # Documents the model computes from its inputs (HF packs sequences by position_ids): the variant runs
-        # while every row holds one document, and rows packed with several run exact (decided per call).
-        packed = _packed_documents(site)
-        checked = dataclasses.replace(site, segments=False) if packed else site
-        spec = asked.specialize(checked)
-        if spec == exact:
-            site.spec, site.fallback = exact, exact
-            if not asked.exact:
-                site.variant = "exact"
-                site.reason += f"; the model's own window ({site.band[0] + 1} keys) is already narrower: exact"
-            continue
-        why = spec if isinstance(spec, str) else _unsupported(spec, checked)
-        if why:
-            site.variant, site.spec, site.fallback = "exact", exact, exact
-            site.reason = f"{decision.reason}; {asked.name} does not apply ({why}): exact"
-            continue
-        site.spec, site.fallback, site.min_len = spec, exact, decision.min_len
-        site.variant = str(spec)
-        if packed:
-            site.reason += "; batches packed with several documents run exact"
-    return sites
+    return [site.with_plan(plan_site(site, policy, grids)) for site in sites]
+
+
+def plan_site(site: AttentionSite, policy: Policy, grids: list[tuple[int, ...]] = ()) -> SitePlan:
+    """What runs at ``site``: the variant of the policy's first matching rule, made to fit the site, or exact with
+    the variant's reason where it does not apply; ``grids``: the token grids of the graph (``patch_grids``)."""
+    grid, grid_prefix = _grid_for(site, grids)
+    site = site.replace(grid=grid, grid_prefix=grid_prefix)
+    decision = policy.decide(site)
+    located = dict(grid=grid, grid_prefix=grid_prefix)
+    if decision.variant == "none":
+        return SitePlan("none", decision.reason, **located)
+    exact = exact_spec(site)
+    asked = parse_variant(decision.variant)
+    # Documents the model computes from its inputs (HF packs sequences by position_ids): the variant runs
+    # while every row holds one document, and rows packed with several run exact (decided per call).
+    packed = _packed_documents(site)
+    checked = site.replace(segments=False) if packed else site
+    spec = asked.specialize(checked)
+    if spec == exact:
+        reason = decision.reason if asked.exact else \
+            f"{decision.reason}; the model's own window ({site.band[0] + 1} keys) is already narrower: exact"
+        return SitePlan(decision.variant if asked.exact else "exact", reason, exact, exact, **located)
+    why = spec if isinstance(spec, str) else _unsupported(spec, checked)
+    if why:
+        return SitePlan("exact", f"{decision.reason}; {asked.name} does not apply ({why}): exact", exact, exact,
+                        **located)
+    reason = decision.reason + ("; batches packed with several documents run exact" if packed else "")
+    return SitePlan(str(spec), reason, spec, exact, decision.min_len, **located)
 
 
 def _unsupported(spec: VariantSpec, site: AttentionSite) -> str:
@@ -85,7 +84,7 @@ def _packed_documents(site: AttentionSite) -> bool:
     return bool(site.segments) and isinstance(site.segment_labels, fx.Node) and site.segment_fill == float("-inf")
 
 
-def _grid_for(site: AttentionSite, grids: list[tuple[int, ...]]) -> tuple[Optional[tuple[int, ...]], int]:
+def _grid_for(site: AttentionSite, grids) -> tuple[Optional[tuple[int, ...]], int]:
     if site.kind != "self" or site.axis != "tokens" or not isinstance(site.q_len, int):
         return None, 0
     for grid in grids:

@@ -7,7 +7,7 @@ bias and bool mask the score chain applied), swaps the site's output for the op 
 from __future__ import annotations
 
 import operator
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -19,27 +19,36 @@ from attncc.passes.fake_eval import copy_meta, fill_val
 from attncc.passes.graph_copy import copy_graph_module
 from attncc.runtime.call import AttentionCall
 from attncc.runtime.ops import attention_op  # noqa: F401  (importing registers torch.ops.attncc)
-from attncc.site import AttentionSite
+from attncc.site import AttentionSite, SitePlan
 
 ATTENTION_OP = torch.ops.attncc.attention.default
 
 
-def rewrite_sites(gm: fx.GraphModule, sites: list[AttentionSite]) -> fx.GraphModule:
-    """Return a copy of ``gm`` where every site whose ``variant`` is not 'none' is one attncc op call.
+class Rewritten(NamedTuple):
+    """What the rewrite pass returns."""
 
-    A site whose rewrite turns out not to reproduce the original output's shape is left as it was, with
-    ``variant='none'`` and the reason set.
+    graph_module: fx.GraphModule
+    """A copy of the input graph with one attncc op per rewritten site."""
+    sites: list[AttentionSite]
+    """The sites as they ran: those the rewrite had to leave alone have ``variant='none'`` and the reason."""
+
+
+def rewrite_sites(gm: fx.GraphModule, sites: list[AttentionSite]) -> Rewritten:
+    """A copy of ``gm`` where every site whose ``variant`` is not 'none' is one attncc op call.
+
+    A site whose rewrite turns out not to reproduce the original output's shape is left as it was: the returned
+    site says so (``variant='none'`` and the reason). ``gm`` and ``sites`` are unchanged.
     """
     result, value_map = copy_graph_module(gm)
     graph = result.graph
+    ran = []
     for position, site in enumerate(sites):
-        if site.variant == "none":
-            continue
-        _SiteRewriter(site, value_map, position).apply()
+        left_alone = None if site.variant == "none" else _SiteRewriter(site, value_map, position).apply()
+        ran.append(site.with_plan(SitePlan.left_alone(site, left_alone)) if left_alone else site)
     remove_dead_code(graph)
     graph.lint()
     result.recompile()
-    return result
+    return Rewritten(result, ran)
 
 
 class _SiteRewriter:
@@ -74,7 +83,8 @@ class _SiteRewriter:
     def transpose(self, x: fx.Node) -> fx.Node:
         return self.emit("call_method", "transpose", x, -2, -1)
 
-    def apply(self) -> None:
+    def apply(self) -> Optional[str]:
+        """Emit the op in place of the site's output; the reason when it has to leave the site alone instead."""
         site = self.site
         q, k, v = self.qkv()
         bias, mask = self.score_terms()
@@ -97,7 +107,7 @@ class _SiteRewriter:
         out.meta[SITE_META] = self.position
         if site.output_transposed:
             out = self.transpose(out)
-        self.replace_output(out)
+        return self.replace_output(out)
 
     def qkv(self) -> tuple[fx.Node, fx.Node, fx.Node]:
         """The site's q, k, v in SDPA layout ``[..., N, D]``, with the multipliers the model applied to q."""
@@ -124,19 +134,21 @@ class _SiteRewriter:
             return self.m(labels)
         return self.constant(f"_attncc_regions_{self.position}", labels)
 
-    def replace_output(self, out: fx.Node) -> None:
-        """Swap the site's output for ``out`` (cast to its dtype), or undo the rewrite when the shapes differ."""
+    def replace_output(self, out: fx.Node) -> Optional[str]:
+        """Swap the site's output for ``out`` (cast to its dtype), or undo the rewrite when the shapes differ (and
+        say why)."""
         want = g.tensor_val(self.anchor)
         have = g.tensor_val(out)
         if tuple(have.shape) != tuple(want.shape):
-            self.undo(f"rewritten output shape {tuple(have.shape)} differs from the original {tuple(want.shape)}")
-            return
+            self.undo()
+            return f"rewritten output shape {tuple(have.shape)} differs from the original {tuple(want.shape)}"
         if have.dtype != want.dtype:
             out = self.emit("call_method", "to", out, want.dtype)
         self.anchor.replace_all_uses_with(out)
         # a later site may read this site's output as its q/k/v or mask (stacked attention without a projection
         # in between): point the map at the op, since the original output node is now dead
         self.value_map[self.site.output] = out
+        return None
 
     def sink_vector(self) -> fx.Node:
         """The site's learned sink logits as the op's one-per-query-head vector ``[Hq]`` (``[1]`` when the model
@@ -147,11 +159,11 @@ class _SiteRewriter:
             logits = self.emit("call_method", "expand", logits, heads)
         return logits
 
-    def undo(self, reason: str) -> None:
+    def undo(self) -> None:
+        """Erase what this site emitted."""
         for node in reversed(self.emitted):
             if not node.users:
                 node.graph.erase_node(node)
-        self.site.variant, self.site.reason = "none", reason
 
     def score_terms(self) -> tuple[Optional[fx.Node], Optional[fx.Node]]:
         """The additive bias and bool keep-mask equivalent to the site's score steps (or its SDPA mask)."""

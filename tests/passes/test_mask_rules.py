@@ -21,8 +21,9 @@ from attncc.frontend import CallArgs, propagate_fake_values, try_symbolic_trace
 from attncc.passes import canonicalize, detect_sites
 from attncc.passes.effects import Aliases
 from attncc.passes.masks import (
-    MASK_RULES, Affine, Atom, Gathered, MaskFindings, MaskInterpreter, Pred, site_findings, structure_of,
+    MASK_RULES, Affine, Atom, Gathered, MaskInterpreter, Pred, site_findings, structure_of,
 )
+from attncc.site import MaskFacts
 
 B, N = 2, 5
 
@@ -229,7 +230,7 @@ def findings(keep: torch.Tensor):
 def test_findings_of_a_constant_causal_window():
     band = torch.ones(N, N, dtype=torch.bool).tril() & ~torch.ones(N, N, dtype=torch.bool).tril(-3)
     found = findings(band)
-    assert isinstance(found, MaskFindings)
+    assert isinstance(found, MaskFacts)
     assert found.causal and found.band == (2, 0) and found.sdpa_mask is None and not found.keep_nodes
 
 

@@ -27,14 +27,6 @@ class ScoreFacts:
     masked: bool = False
     """A bias or mask was seen: later scales apply to it too."""
 
-    @property
-    def mask_kind(self) -> str:
-        """'none', 'bool', 'additive' or 'bool+additive': what the op receives."""
-        has_bool = any(s.kind in ("fill", "keep") and s.value == -INF for s in self.steps)
-        has_add = any(s.kind == "add" or (s.kind in ("fill", "keep") and s.value != -INF) for s in self.steps)
-        return {(False, False): "none", (True, False): "bool", (False, True): "additive",
-                (True, True): "bool+additive"}[(has_bool, has_add)]
-
 
 def fold_score_steps(steps: tuple[ScoreStep, ...], softmax: fx.Node, scale: float = 1.0) -> ScoreFacts:
     """Fold ``steps`` (program order) onto a product already scaled by ``scale``; Decline (at ``softmax``) for

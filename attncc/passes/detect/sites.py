@@ -51,11 +51,10 @@ def detect_sites(gm: fx.GraphModule, graph_index: int = 0) -> tuple[list[Attenti
             rejected.append(RejectedSite(g.module_path(anchor), decline.reason, anchor, graph_index))
             continue
         if site is not None:
-            site.graph_index = graph_index
-            site.kind = "self" if same_source(site.q, site.k, site.q_stored_transposed, site.k_stored_transposed) \
+            kind = "self" if same_source(site.q, site.k, site.q_stored_transposed, site.k_stored_transposed) \
                 else "cross"
-            site.axis = attention_axis(site)
-            sites.append(site)
+            site = site.replace(graph_index=graph_index, kind=kind)
+            sites.append(site.replace(axis=attention_axis(site)))
     return sites, rejected
 
 
@@ -80,11 +79,8 @@ def _sdpa_site(node: fx.Node) -> AttentionSite:
     site = AttentionSite(
         module=g.module_path(node), source="sdpa", q=q, k=peel_repeat_kv(k), v=peel_repeat_kv(v), output=node,
         scale=float(scale), causal=bool(is_causal), dropout_p=float(dropout_p), sdpa_mask=attn_mask,
-        q_multipliers=q_multipliers,
+        q_multipliers=tuple(q_multipliers),
     )
-    if attn_mask is not None:
-        mv = g.tensor_val(attn_mask)
-        site.mask_kind = "bool" if mv is not None and mv.dtype == torch.bool else "additive"
     return _describe(site)
 
 
@@ -111,7 +107,7 @@ def _explicit_site(softmax: fx.Node) -> Optional[AttentionSite]:
         q_stored_transposed=ops.q_stored_transposed, k_stored_transposed=ops.k_stored_transposed,
         v_stored_transposed=ops.v_stored_transposed, output_transposed=path.transposed, dropout_p=path.dropout_p,
         sink_logits=sink.logits if sink is not None else None, scale=facts.scale, softcap=facts.softcap,
-        steps=list(facts.steps), q_multipliers=list(chain.q_multipliers), mask_kind=facts.mask_kind)
+        steps=tuple(facts.steps), q_multipliers=tuple(chain.q_multipliers))
     return _describe(site)
 
 
@@ -159,7 +155,7 @@ def _sink_column(x: fx.Node, softmax: fx.Node) -> Optional[SinkColumn]:
 
 
 def _describe(site: AttentionSite) -> AttentionSite:
-    """Fill sizes, layout and dtype of a site from its q/k/v values."""
+    """The site with its sizes, layout and dtype read from its q/k/v values."""
     q, k, v = g.tensor_val(site.q), g.tensor_val(site.k), g.tensor_val(site.v)
     qs = list(q.shape)
     ks = list(k.shape)
@@ -174,16 +170,14 @@ def _describe(site: AttentionSite) -> AttentionSite:
     def dim(x):
         return x if isinstance(x, int) else str(x)
 
-    site.q_len, site.head_dim = dim(qs[-2]), dim(qs[-1])
-    site.kv_len, site.value_dim = dim(ks[-2]), dim(vs[-1])
     rank = len(qs)
     if rank == 4:
-        site.layout, site.batch, site.q_heads, site.kv_heads = "bhnd", dim(qs[0]), dim(qs[1]), dim(ks[1])
+        layout = dict(layout="bhnd", batch=dim(qs[0]), q_heads=dim(qs[1]), kv_heads=dim(ks[1]))
     elif rank == 3:
-        site.layout, site.batch, site.q_heads, site.kv_heads = "(bh)nd", dim(qs[0]), 1, 1
+        layout = dict(layout="(bh)nd", batch=dim(qs[0]), q_heads=1, kv_heads=1)
     else:
-        site.layout = f"{rank}-d"
-        site.batch = dim(math.prod(qs[:-2])) if all(isinstance(s, int) for s in qs[:-2]) else "?"
-    site.dtype = q.dtype
-    return site
+        layout = dict(layout=f"{rank}-d",
+                      batch=dim(math.prod(qs[:-2])) if all(isinstance(s, int) for s in qs[:-2]) else "?")
+    return site.replace(q_len=dim(qs[-2]), head_dim=dim(qs[-1]), kv_len=dim(ks[-2]), value_dim=dim(vs[-1]),
+                        dtype=q.dtype, **layout)
 
