@@ -455,7 +455,8 @@ def _slice_axes(x: Tensor, axes: list[_AxisTiles], which: str, first: int, chunk
             starts = starts[chunk[0]:chunk[1]]
         starts = [s + (0 if which == "q" else ax.pad[0]) for s in starts]
         gaps = {b - a for a, b in zip(starts, starts[1:])}
-        if ax.step == 1 and len(gaps) <= 1:
+        # one view needs one positive gap: tiles that share their key region (a kernel as wide as its axis) stack
+        if ax.step == 1 and len(gaps) <= 1 and 0 not in gaps:
             gap = gaps.pop() if gaps else 1
             x = x.narrow(dim, starts[0], gap * (len(starts) - 1) + size).unfold(dim, size, gap).movedim(-1, dim + 1)
             continue

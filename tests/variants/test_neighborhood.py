@@ -128,13 +128,23 @@ def test_rows_without_visible_keys_are_zero():
     assert torch.count_nonzero(out[:, :, 16:]) > 0
 
 
-@pytest.mark.parametrize("grid,globals_", [((7, 9), 0), ((16, 16), 1), ((3, 4, 5), 2)], ids=str)
+@pytest.mark.parametrize("grid,globals_", [((7, 9), 0), ((16, 16), 1), ((3, 4, 5), 2), ((1, 19), 0), ((19, 1), 1)],
+                         ids=str)
 def test_kernel_covering_the_grid_is_exact(grid, globals_):
     spec = NeighborhoodSpec(kernel=tuple(grid), grid=grid, globals=globals_)
     n = _tokens(spec)
     q, k, v = random_qkv(1, 4, 2, n, 48)
     out = spec.forward(q, k, v, ScoreMods(scale=0.2))
     torch.testing.assert_close(out, exact_reference(q, k, v, scale=0.2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid,kernel", [((1, 19), (1, 5)), ((19, 1), (7, 1)), ((2, 19), (1, 19))], ids=str)
+def test_an_axis_of_one_row_or_a_kernel_as_wide_as_its_axis(grid, kernel):
+    """Tiles that share one key region (the kernel spans the whole axis) were once a zero-step unfold."""
+    spec = NeighborhoodSpec(kernel=kernel, grid=grid)
+    q, k, v = random_qkv(2, 4, 2, _tokens(spec), 16)
+    mods = ScoreMods(scale=0.25)
+    torch.testing.assert_close(spec.forward(q, k, v, mods), spec.reference(q, k, v, mods), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tiles", [(1, 1), (3, 5), (16, 16)], ids=str)
