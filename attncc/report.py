@@ -150,24 +150,12 @@ class Report:
 
     def reasons_table(self):
         """Why each site got its variant (the policy rule, or why a variant did not apply)."""
-        from rich.table import Table
-
-        table = Table(title="why", title_justify="left")
-        table.add_column("#")
-        table.add_column("reason")
-        for s in self.sites:
-            table.add_row(str(s.index), s.reason)
-        return table
+        return _text_table("why", ("#", "reason"), [(str(s.index), s.reason) for s in self.sites])
 
     def rejected_table(self):
-        from rich.table import Table
-
-        table = Table(title="not rewritten (near-misses)", title_justify="left")
-        table.add_column("module")
-        table.add_column("reason")
-        for r in self.rejected:
-            table.add_row(r.module or "<root>", r.reason)
-        return table
+        """The near-misses: attention-like code left as it is, and why."""
+        return _text_table("not rewritten (near-misses)", ("module", "reason"),
+                           [(r.module or "<root>", r.reason) for r in self.rejected])
 
     def render(self, width: int = 150, model: Optional[str] = None) -> str:
         """The report as text: the site table, why each site got its variant, the near-misses; a capture that
@@ -197,6 +185,18 @@ class Report:
 
 FLOPS_CAPTION = ("attn GFLOP: attention FLOPs, model -> attncc, counted from shapes; attn FLOPs ratio: model / attncc, "
                  "an estimate, not a measured speedup. rel. error, cosine: measured on the first call.")
+
+
+def _text_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]):
+    """A rich Table of plain text cells with its title on the left."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def _gflop(value: Any) -> str:

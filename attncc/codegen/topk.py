@@ -46,6 +46,14 @@ from attncc.variants.topk import TopKSpec
 HEADER = ["import triton", "import triton.language as tl", ""]
 
 
+def _kernel_writer() -> SourceWriter:
+    """A writer holding the imports every kernel module starts with, ready for ``@triton.jit``."""
+    w = SourceWriter()
+    for line in HEADER:
+        w.line(line)
+    return w
+
+
 def _pow2(n: int) -> int:
     """Smallest power of two >= n (>= 1; ``next_power_of_2`` floors at 16 for ``tl.dot`` tiles)."""
     return 1 << max(0, int(n) - 1).bit_length()
@@ -55,9 +63,7 @@ def _pow2(n: int) -> int:
 
 
 def _pool_source(desc: dict) -> str:
-    w = SourceWriter()
-    for line in HEADER:
-        w.line(line)
+    w = _kernel_writer()
     w.line("@triton.jit")
     with w.block("def topk_pool(x, out, n, heads, stride_b, stride_h, stride_n, stride_d, ROWS: tl.constexpr):"):
         w.lines(f"""
@@ -116,9 +122,7 @@ def pool_blocks(x: Tensor, block: int) -> Tensor:
 
 
 def _mask_source(desc: dict) -> str:
-    w = SourceWriter()
-    for line in HEADER:
-        w.line(line)
+    w = _kernel_writer()
     w.line("@triton.jit")
     with w.block("def topk_mask_blocks(mask, any_out, all_out, mq, mk, rows_per_block, keys_per_block, mkb, heads,"
                  " stride_b, stride_h, stride_q, stride_k, ROWS: tl.constexpr, KB_TILE: tl.constexpr,"
@@ -196,9 +200,7 @@ def _broadcast_strides(t: Optional[Tensor]) -> tuple[int, int, int, int]:
 
 
 def _scores_source(desc: dict) -> str:
-    w = SourceWriter()
-    for line in HEADER:
-        w.line(line)
+    w = _kernel_writer()
     block, d, d_pad = desc["block"], desc["d"], desc["d_pad"]
     w.line("@triton.jit")
     with w.block("def topk_scores(pooled_q, pooled_k, scores, mask_any, nqb, nkb, nq, q_heads, group, scale,"
@@ -279,9 +281,7 @@ def block_scores(pooled_q: Tensor, pooled_k: Tensor, nq: int, block: int, scale:
 
 
 def _select_source(desc: dict) -> str:
-    w = SourceWriter()
-    for line in HEADER:
-        w.line(line)
+    w = _kernel_writer()
     block, sinks, local = desc["block"], desc["sinks"], desc["local"]
     w.line("@triton.jit")
     with w.block("def topk_select(scores, kv_blocks, partial, mask_all, nqb, nkb, nk, q_heads, kept, width,"

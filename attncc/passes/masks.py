@@ -637,16 +637,10 @@ def site_findings(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpret
             return "the scores are reshaped around something other than Swin's window mask"
         steps, labels, fill = windows
         return MaskFacts(tuple(steps), site.sdpa_mask, site.causal, segments=True, segment_labels=labels,
-                            segment_fill=fill)
+                         segment_fill=fill)
     sdpa_keep, sdpa_mask = _sdpa_keep(site.sdpa_mask)
-    terms = [sdpa_keep] if sdpa_keep is not None else []
-    steps = []
-    for step in site.steps:
-        term = _keep_term(gm, step, interp.aliases)
-        if term is None:
-            steps.append(step)
-        else:
-            terms.append(term)
+    steps, terms = _partition(site.steps, lambda step: _keep_term(gm, step, interp.aliases))
+    terms = ([sdpa_keep] if sdpa_keep is not None else []) + terms
     structure, residuals = _structure_of_terms(gm, terms, interp)
     reason = _unstructured(structure, site)
     if reason is not None:
@@ -655,7 +649,19 @@ def site_findings(gm: fx.GraphModule, site: AttentionSite, interp: MaskInterpret
     band = (structure.left, 0) if causal and structure.left is not None else None
     document = structure.documents[0] if structure.documents else None
     return MaskFacts(tuple(steps), sdpa_mask, site.causal or causal, band, segments=document is not None,
-                        segment_labels=document, keep_nodes=tuple(residuals))
+                     segment_labels=document, keep_nodes=tuple(residuals))
+
+
+def _partition(items, read: Callable) -> tuple[list, list]:
+    """(the items ``read`` gives None for, the values it gives for the others), each in order."""
+    kept, read_values = [], []
+    for item in items:
+        value = read(item)
+        if value is None:
+            kept.append(item)
+        else:
+            read_values.append(value)
+    return kept, read_values
 
 
 def _sdpa_keep(mask) -> tuple[Optional[fx.Node], Optional[fx.Node]]:
@@ -680,14 +686,8 @@ def _structure_of_terms(gm: fx.GraphModule, terms: list, interp: MaskInterpreter
         else:
             pred = pred.and_(interp.pred(term))
     structure = structure_of(pred)
-    residuals = []
-    for node in structure.residuals:
-        value = _constant_keep(gm, node, interp.aliases)
-        if value is None:
-            residuals.append(node)
-        else:
-            constants.append(value)
-    for value in constants:
+    residuals, evaluated = _partition(structure.residuals, lambda node: _constant_keep(gm, node, interp.aliases))
+    for value in constants + evaluated:
         band = band_of(value)
         if band is None:
             structure.unexplained = True
