@@ -12,6 +12,9 @@ import attncc
 
 pytestmark = pytest.mark.slow
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+"""Where the models run: the GPU's kernels where there is one, else the kernels in Triton's interpreter."""
+
 
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch, tmp_path):
@@ -25,6 +28,9 @@ def _fresh(monkeypatch, tmp_path):
 
 def _run_both(model, policy, inputs, monkeypatch):
     """(torch backend output, triton backend output, report) of the compiled model on ``inputs``."""
+    model = model.to(DEVICE)
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()} if isinstance(inputs, dict) else \
+        tuple(x.to(DEVICE) for x in inputs)
     call = (lambda m: m(**inputs)) if isinstance(inputs, dict) else (lambda m: m(*inputs))
     outs = {}
     for backend in ("torch", "triton"):
