@@ -306,3 +306,17 @@ def test_real_sizes_float32_match_torch_path(case):
     mods = ScoreMods(scale=ScoreMods.default_scale(q), causal=case["causal"])
     torch.testing.assert_close(linear_attention(spec, q, k, v, mods), spec.forward(q, k, v, mods), atol=1e-4,
                                rtol=1e-3)
+
+
+def test_cuda_calls_take_the_torch_path_until_the_fault_is_fixed():
+    """On an H200 the linear kernels made an illegal memory access (issue 11): the backend must not launch them on
+    CUDA tensors (the interpreter still runs them here, and the gpu tests above still call them directly)."""
+    from types import SimpleNamespace
+
+    from attncc.codegen.linear import CUDA_FAULT
+    from attncc.codegen.registry import kernel
+
+    covers = kernel("linear").covers
+    spec = LinearSpec()
+    assert covers(spec, SimpleNamespace(is_cuda=True), None, None, None) == CUDA_FAULT
+    assert covers(spec, torch.zeros(1, 1, 4, 8), None, None, None) == ""
