@@ -26,14 +26,15 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def triton_attention(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Optional[Tensor]:
     """Run ``spec`` through its Triton kernels; None when no kernel covers this call."""
-    reason = _uncovered(spec, q, k, v, mods)
+    found = _kernel_of(spec)
+    reason = _uncovered(spec, found, q, k, v, mods)
     if reason:
         if reason not in _SAID:
             _SAID.add(reason)
             log.debug("attncc: %s runs on the torch path: %s", spec, reason)
         return None
     try:
-        return _kernel_of(spec).run(spec, q, k, v, mods)
+        return found.run(spec, q, k, v, mods)
     except Exception as error:
         if not _out_of_resources(error):
             raise
@@ -57,9 +58,9 @@ def _out_of_resources(error: BaseException) -> bool:
     return isinstance(error, OutOfResources)
 
 
-def _uncovered(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> str:
-    """Why no kernel runs this call ('' when one does): the checks every kernel shares, then the variant's
-    own kernel's ``covers`` (``attncc.codegen.registry``)."""
+def _uncovered(spec: VariantSpec, found, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> str:
+    """Why no kernel runs this call ('' when one does): the checks every kernel shares, then the ``covers`` of
+    ``found``, the variant's registered kernel (``attncc.codegen.registry``; None when it has none)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"rank {q.dim()} inputs"
     if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -68,7 +69,6 @@ def _uncovered(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMo
         return f"head layout q {tuple(q.shape)}, k {tuple(k.shape)}"
     if q.shape[-2] == 0 or k.shape[-2] == 0:
         return "an empty sequence"
-    found = _kernel_of(spec)
     if found is None:
         return f"no Triton kernel is registered for {spec.name}"
     return found.covers(spec, q, k, v, mods)

@@ -31,11 +31,11 @@ def modified_scores(s: Tensor, mods: ScoreMods) -> Tensor:
     return s
 
 
-def visible_pairs(mods: ScoreMods, q_pos: Tensor, k_pos: Tensor) -> Optional[Tensor]:
+def visible_pairs(mods: ScoreMods, q_pos: Optional[Tensor], k_pos: Optional[Tensor]) -> Optional[Tensor]:
     """Bool ``keep`` (True = attend) of the pairs ``mods.mask`` and causality leave; None when neither applies.
 
-    ``q_pos`` ``[Nq]`` and ``k_pos`` ``[Nk]`` are the positions of the scored query rows and key columns (causal:
-    key j is visible from query i when ``j <= i``, top-left aligned). The result broadcasts against the mask
+    ``q_pos`` ``[Nq]`` and ``k_pos`` ``[Nk]`` are the positions of the scored query rows and key columns, read
+    only when ``mods.causal`` (key j is visible from query i when ``j <= i``, top-left aligned). The result broadcasts against the mask
     and ``[Nq, Nk]``.
     """
     keep = mods.mask
@@ -53,10 +53,9 @@ def apply_mods(s: Tensor, mods: ScoreMods, q_pos: Optional[Tensor] = None, k_pos
     a block of query rows passes its own). ``mods.bias`` and ``mods.mask`` must broadcast to ``s``.
     """
     s = modified_scores(s, mods)
-    if q_pos is None:
-        q_pos = torch.arange(s.shape[-2], device=s.device)
-    if k_pos is None:
-        k_pos = torch.arange(s.shape[-1], device=s.device)
+    if mods.causal:  # only causality reads positions
+        q_pos = torch.arange(s.shape[-2], device=s.device) if q_pos is None else q_pos
+        k_pos = torch.arange(s.shape[-1], device=s.device) if k_pos is None else k_pos
     keep = visible_pairs(mods, q_pos, k_pos)
     return s if keep is None else s.masked_fill(~keep, float("-inf"))
 
