@@ -91,17 +91,10 @@ def rewritten_subgraph(gm: fx.GraphModule, position: int, matched_names: set[str
     """The op the rewrite put in place of the ``position``-th site of ``gm``'s graph, with the nodes the rewrite
     added around it (names not in ``matched_names``, the canonical graph's), the values they read and the users
     of the result; None when the graph holds no op for that site (the site was left alone)."""
-    op = next((n for n in gm.graph.nodes if n.meta.get(SITE_META) == position and _is_attention_op(n)), None)
+    op = _op_node(gm, position)
     if op is None:
         return None
-    added = {op}
-    frontier = [op]
-    while frontier:  # the rewrite's own nodes next to the op: q transposes/multipliers, mask and, output cast
-        node = frontier.pop()
-        for other in (*node.all_input_nodes, *node.users):
-            if other not in added and other.name not in matched_names and not _is_attention_op(other):
-                added.add(other)
-                frontier.append(other)
+    added = _added_around(op, matched_names)
     drawn = nx.DiGraph(op=op.name)
     for node in sorted(added, key=_position(gm.graph)):
         _add(drawn, node, "op" if node is op else "added")
@@ -128,7 +121,7 @@ def label_qkv(after: nx.DiGraph, site: AttentionSite) -> None:
 def op_arguments(gm: fx.GraphModule, position: int) -> list[tuple[str, str]]:
     """``[(argument name, value as text)]`` of the op call of the ``position``-th site (the op's schema names; a
     node argument is shown by its name and shape)."""
-    op = next((n for n in gm.graph.nodes if n.meta.get(SITE_META) == position and _is_attention_op(n)), None)
+    op = _op_node(gm, position)
     if op is None:
         return []
     return [(name, _argument_text(value)) for name, value in _op_fields(op)]
@@ -189,6 +182,25 @@ def _input_role(node: fx.Node, masking: bool = False) -> str:
     if not isinstance(value, torch.Tensor):
         return "input"
     return "mask" if value.dtype == torch.bool or (masking and value.dim() >= 2) else "input"
+
+
+def _op_node(gm: fx.GraphModule, position: int) -> Optional[fx.Node]:
+    """The op call the rewrite made for the ``position``-th site of ``gm``'s graph (None: it made none)."""
+    return next((n for n in gm.graph.nodes if n.meta.get(SITE_META) == position and _is_attention_op(n)), None)
+
+
+def _added_around(op: fx.Node, matched_names: set[str]) -> set[fx.Node]:
+    """``op`` and the nodes the rewrite added next to it (q transposes and multipliers, the combined mask, the
+    output cast): those connected to it through nodes not in the matched graph, up to other sites' ops."""
+    added = {op}
+    frontier = [op]
+    while frontier:
+        node = frontier.pop()
+        for other in (*node.all_input_nodes, *node.users):
+            if other not in added and other.name not in matched_names and not _is_attention_op(other):
+                added.add(other)
+                frontier.append(other)
+    return added
 
 
 def _op_fields(op: fx.Node) -> list[tuple[str, Any]]:
