@@ -117,7 +117,9 @@ def _legend() -> str:
                      f"<b>{role}</b>: {escape(meaning)}</span>")
     return ('<section class="legend"><h2>Reading the graphs</h2><p class="note">Each box is one node of the '
             "captured graph: its op and output shape; hover it for the node in full and the model's source line. "
-            f"Data flows top to bottom.</p>{''.join(items)}</section>")
+            "Data flows top to bottom. 'Before' is the captured graph as attncc matched it, after canonicalization "
+            "(nn.MultiheadAttention appears as its SDPA decomposition, einsum as matmul).</p>"
+            f"{''.join(items)}</section>")
 
 
 def _site_section(view: SiteView) -> str:

@@ -9,7 +9,9 @@
   attribute ``op`` names the op's node.
 
 A site's node fields point into the canonicalized graph the detector ran on (``attncc.site``); the rewrite pass
-copies that graph and leaves it untouched, so the "before" is read from it after the fact. Nodes keep their
+copies that graph and leaves it untouched, so the "before" is read from it after the fact. It is the captured
+graph as attncc matched it: canonicalize spelled a few forms one way first (``nn.MultiheadAttention`` as its SDPA
+decomposition, ``einsum`` as ``matmul``, a written-out softmax as ``softmax``). Nodes keep their
 names in the copy, so a matched node whose name is gone from the rewritten graph is one the rewrite removed.
 
 Every graph node is keyed by the fx node's name and carries:
@@ -26,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from attncc.measure import SITE_META
+from attncc.passes.graph_ops import SDPA
 from attncc.site import AttentionSite
 
 ATTENTION_OP = "attncc.attention"
@@ -70,7 +73,7 @@ def matched_subgraph(site: AttentionSite, rewritten_names: Optional[set[str]] = 
     upstream = nx.ancestors(flow, site.output) | {site.output}
     core = upstream & set().union(*(nx.descendants(flow, start) for start in qkv))
     # the scores: what q and k reach before v joins in; a tensor read there is a mask or bias
-    scores = core & nx.descendants(flow, site.q) & nx.descendants(flow, site.k) - nx.descendants(flow, site.v)
+    scores = (core & nx.descendants(flow, site.q) & nx.descendants(flow, site.k)) - nx.descendants(flow, site.v)
     drawn = nx.DiGraph(output=site.output.name)
     for node in sorted(core, key=_position(site.output.graph)):
         role = "kept" if rewritten_names is None or node.name in rewritten_names else "removed"
@@ -78,7 +81,7 @@ def matched_subgraph(site: AttentionSite, rewritten_names: Optional[set[str]] = 
     for node in sorted(core, key=_position(site.output.graph)):
         for source in node.all_input_nodes:
             if source not in core:
-                masking = node in scores or source is site.sdpa_mask
+                masking = node in scores or _is_sdpa_mask(node, source)
                 _add(drawn, source, qkv.get(source) or _input_role(source, masking))
             drawn.add_edge(source.name, node.name)
     for user in site.output.users:
@@ -182,6 +185,11 @@ def _input_role(node: fx.Node, masking: bool = False) -> str:
     if not isinstance(value, torch.Tensor):
         return "input"
     return "mask" if value.dtype == torch.bool or (masking and value.dim() >= 2) else "input"
+
+
+def _is_sdpa_mask(node: fx.Node, source: fx.Node) -> bool:
+    """Whether ``source`` is the attn_mask of the SDPA call ``node`` (canonicalize made it positional)."""
+    return node.op == "call_function" and node.target in SDPA and node.args[3:4] == (source,)
 
 
 def _op_node(gm: fx.GraphModule, position: int) -> Optional[fx.Node]:
