@@ -352,6 +352,13 @@ class CompiledModule(nn.Module):
         """The rewritten graphs of the latest capture."""
         return [r.graph_module for r in self._latest.results] if self._latest else []
 
+    @property
+    def pass_results(self) -> list[PassResult]:
+        """What the pipeline made of each graph of the latest capture, in ``report()`` order: the rewritten graph
+        and its sites, whose nodes point into the graph as the detector matched it, before the rewrite (what
+        ``attncc.visual`` draws)."""
+        return list(self._latest.results) if self._latest else []
+
     def code(self) -> str:
         """Python code of the rewritten graphs of the latest capture."""
         parts = []
