@@ -13,7 +13,8 @@ import attncc  # noqa: E402
 import attncc.hf  # noqa: E402
 from attncc.hf.mask import MaskStructure, read_mask_function, structured_mask  # noqa: E402
 from transformers import (  # noqa: E402
-    AttentionInterface, AutoModel, AutoModelForCausalLM, BertConfig, Gemma2Config, LlamaConfig, MistralConfig,
+    AttentionInterface, AutoModel, AutoModelForCausalLM, BertConfig, DynamicCache, Gemma2Config, GptOssConfig,
+    LlamaConfig, MistralConfig,
 )
 from transformers import masking_utils as mu  # noqa: E402
 
@@ -243,6 +244,53 @@ def test_caller_4d_float_mask_is_carried_and_said():
     assert any("4-D" in note for note in attncc.hf.report(model).modules[0].notes)
 
 
+def gpt_oss_config():
+    # learned sink logits (s_aux) on every layer, a sliding window on every other one
+    return GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                        num_experts_per_tok=1, sliding_window=8, max_position_embeddings=256)
+
+
+def test_learned_sinks_and_softcap_are_carried_exactly():
+    for config in (gpt_oss_config, gemma2_config):
+        ref, model = pair(config(), original="eager")
+        batch = inputs()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", attncc.AttnccWarning)  # nothing left out
+            got = out(model, batch)
+        assert_close(valid(got, batch), valid(out(ref, batch), batch))
+
+
+@pytest.mark.parametrize("config", [llama_config, mistral_config], ids=["llama", "mistral"])
+def test_chunked_prefill_with_cache_equals_one_pass(config):
+    """Queries fewer than keys, several of them (8 new tokens after 12 cached): causality and the window are
+    aligned at the cache's end."""
+    _, model = pair(config())
+    attncc.hf.register("exact")
+    torch.manual_seed(5)
+    ids = torch.randint(0, VOCAB, (1, 20))
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits
+        cache = DynamicCache(config=model.config)
+        first = model(input_ids=ids[:, :12], past_key_values=cache, use_cache=True).logits
+        second = model(input_ids=ids[:, 12:], past_key_values=cache, use_cache=True).logits
+    assert_close(torch.cat([first, second], dim=1), whole)
+    assert any("[8, 20] mask" in mask or "[8, 15] mask" in mask for mask in attncc.hf.report(model).modules[0].masks)
+
+
+def test_training_gradients_equal_original():
+    ref, model = pair(llama_config())
+    attncc.hf.register("exact")
+    batch = inputs()
+    grads = []
+    for m in (ref, model):
+        m.train()
+        m.zero_grad()
+        m(**batch, labels=batch["input_ids"]).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    assert_close(grads[1], grads[0])
+
+
 # -- generate() with the dynamic KV cache ------------------------------------------------------------------------------
 
 
@@ -258,6 +306,17 @@ def test_generate_exact_tokens_equal_original(config):
     assert torch.equal(got, expected)
     runs = attncc.hf.report(model).modules[0].runs
     assert sum(runs.values()) == 32  # one prefill and 31 decode steps, every one through the op
+
+
+@pytest.mark.parametrize("config", [llama_config, gemma2_config], ids=["llama", "gemma2"])
+def test_generate_exact_static_cache_equals_original(config):
+    # generate builds a static cache's masks in advance (a dict per layer type for Gemma 2) and hands them back
+    ref, model = pair(config(), original="eager")
+    attncc.hf.register("exact")
+    ids = inputs(batch=1, n=10)["input_ids"]
+    kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **kwargs), ref.generate(ids, **kwargs))
 
 
 def test_generate_exact_left_padded_batch_equals_original():

@@ -43,7 +43,8 @@ TAKEN = frozenset({"dropout", "scaling", "is_causal", "softcap", "s_aux", "posit
 """Keyword arguments of the attention interface that become op arguments (``sliding_window``: read from the mask
 structure, which transformers builds from the same config value)."""
 NOT_ATTENTION = frozenset({"position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value",
-                           "layer_idx", "output_hidden_states", "return_dict", "token_type_ids"})
+                           "layer_idx", "output_hidden_states", "return_dict", "token_type_ids",
+                           "output_router_logits"})
 """Keyword arguments transformers forwards to every attention function that do not change attention (sdpa
 ignores them too)."""
 

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from transformers import masking_utils as mu
 
+from attncc.errors import AttnccError
+
 Band = tuple[float, float]
 """``(left, right)``: query i (at position p) sees keys at positions ``p - left .. p + right``."""
 
@@ -58,6 +60,11 @@ class MaskStructure:
     dense: Optional[Tensor] = None
     why_dense: str = ""
 
+    ndim = 4
+    """Read by transformers: ``generate`` with a static cache builds the masks once and hands them back to the
+    model as ``attention_mask``, where ``create_causal_mask`` asks ``attention_mask.ndim == 2`` (a 2-D padding
+    mask?); 4 lets the structure through to ``structured_mask``, which returns it as it is."""
+
     def describe(self) -> str:
         """The structure in the report's words (``causal+window 4+padding``, ``dense (packed sequences)``)."""
         if self.dense is not None:
@@ -87,6 +94,11 @@ def structured_mask(
     Returns:
         a ``MaskStructure``; never an ``Nq x Nk`` tensor unless the pattern is not causal/window/bidirectional.
     """
+    if isinstance(attention_mask, MaskStructure):  # built in advance (generate with a static cache)
+        if (attention_mask.q_length, attention_mask.kv_length) != (q_length, kv_length):
+            raise AttnccError(f"attncc.hf: a mask built in advance for {attention_mask.q_length} queries and "
+                              f"{attention_mask.kv_length} keys was given for {q_length} and {kv_length}")
+        return attention_mask
     q_offset, kv_offset = int(q_offset), int(kv_offset)
     padding = None
     if attention_mask is not None:
