@@ -87,7 +87,7 @@ def attncc_attention(
     softcap = float(kwargs.get("softcap") or 0.0)
     sinks = kwargs.get("s_aux")
     if isinstance(attention_mask, MaskStructure):
-        facts = _facts_from_structure(attention_mask, query.shape[-2], key.shape[-2])
+        facts = _facts_from_structure(attention_mask, query.shape[-2], key.shape[-2], query.device)
     else:
         facts = _facts_from_tensor(record, module, attention_mask, query, key, kwargs.get("is_causal"))
     keys = facts["keys"]
@@ -122,7 +122,7 @@ def _sum(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
 # -- the mask as op arguments -----------------------------------------------------------------------------------
 
 
-def _facts_from_structure(structure: MaskStructure, nq: int, nk: int) -> Optional[dict]:
+def _facts_from_structure(structure: MaskStructure, nq: int, nk: int, device: torch.device) -> dict:
     """The op's mask arguments for one call from the mask structure, with explicit query/key alignment.
 
     Returns a dict: ``keys`` (how many leading keys any query may see), ``causal`` and ``band`` (the model's
@@ -146,8 +146,7 @@ def _facts_from_structure(structure: MaskStructure, nq: int, nk: int) -> Optiona
                  mask=padding, bias=None, residual="padding" if padding is not None else "none", described=described)
     if square or (band is None and nq == 1):
         return facts  # aligned as the op aligns, or one query that sees every kept key
-    visible = _visible_pairs(structure.causal, band, nq, keys, shift, padding.device if padding is not None
-                             else structure.padding.device if structure.padding is not None else None)
+    visible = _visible_pairs(structure.causal, band, nq, keys, shift, device)
     facts.update(band=None, mask=visible if padding is None else visible & padding, residual="dense",
                  described=described + f" (queries at keys +{shift}: causal/window as a [{nq}, {keys}] mask)")
     return facts
@@ -183,7 +182,7 @@ def _facts_from_tensor(record: ModuleRecord, module: nn.Module, mask, query: Ten
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         if causal and nq != nk:
             structure = MaskStructure(True, None, None, nq, nk, q_offset=nk - nq)  # sdpa: bottom-right in decode
-            return _facts_from_structure(structure, nq, nk)
+            return _facts_from_structure(structure, nq, nk, query.device)
         return dict(keys=nk, causal=causal, band=None, op_causal=causal and nq > 1, mask=None, bias=None,
                     residual="none", described="causal" if causal else "none")
     if isinstance(mask, Tensor) and mask.dim() == 4:
