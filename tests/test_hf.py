@@ -361,3 +361,44 @@ def test_report_and_warning_for_policy_none():
     said = [w for w in caught if issubclass(w.category, attncc.AttnccWarning)]
     assert len(said) == 2  # once per module, not once per call
     assert "policy says 'none'" in str(attncc.hf.report(model))
+
+
+def test_training_dropout_is_applied_and_keeps_the_site_exact():
+    """Attention dropout in training reaches the op (outputs change); local does not apply dropout, so the plan
+    keeps the module exact and says why."""
+    _, model = pair(llama_config(attention_dropout=0.3))
+    attncc.hf.register("local(window=4)")
+    batch = inputs()
+    with torch.no_grad():
+        evaluated = out(model, batch)
+        model.train()
+        torch.manual_seed(6)
+        trained = out(model, batch)
+    assert not torch.allclose(trained, evaluated)
+    first = attncc.hf.report(model).modules[0]
+    assert dict(first.runs) == {"local(window=4)": 1, "exact": 1}
+    assert any("does not apply dropout" in reason for reason in first.reasons)
+
+
+def test_unknown_argument_is_warned_once_and_reported():
+    attncc.hf.register("exact")
+    module = torch.nn.Module()  # a standalone module: no enclosing model names it
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.warns(attncc.AttnccWarning, match="'cu_seq_lens_q' is not an attention argument"):
+        got, weights = attncc.hf.attncc_attention(module, q, q, q, None, cu_seq_lens_q=torch.tensor([0, 4]))
+    assert weights is None and got.shape == (1, 4, 2, 8)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2)
+    assert_close(got, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attncc.AttnccWarning)
+        attncc.hf.attncc_attention(module, q, q, q, None, cu_seq_lens_q=torch.tensor([0, 4]))
+
+
+def test_report_is_json():
+    import json
+
+    _, model = pair(llama_config())
+    out(model, inputs())
+    data = json.loads(json.dumps(attncc.hf.report(model).to_dict()))
+    assert data["modules"][0] == {"module": "model.layers.0.self_attn", "layer": 0, "runs": {"exact": 1},
+                                  "reasons": ["policy: exact"], "masks": ["causal+padding"], "notes": []}
