@@ -13,7 +13,7 @@ import attncc  # noqa: E402
 import attncc.hf  # noqa: E402
 from attncc.hf.mask import MaskStructure, read_mask_function, structured_mask  # noqa: E402
 from transformers import (  # noqa: E402
-    AttentionInterface, AutoModel, AutoModelForCausalLM, BertConfig, DynamicCache, Gemma2Config, GptOssConfig,
+    AttentionInterface, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, BartConfig, BertConfig, DynamicCache, Gemma2Config, GptOssConfig,
     LlamaConfig, MistralConfig,
 )
 from transformers import masking_utils as mu  # noqa: E402
@@ -402,3 +402,20 @@ def test_report_is_json():
     data = json.loads(json.dumps(attncc.hf.report(model).to_dict()))
     assert data["modules"][0] == {"module": "model.layers.0.self_attn", "layer": 0, "runs": {"exact": 1},
                                   "reasons": ["policy: exact"], "masks": ["causal+padding"], "notes": []}
+
+
+def test_encoder_decoder_cross_attention_is_exact_and_said():
+    """BART: one module class serves self- and cross-attention; cross calls (queries from the decoder, keys from
+    the encoder) are planned as cross-attention, which local does not take."""
+    config = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64)
+    ref, model = pair(config, auto=AutoModelForSeq2SeqLM)
+    batch = dict(inputs(n=16), decoder_input_ids=inputs(n=8)["input_ids"])
+    for policy in ("exact", "local(window=4)"):
+        attncc.hf.register(policy)
+        got = out(model, batch)[:1]  # the unpadded row
+        if policy == "exact":
+            assert_close(got, out(ref, batch)[:1])
+    cross = {m.module: m for m in attncc.hf.report(model).modules}["model.decoder.layers.0.encoder_attn"]
+    assert dict(cross.runs) == {"exact": 2} and "padding" in cross.masks
+    assert any("cross-attention" in reason for reason in cross.reasons)

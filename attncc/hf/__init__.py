@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+from attncc.errors import AttnccError
 from attncc.hf.attention import STATE, attncc_attention
 from attncc.hf.mask import MaskStructure, structured_mask
 from attncc.hf.records import ModuleRecord, Report, forget_plans, report
@@ -37,8 +38,12 @@ _saved: dict = {}
 
 
 def _interfaces():
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as err:  # transformers < 5 has no mask interface
+        raise AttnccError(f"attncc.hf needs transformers >= 5 (AttentionInterface and AttentionMaskInterface): "
+                          f"{err}") from None
 
     return ((AttentionInterface, attncc_attention), (AttentionMaskInterface, structured_mask))
 

@@ -144,8 +144,8 @@ def _facts_from_structure(structure: MaskStructure, nq: int, nk: int, device: to
     square = nq == keys and shift == 0
     facts = dict(keys=keys, causal=structure.causal, band=band, op_causal=structure.causal and square and nq > 1,
                  mask=padding, bias=None, residual="padding" if padding is not None else "none", described=described)
-    if square or (band is None and nq == 1):
-        return facts  # aligned as the op aligns, or one query that sees every kept key
+    if square or band is None and (nq == 1 or not structure.causal):
+        return facts  # aligned as the op aligns, one query that sees every kept key, or nothing to align
     visible = _visible_pairs(structure.causal, band, nq, keys, shift, device)
     facts.update(band=None, mask=visible if padding is None else visible & padding, residual="dense",
                  described=described + f" (queries at keys +{shift}: causal/window as a [{nq}, {keys}] mask)")
@@ -205,7 +205,10 @@ def _site(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, facts: d
           has_bias: bool, sinks: Optional[Tensor]) -> AttentionSite:
     """The ``AttentionSite`` the plan sees for this call (no graph: the node fields are None). Self-attention gets
     one symbolic length ``N`` for queries and keys, so prefill and decode get the same plan."""
-    cross = bool(getattr(module, "is_cross_attention", False)) or "cross" in type(module).__name__.lower()
+    # T5/BART modules serve both kinds (cross when called with key_value_states): a bidirectional call with
+    # fewer or more keys than queries is cross-attention (self-attention without causality has no KV cache)
+    cross = bool(getattr(module, "is_cross_attention", False)) or "cross" in type(module).__name__.lower() or (
+        not facts["causal"] and query.shape[-2] != key.shape[-2])
     length = "N" if not cross else None
     return AttentionSite(
         module=record_for(module).module, source="hf", q=None, k=None, v=None, output=None,
