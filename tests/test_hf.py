@@ -419,3 +419,18 @@ def test_encoder_decoder_cross_attention_is_exact_and_said():
     cross = {m.module: m for m in attncc.hf.report(model).modules}["model.decoder.layers.0.encoder_attn"]
     assert dict(cross.runs) == {"exact": 2} and "padding" in cross.masks
     assert any("cross-attention" in reason for reason in cross.reasons)
+
+
+def test_no_mask_takes_causality_and_sliding_window_from_the_arguments():
+    """A model that builds no mask: causal from is_causal, the window from sliding_window (as flash attention
+    takes it); one query after the keys (decode) sees the window's last keys."""
+    attncc.hf.register("exact")
+    module = torch.nn.Module()
+    torch.manual_seed(7)
+    q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    keep = torch.ones(6, 6, dtype=torch.bool).tril() & ~torch.ones(6, 6, dtype=torch.bool).tril(-3)  # window 3
+    got, _ = attncc.hf.attncc_attention(module, q, k, v, None, is_causal=True, sliding_window=3)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2)
+    assert_close(got, expected)
+    got, _ = attncc.hf.attncc_attention(module, q[:, :, -1:], k, v, None, is_causal=True, sliding_window=3)
+    assert_close(got, expected[:, -1:])

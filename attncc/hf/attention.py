@@ -89,7 +89,8 @@ def attncc_attention(
     if isinstance(attention_mask, MaskStructure):
         facts = _facts_from_structure(attention_mask, query.shape[-2], key.shape[-2], query.device)
     else:
-        facts = _facts_from_tensor(record, module, attention_mask, query, key, kwargs.get("is_causal"))
+        facts = _facts_from_tensor(record, module, attention_mask, query, key, kwargs.get("is_causal"),
+                                   kwargs.get("sliding_window"))
     keys = facts["keys"]
     key, value = key[..., :keys, :], value[..., :keys, :]
     bias = _sum(kwargs.get("position_bias"), facts["bias"])
@@ -171,21 +172,21 @@ def _visible_pairs(causal: bool, band, nq: int, nk: int, shift: int, device) -> 
 
 
 def _facts_from_tensor(record: ModuleRecord, module: nn.Module, mask, query: Tensor, key: Tensor,
-                       is_causal: Optional[bool]) -> dict:
+                       is_causal: Optional[bool], sliding_window: Optional[int]) -> dict:
     """Facts (as ``_facts_from_structure``) when the mask is not a structure: None (no mask: causal as
-    ``is_causal`` or the module says, as sdpa does) or a 4-D tensor the caller built (bool: ``mask``; float: added
-    as ``bias``, as sdpa adds it). Anything else (a flex ``BlockMask``) is an AttnccError."""
+    ``is_causal`` or the module says, as sdpa does, and the ``sliding_window`` argument as a band; the last query
+    at the last key) or a 4-D tensor the caller built (bool: ``mask``; float: added as ``bias``, as sdpa adds it;
+    it holds the whole mask, window included). Anything else (a flex ``BlockMask``) is an AttnccError."""
     nq, nk = query.shape[-2], key.shape[-2]
     if mask is None:
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-        if causal and nq != nk:
-            structure = MaskStructure(True, None, None, nq, nk, q_offset=nk - nq)  # sdpa: bottom-right in decode
-            return _facts_from_structure(structure, nq, nk, query.device)
-        return dict(keys=nk, causal=causal, band=None, op_causal=causal and nq > 1, mask=None, bias=None,
-                    residual="none", described="causal" if causal else "none")
+        band = None if not sliding_window else (sliding_window - 1, 0) if causal else (sliding_window, sliding_window)
+        structure = MaskStructure(causal, band, None, nq, nk, q_offset=nk - nq if causal else 0)
+        return _facts_from_structure(structure, nq, nk, query.device)
     if isinstance(mask, Tensor) and mask.dim() == 4:
         record.note(f"the caller passed a 4-D {mask.dtype} attention mask: carried exactly as a dense "
-                    f"{'mask' if mask.dtype == torch.bool else 'bias'} (no structure to exploit)")
+                    f"{'mask' if mask.dtype == torch.bool else 'bias'} (no structure to exploit; it holds the "
+                    f"whole mask, as for sdpa)")
         mask = mask[..., :nk]
         if mask.dtype == torch.bool:
             return dict(keys=nk, causal=False, band=None, op_causal=False, mask=mask, bias=None, residual="dense",
