@@ -9,10 +9,12 @@ the output ``[B, Nq, Hq, Dv]`` (``transformers.integrations.sdpa_attention.sdpa_
    runs (``attncc.passes.plan.plan_site`` on an ``AttentionSite`` of the call's facts), cached per set of facts;
 2. the mask arrives as structure (``mask.MaskStructure``): causality and the model's own sliding window become op
    arguments, padding a ``[B, 1, 1, Nk]`` bool mask;
-3. queries fewer than keys (decode with a KV cache, chunked prefill) are aligned explicitly: keys no query may see
-   under causality are dropped, after which the last query is at the last key (bottom-right); one query then sees
-   every key (``causal=False``), and several are given their visible pairs as a ``[Nq, Nk]`` bool mask, so the op's
-   ``causal`` flag is only passed when ``Nq == Nk`` and both alignments agree;
+3. queries fewer than keys (decode with a KV cache, chunked prefill) are aligned explicitly, from the positions the
+   mask interface was given: keys no query may see under causality are dropped, after which the last query is at
+   the last key (bottom-right). One query inside the model's window then sees every key (``causal=False``);
+   otherwise (several queries, or a window that hides keys) the visible pairs go to the op as a ``[Nq, Nk]`` bool
+   mask. The op's ``causal`` flag is only passed when ``Nq == Nk`` at the same positions, where top-left and
+   bottom-right alignment agree;
 4. every argument is carried (``softcap``, ``s_aux`` as ``sinks``, ``position_bias`` as ``bias``, a caller's 4-D
    mask as ``mask``/``bias``, ``dropout`` as ``dropout_p``) or recorded and warned where it is not.
 
@@ -40,8 +42,8 @@ from attncc.site import AttentionSite, SitePlan
 from attncc.variants.exact import reference
 
 TAKEN = frozenset({"dropout", "scaling", "is_causal", "softcap", "s_aux", "position_bias", "sliding_window"})
-"""Keyword arguments of the attention interface that become op arguments (``sliding_window``: read from the mask
-structure, which transformers builds from the same config value)."""
+"""Keyword arguments of the attention interface that become op arguments (``sliding_window``: the mask structure
+holds it, built from the same config value; without a mask it becomes the band)."""
 NOT_ATTENTION = frozenset({"position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value",
                            "layer_idx", "output_hidden_states", "return_dict", "token_type_ids",
                            "output_router_logits"})
