@@ -11,4 +11,13 @@ from attncc.runtime.ops import attention
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # attncc.hf (the transformers integration) imports transformers: loaded on first use, not with attncc
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module("attncc.hf")
+    raise AttributeError(f"module 'attncc' has no attribute {name!r}")
+
 __all__ = ["AttnccError", "AttnccWarning", "CompiledModule", "Policy", "Rule", "attention", "compile", "__version__"]
