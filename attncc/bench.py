@@ -85,13 +85,15 @@ class BenchResult:
     def table(self):
         """The rows as a rich Table (one block of rows per length)."""
         from rich.table import Table
+        from rich.text import Text
 
-        env = self.environment
-        table = Table(title=f"attncc bench {self.model}: batch {self.batch}, median of {self.repeat} interleaved "
-                            f"runs, {self.device}, torch {env.get('torch')}, {env.get('threads')} threads",
-                      title_justify="left", caption=f"time and speedup: measured wall time of one forward. "
-                      f"cosine / max abs error: main output tensor vs the original's. attn GFLOP: attention FLOPs "
-                      f"counted from shapes (not measured). peak memory: {self.memory_method}.",
+        env = self.environment  # Text, not markup: a spec such as hf:llama:... is no emoji code
+        table = Table(title=Text(f"attncc bench {self.model}: batch {self.batch}, median of {self.repeat} "
+                                 f"interleaved runs, {self.device}, torch {env.get('torch')}, {env.get('threads')} "
+                                 f"threads"), title_justify="left",
+                      caption=Text(f"time and speedup: measured wall time of one forward. cosine / max abs error: "
+                                   f"main output tensor vs the original's. attn GFLOP: attention FLOPs counted from "
+                                   f"shapes (not measured). peak memory: {self.memory_method}."),
                       caption_justify="left")
         for name in ("tokens", "model", "median ms", "measured speedup", "cosine vs original", "max abs error",
                      "attn GFLOP", "peak memory MB"):
@@ -99,7 +101,8 @@ class BenchResult:
         for length in self.seq_lens:
             rows = [row for row in self.rows if row.seq_len == length]
             for position, row in enumerate(rows):
-                table.add_row(str(length) if position == 0 else "", *_cells(row),
+                cells = _cells(row) if row.status == "ok" or position == 0 else (row.model, "not run (see above)")
+                table.add_row(str(length) if position == 0 else "", *map(Text, cells),
                               end_section=position == len(rows) - 1)
         return table
 
@@ -130,6 +133,9 @@ def run_bench(spec: str, policies: Sequence[str], seq_lens: Sequence[int], *, ba
         repeat: timed rounds per length (each round runs every model once).
         device: ``"cpu"`` or ``"cuda"``.
         memory: measure peak memory (CPU: one subprocess per model and length; CUDA: in process).
+
+    Each length is captured afresh (``torch._dynamo.reset()`` before it), so other ``torch.compile`` d code in the
+    process compiles again after a bench.
 
     Returns a BenchResult; a length that does not fit in memory is a row saying so. Raises AttnccError for a
     model that does not take a sequence length, an unknown device, or a policy or model that fails.
@@ -206,9 +212,14 @@ def bench_length(spec: str, policies: list[str], length: int, *, batch: int, rep
 def _prepare(spec, policies, length, batch, attn, device):
     """Build the original and one compiled model per policy at ``length`` on ``device``; run each once (the
     compile captures, the extra call warms up). Returns (models, outputs, reports, inputs) keyed by name."""
+    import torch
+
     import attncc
     from attncc.cli.common import call_model
 
+    # Dynamo would capture a second length with dynamic sizes (automatic dynamic shapes): forgetting the earlier
+    # captures makes every length a first capture, with static sizes and FLOPs that are numbers, as a user's is
+    torch._dynamo.reset()
     loaded = _load(spec, length, batch, attn)
     model, inputs = loaded.model.to(device), _to_device(loaded.example_inputs, device)
     models, outputs, reports = {ORIGINAL: model}, {}, {}
@@ -431,12 +442,13 @@ def _status_bytes(key: str) -> int:
 
 
 def _load(spec: str, length: int, batch: int, attn: str):
-    """``load_model`` at ``length``, refusing a model whose inputs do not follow the length (a ViT, a factory)."""
+    """``load_model`` at ``length`` (or a factory file's ``factory(seq_len=, ...)``), refusing a model whose inputs
+    do not follow the length (a ViT, a factory with fixed inputs)."""
     import torch
 
     from attncc.models import load_model
 
-    loaded = load_model(spec, seq_len=length, batch=batch, attn=attn)
+    loaded = _load_sized_factory(spec, length, batch, attn) or load_model(spec, seq_len=length, batch=batch, attn=attn)
     inputs = loaded.example_inputs
     tensors = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
     if not any(isinstance(t, torch.Tensor) and not t.is_floating_point() and tuple(t.shape) == (batch, length)
@@ -444,8 +456,28 @@ def _load(spec: str, length: int, batch: int, attn: str):
         shapes = ", ".join(f"[{', '.join(map(str, t.shape))}]" for t in tensors if isinstance(t, torch.Tensor))
         raise AttnccError(f"{spec} does not take a sequence length (its inputs are {shapes or 'not tensors'}, not "
                           f"token ids [{batch}, {length}]); bench measures text models: demo, hf:MODEL_TYPE of a "
-                          f"text model, hf:LOCAL_DIR")
+                          f"text model, hf:LOCAL_DIR, or path/to/file.py:factory with factory(seq_len=...)")
     return loaded
+
+
+def _load_sized_factory(spec: str, length: int, batch: int, attn: str):
+    """For ``path/to/file.py:factory`` whose factory takes ``seq_len`` (and optionally ``batch``, ``attn``):
+    ``LoadedModel`` of ``factory(seq_len=length, ...)``; None for any other spec (``load_model`` handles it)."""
+    import inspect
+
+    from attncc.models import LoadedModel
+    from attncc.models.zoo import _import_file
+
+    path, sep, name = spec.rpartition(":")
+    if not (sep and path.endswith(".py") and os.path.isfile(path)):
+        return None
+    factory = getattr(_import_file(path), name, None)
+    if not callable(factory) or "seq_len" not in inspect.signature(factory).parameters:
+        return None
+    accepted = inspect.signature(factory).parameters
+    sizes = {key: value for key, value in (("seq_len", length), ("batch", batch), ("attn", attn)) if key in accepted}
+    model, inputs = factory(**sizes)
+    return LoadedModel(model.eval(), inputs, f"{spec}({', '.join(f'{k}={v}' for k, v in sizes.items())})")
 
 
 def _to_device(inputs, device: str):
@@ -485,12 +517,16 @@ def _flops_sum(report, column: str) -> Optional[int]:
 
 def _cells(row: BenchRow) -> tuple[str, ...]:
     if row.status != "ok":
-        return (row.model, row.status, "", "", "", "", "", "")
+        return (row.model, row.status, "", "", "", "", "")
     original = row.model == ORIGINAL
     return (row.model, f"{row.median_ms:.1f}", "1.00x (reference)" if original else speedup_text(row.speedup),
             "-" if original else f"{row.cosine:.6f}", "-" if original else f"{row.max_abs_error:.2e}",
             "-" if row.attn_flops is None else f"{row.attn_flops / 1e9:.3g}",
-            f"{row.peak_memory_bytes / 1e6:.1f}" if row.peak_memory_bytes is not None else (row.memory_note or "-"))
+            _megabytes(row.peak_memory_bytes) if row.peak_memory_bytes is not None else (row.memory_note or "-"))
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:.1f}" if count >= 50_000 else "< 0.1"
 
 
 def environment() -> dict[str, Any]:

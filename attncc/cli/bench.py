@@ -7,9 +7,7 @@ import json
 
 import click
 
-from attncc.cli.common import check_environment, quiet_capture
-
-QUIET_HELP = "No progress display on stderr (also: ATTNCC_QUIET=1; never shown when stderr is not a terminal)."
+from attncc.cli.common import QUIET_HELP, check_environment, quiet_capture
 
 
 def parse_lengths(ctx, param, value: str) -> list[int]:

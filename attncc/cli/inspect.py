@@ -6,7 +6,8 @@ import json
 
 import click
 
-from attncc.cli.common import check_environment, compile_loaded, quiet_capture
+from attncc import progress
+from attncc.cli.common import QUIET_HELP, check_environment, compile_loaded, quiet_capture
 
 @click.command()
 @click.argument("model", metavar="MODEL")
@@ -20,7 +21,8 @@ from attncc.cli.common import check_environment, compile_loaded, quiet_capture
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size.")
 @click.option("--attn", type=click.Choice(["eager", "sdpa"]), default="eager", show_default=True,
               help="attn_implementation for hf: models.")
-def inspect(model, policy, as_json, graph, seq_len, batch, attn):
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
+def inspect(model, policy, as_json, graph, seq_len, batch, attn, quiet):
     """Show the attention sites of MODEL and what the policy does with each.
 
     MODEL is one of: demo | timm:NAME | hf:MODEL_TYPE | hf:LOCAL_DIR | path/to/file.py:factory.
@@ -29,6 +31,7 @@ def inspect(model, policy, as_json, graph, seq_len, batch, attn):
     from attncc.policy import as_policy
 
     check_environment()
+    click.get_current_context().with_resource(progress.quiet(quiet))
     chosen = as_policy(policy)
     with quiet_capture():
         loaded = load_model(model, seq_len=seq_len, batch=batch, attn=attn)
