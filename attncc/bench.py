@@ -189,6 +189,19 @@ def bench_length(spec: str, policies: list[str], length: int, *, batch: int, rep
             raise
         step.advance(f"{length} tokens: does not fit", amount=len(names))
         return [BenchRow(length, name, status=reason) for name in names], None
+    rows = measured_rows(length, names, times, outputs, reports)
+    del models, outputs
+    for row in rows:
+        if memory:
+            step.describe(f"{length} tokens: peak memory of {row.model}")
+            row.peak_memory_bytes, row.memory_note = measure_peak_memory(
+                spec, None if row.model == ORIGINAL else row.model, length, batch=batch, attn=attn, device=device)
+        step.advance(f"{length} tokens, {row.model}")
+    return rows, reports[policies[0]]
+
+
+def measured_rows(length: int, names: list[str], times: list[list[float]], outputs: dict, reports: dict):
+    """The rows of one length from the timed rounds (seconds), the outputs and the reports, keyed by name."""
     rows = []
     for name, runs in zip(names, times):
         row = BenchRow(length, name, median_ms=statistics.median(runs) * 1e3, times_ms=[t * 1e3 for t in runs])
@@ -199,14 +212,7 @@ def bench_length(spec: str, policies: list[str], length: int, *, batch: int, rep
         else:
             row.cosine, row.max_abs_error = compare_outputs(outputs[ORIGINAL], outputs[name])
             row.attn_flops = _flops_sum(reports[name], "flops_after")
-    del models, outputs
-    for row in rows:
-        if memory:
-            step.describe(f"{length} tokens: peak memory of {row.model}")
-            row.peak_memory_bytes, row.memory_note = measure_peak_memory(
-                spec, None if row.model == ORIGINAL else row.model, length, batch=batch, attn=attn, device=device)
-        step.advance(f"{length} tokens, {row.model}")
-    return rows, reports[policies[0]]
+    return rows
 
 
 def _prepare(spec, policies, length, batch, attn, device):
