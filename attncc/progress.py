@@ -104,7 +104,7 @@ def steps(title: str, total: Optional[int] = None, *, lazy: bool = False, consol
     """
     if _open:
         console = _open[0].console
-    visible = enabled(console)
+    visible = enabled(console) and not _tracing()
     step = Steps(title, total, visible, lazy, console)
     _open.append(step)
     try:
@@ -114,6 +114,13 @@ def steps(title: str, total: Optional[int] = None, *, lazy: bool = False, consol
     finally:
         _open.remove(step)
         _hide(step)
+
+
+def _tracing() -> bool:
+    """True while torch.compile / torch.export traces the code that opened the steps (nothing to draw then)."""
+    import torch
+
+    return torch.compiler.is_compiling()
 
 
 def advance(label: str = "", amount: int = 1) -> None:

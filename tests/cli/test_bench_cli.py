@@ -133,6 +133,17 @@ def test_bad_options_are_one_error_line(args, says, capfd):
     assert says in one_error_line(capfd)
 
 
+@pytest.mark.parametrize("device, says", [("tpu", "unknown device 'tpu'; use cpu or cuda"),
+                                          ("cuda", "no CUDA GPU is available")], ids=["unknown", "cuda"])
+def test_bad_device_is_one_error_line(device, says, capfd):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["bench", "demo", "-p", "exact", "--seq-len", "16", "--device", device]) == 2
+    assert says in one_error_line(capfd)
+
+
 def test_bad_policy_is_refused_before_any_model_is_built(capfd):
     assert main(["bench", "demo", "-p", "local(windo=3)", "--seq-len", "16"]) == 2
     assert "valid parameters are window" in one_error_line(capfd)
