@@ -7,7 +7,7 @@ tensor is compared with the original's (cosine, max abs error), its attention FL
 peak memory is measured on its own (see :func:`measure_peak_memory`).
 
 The efficiency length of a policy is the shortest measured length at which its median time beats the original's
-(the CAB benchmark's definition); ``None`` when no measured length reaches it.
+and at every longer one (the CAB benchmark's crossover); ``None`` when no measured length reaches it.
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ class BenchResult:
         for policy in self.policies:
             length = self.efficiency_length.get(policy)
             if length is not None:
-                lines.append(f"efficiency length of {policy}: {length} tokens (the shortest measured length at "
-                             f"which it beats the original)")
+                lines.append(f"efficiency length of {policy}: {length} tokens (the shortest measured length from "
+                             f"which on it beats the original)")
             elif measured:
                 lines.append(f"efficiency length of {policy}: not reached up to {max(measured)} tokens")
             else:
@@ -313,11 +313,17 @@ def compare_outputs(reference, candidate) -> tuple[float, float]:
 
 
 def efficiency_length(rows: Sequence[BenchRow], policy: str) -> Optional[int]:
-    """The shortest measured length at which ``policy``'s median time is below the original's, or None."""
-    for row in sorted(rows, key=lambda r: r.seq_len):
-        if row.model == policy and row.status == "ok" and row.speedup is not None and row.speedup > 1.0:
-            return row.seq_len
-    return None
+    """The shortest measured length from which on ``policy``'s median time is below the original's at every
+    longer measured length (CAB's crossover; a lone win below a loss is noise, not a crossover), or None.
+    Lengths that did not run are left out."""
+    measured = sorted((r for r in rows if r.model == policy and r.status == "ok" and r.speedup is not None),
+                      key=lambda r: r.seq_len)
+    length = None
+    for row in reversed(measured):
+        if row.speedup <= 1.0:
+            break
+        length = row.seq_len
+    return length
 
 
 def speedup_text(speedup: Optional[float]) -> str:
@@ -326,7 +332,7 @@ def speedup_text(speedup: Optional[float]) -> str:
         return "-"
     if speedup >= 1.0:
         return f"{speedup:.2f}x faster" if speedup >= 1.005 else f"{speedup:.2f}x (same)"
-    return f"{speedup:.2f}x ({1 / speedup:.1f}x slower)"
+    return f"{speedup:.2f}x ({1 / speedup:.2f}x slower)"
 
 
 # ------------------------------------------------------------------------------------------ peak memory
@@ -365,7 +371,9 @@ def measure_peak_memory(spec: str, policy: Optional[str], length: int, *, batch:
             return peak_memory_of(request), ""
         except Exception as error:
             return None, _memory_reason(error) or f"failed: {type(error).__name__}"
-    env = dict(os.environ, ATTNCC_QUIET="1", **MALLOC_RETURNS_MEMORY)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this attncc, not another install
+    env = dict(os.environ, ATTNCC_QUIET="1", **MALLOC_RETURNS_MEMORY,
+               PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
     command = [sys.executable, "-c", "import sys; from attncc.bench import memory_child; memory_child(sys.argv[1])",
                json.dumps(request)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=os.getcwd())

@@ -3,8 +3,8 @@
     python benchmarks/efficiency_length.py [--seq-len 256,512,1024,2048,4096,8192] [--attn eager sdpa]
                                            [--repeat 3] [--no-memory] [--smoke]
 
-The efficiency length is the shortest measured length at which the policy's median time beats the original
-model's (the CAB benchmark's definition). The model: transformers' LlamaModel with random weights, hidden 256,
+The efficiency length is the shortest measured length from which on the policy's median time beats the original
+model's at every longer measured length (the CAB benchmark's crossover). The model: transformers' LlamaModel with random weights, hidden 256,
 2 layers, 4 heads of 64, intermediate 688, batch 1, fp32. ``--attn`` chooses the original's attention
 (transformers' eager code holds [N, N] scores; sdpa is PyTorch's fused kernel, the stronger baseline). Prints a
 rich table per attention implementation and a markdown summary with device, versions, sizes and date.

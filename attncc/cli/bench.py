@@ -40,7 +40,7 @@ def parse_lengths(ctx, param, value: str) -> list[int]:
 @click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
 def bench(model, policies, seq_lens, batch, repeat, attn, device, memory, as_json, quiet):
     """Time MODEL as it is and under each policy at each length: speedup, output error, attention FLOPs, peak
-    memory, and the efficiency length (the shortest length at which the policy beats the original).
+    memory, and the efficiency length (the shortest length from which on the policy beats the original).
 
     MODEL is a model that takes a sequence length: demo | hf:MODEL_TYPE | hf:LOCAL_DIR.
     """

@@ -100,7 +100,7 @@ def test_the_table_says_which_lengths_did_not_run():
     console.print(result.table())
     text = console.file.getvalue()
     assert "does not fit in memory: too big" in text and "not run (see above)" in text
-    assert "0.50x (2.0x slower)" in text and "faster" not in text
+    assert "0.50x (2.00x slower)" in text and "faster" not in text
     assert result.efficiency_lines() == ["efficiency length of exact: not reached up to 16 tokens"]
 
 
@@ -151,7 +151,7 @@ def test_bad_policy_is_refused_before_any_model_is_built(capfd):
 
 @pytest.mark.parametrize("speedup, says, never", [
     (2.3125, "2.31x faster", "slower"),
-    (0.4, "0.40x (2.5x slower)", "faster"),
+    (0.4, "0.40x (2.50x slower)", "faster"),
     (0.999, "slower", "faster"),
     (1.001, "(same)", "slower"),
 ])
@@ -160,8 +160,12 @@ def test_a_slower_model_is_never_called_faster(speedup, says, never):
     assert says in text and never not in text
 
 
-def test_efficiency_length_is_the_shortest_length_that_beats_the_original():
-    rows = [BenchRow(1024, "p", speedup=0.5), BenchRow(2048, "p", status="does not fit in memory"),
-            BenchRow(4096, "p", speedup=1.3), BenchRow(8192, "p", speedup=2.0), BenchRow(4096, "q", speedup=0.9)]
-    assert efficiency_length(rows, "p") == 4096
+def test_efficiency_length_is_where_the_policy_starts_beating_the_original_for_good():
+    rows = [BenchRow(512, "p", speedup=1.1), BenchRow(1024, "p", speedup=0.5),
+            BenchRow(2048, "p", status="does not fit in memory"), BenchRow(4096, "p", speedup=1.3),
+            BenchRow(8192, "p", speedup=2.0), BenchRow(4096, "q", speedup=0.9), BenchRow(512, "r", speedup=1.2),
+            BenchRow(1024, "s", speedup=2.0), BenchRow(2048, "s", speedup=0.8)]
+    assert efficiency_length(rows, "p") == 4096  # the win at 512 is followed by a loss: not a crossover
     assert efficiency_length(rows, "q") is None
+    assert efficiency_length(rows, "r") == 512
+    assert efficiency_length(rows, "s") is None  # losing at the longest length measured
