@@ -4,10 +4,11 @@
                                            [--repeat 3] [--no-memory] [--smoke]
 
 The efficiency length is the shortest measured length from which on the policy's median time beats the original
-model's at every longer measured length (the CAB benchmark's crossover). The model: transformers' LlamaModel with random weights, hidden 256,
-2 layers, 4 heads of 64, intermediate 688, batch 1, fp32. ``--attn`` chooses the original's attention
-(transformers' eager code holds [N, N] scores; sdpa is PyTorch's fused kernel, the stronger baseline). Prints a
-rich table per attention implementation and a markdown summary with device, versions, sizes and date.
+model's at every longer measured length (the CAB benchmark's crossover). The model: transformers' LlamaModel with
+random weights, hidden 256, 2 layers, 4 heads of 64, intermediate 688, batch 1, fp32. ``--attn`` chooses the
+original's attention (transformers' eager code holds [N, N] scores; sdpa is PyTorch's fused kernel, the stronger
+baseline). Prints a rich table per attention implementation and a markdown summary with device, versions, sizes
+and date.
 """
 
 from __future__ import annotations
