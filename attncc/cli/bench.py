@@ -42,7 +42,8 @@ def bench(model, policies, seq_lens, batch, repeat, attn, device, memory, as_jso
     """Time MODEL as it is and under each policy at each length: speedup, output error, attention FLOPs, peak
     memory, and the efficiency length (the shortest length from which on the policy beats the original).
 
-    MODEL is a model that takes a sequence length: demo | hf:MODEL_TYPE | hf:LOCAL_DIR.
+    MODEL is a model that takes a sequence length: demo | hf:MODEL_TYPE | hf:LOCAL_DIR |
+    path/to/file.py:factory where factory(seq_len, batch=1) returns (model, example_inputs).
     """
     from rich.console import Console
 
