@@ -544,7 +544,8 @@ def _megabytes(count: int) -> str:
 
 
 def environment() -> dict[str, Any]:
-    """Where and when the run happened: date (UTC), host CPU, torch/transformers/attncc versions, threads."""
+    """Where and when the run happened: date (UTC), host CPU, torch/transformers/attncc versions, threads, and the
+    1-minute load average at the start (other work on the machine makes every time noisier)."""
     import torch
 
     import attncc
@@ -558,7 +559,8 @@ def environment() -> dict[str, Any]:
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": hf, "attncc": getattr(attncc, "__version__", None), "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
 def _cpu_name() -> str:

@@ -70,7 +70,7 @@ def print_markdown(summary) -> None:
     env = first.environment
     sizes = ", ".join(f"{k}={v}" for k, v in SIZES.items())
     print(f"\n{environment_line()} | {env['cpu']}, {env['cores']} cores | transformers {env['transformers']} | "
-          f"{env['date']}")
+          f"load average {env['load_average']} at the start | {env['date']}")
     print(f"LlamaModel ({sizes}), batch 1, fp32, median of {first.repeat} interleaved rounds; "
           f"peak memory: {first.memory_method}\n")
     print("| original attention | tokens | original ms | local(window=256) ms | measured speedup | cosine | "
