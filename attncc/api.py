@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from attncc import progress
 from attncc.errors import AttnccError, AttnccWarning
 from attncc.frontend import CallArgs, dynamo_capture, placeholder_values, run_captured, try_symbolic_trace
 from attncc.measure import run_measuring
@@ -215,6 +216,7 @@ class CompiledModule(nn.Module):
             listed = "; ".join(f"{r.module or '<root>'}: {r.reason}" for r in result.rejected[:4])
             more = f" (and {len(result.rejected) - 4} more)" if len(result.rejected) > 4 else ""
             _warn(f"attncc: {len(result.rejected)} attention-like computation(s) left unchanged: {listed}{more}")
+        progress.advance(f"graph {index}: {len(result.sites)} attention site(s)")
         return result
 
     def _on_dynamo_graph(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
@@ -275,6 +277,11 @@ class CompiledModule(nn.Module):
         self._fx_compiled.clear()
 
     def _run(self, call: CallArgs):
+        # a first capture shows its progress at once; a later call only if it captures again (a graph arrives)
+        with progress.steps(f"capturing {type(self.original_model).__name__}", lazy=self._latest is not None):
+            return self._run_graphs(call)
+
+    def _run_graphs(self, call: CallArgs):
         self._check_structure()
         result = self._fx_graph(call)
         if result is not None:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from attncc import progress
+
 SITE_META = "attncc_site"
 """``node.meta`` key: the position of the op's site in its graph's site list (set by the rewrite pass)."""
 
@@ -41,6 +43,7 @@ class _ErrorRecorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
         self.errors: dict[int, SiteError] = {}
+        self.step = progress.Steps("", None, visible=False, lazy=True)  # replaced while run_measuring runs
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
@@ -53,6 +56,7 @@ class _ErrorRecorder(fx.Interpreter):
                 with torch.no_grad():
                     exact = n.target(*args, **exact_kwargs)
                 self.errors[n.meta[SITE_META]] = compare(out, exact)
+            self.step.advance(f"site {n.meta[SITE_META]} {n.meta.get('attncc_module', '')}".rstrip())
         return out
 
 
@@ -60,5 +64,6 @@ def run_measuring(gm: fx.GraphModule, args: list) -> tuple[Any, dict[int, SiteEr
     """Run ``gm`` on positional placeholder values; returns its output and the error of each site it runs
     (keyed by the site's position in the graph's site list)."""
     recorder = _ErrorRecorder(gm)
-    out = recorder.run(*args)
+    with progress.steps("measuring error", total=sum(SITE_META in n.meta for n in gm.graph.nodes)) as recorder.step:
+        out = recorder.run(*args)
     return out, recorder.errors

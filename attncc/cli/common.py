@@ -74,6 +74,9 @@ def compile_loaded(loaded, policy):
     return cm, reference
 
 
+QUIET_HELP = "No progress display on stderr (also ATTNCC_QUIET=1; never shown when stderr is not a terminal)."
+
+
 QUIETED_LOGGERS = ("torch", "transformers")
 """Loggers whose capture-time output (Dynamo / Inductor / fake-tensor errors, transformers advice) the CLI hides
 unless ATTNCC_DEBUG is set: a user mistake is one line, and capture noise buries it."""

@@ -8,7 +8,8 @@ import os
 
 import click
 
-from attncc.cli.common import check_environment, compile_loaded, quiet_capture
+from attncc import progress
+from attncc.cli.common import QUIET_HELP, check_environment, compile_loaded, quiet_capture
 from attncc.errors import AttnccError
 
 FORMATS = ("table", "json", "dot", "svg")
@@ -32,7 +33,8 @@ FORMATS = ("table", "json", "dot", "svg")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size.")
 @click.option("--attn", type=click.Choice(["eager", "sdpa"]), default="eager", show_default=True,
               help="attn_implementation for hf: models.")
-def inspect(model, policy, fmt, as_json, html_path, force, graph, seq_len, batch, attn):
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
+def inspect(model, policy, fmt, as_json, html_path, force, graph, seq_len, batch, attn, quiet):
     """Show the attention sites of MODEL and what the policy does with each.
 
     MODEL is one of: demo | timm:NAME | hf:MODEL_TYPE | hf:LOCAL_DIR | path/to/file.py:factory.
@@ -46,6 +48,7 @@ def inspect(model, policy, fmt, as_json, html_path, force, graph, seq_len, batch
     elif force:
         raise AttnccError("--force only applies to --html PATH")
     check_environment()
+    click.get_current_context().with_resource(progress.quiet(quiet))
     chosen = as_policy(policy)
     with quiet_capture():
         loaded = load_model(model, seq_len=seq_len, batch=batch, attn=attn)

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from attncc import progress
 from attncc.codegen.cache import default_cache, require_miss_allowed
 from attncc.codegen.source import interpreting
 from attncc.errors import AttnccError
@@ -94,15 +95,17 @@ def choose(kernel: dict, bucket: int, configs: Sequence[Config], run: Callable[[
 
     timings: dict[str, float] = {}
     best, best_ms, first_error = None, math.inf, None
-    for config in configs:
-        try:
-            ms = timer(lambda: run(config))
-        except Exception as error:  # out of shared memory / registers on this GPU: not a candidate here
-            first_error = first_error or error
-            continue
-        timings[str(config)] = ms
-        if ms < best_ms:
-            best, best_ms = config, ms
+    with progress.steps(f"autotuning {kernel.get('entry', 'a kernel')} at length {bucket}", len(configs)) as step:
+        for config in configs:
+            step.advance(str(config))
+            try:
+                ms = timer(lambda: run(config))
+            except Exception as error:  # out of shared memory / registers on this GPU: not a candidate here
+                first_error = first_error or error
+                continue
+            timings[str(config)] = ms
+            if ms < best_ms:
+                best, best_ms = config, ms
     if best is None:
         raise NoRunnableConfig(f"autotune: no config of {kernel.get('entry', 'the kernel')} runs: {first_error}")
     cache.put("tuning", descriptor, {"best": best.as_json(), "timings_ms": timings})
