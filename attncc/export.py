@@ -46,7 +46,7 @@ DYNAMIC_CHOICES = ("seq", None)
 
 
 def export(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any = None, *,
-           dynamic: Union[str, dict, tuple, None] = "seq", measure_error: bool = True,
+           dynamic: Union[str, dict, tuple, None] = None, measure_error: bool = True,
            check_compile: bool = True) -> torch.export.ExportedProgram:
     """Export ``model`` with its attention rewritten as ``policy`` says.
 
@@ -100,7 +100,7 @@ def export(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any =
     result = run_pipeline(lowered, chosen, modules=names)
     report = _report(result, chosen, call, unlifted if measure_error else None)
     _warn_left_alone(report)
-    check_nothing_hidden(model, names, call, lowered)
+    check_nothing_hidden(model, names, call, unlifted)
     if check_compile:
         check_same_as_compile(model, chosen, call, report)
     program = _torch_export(_with_signature(result.graph_module, unlifted), call, shapes,
@@ -147,7 +147,7 @@ def dynamic_shapes_for(call: CallArgs, dynamic: Union[str, dict, tuple, None]) -
         return dynamic
     if dynamic != "seq":
         raise AttnccError(f"unknown dynamic={dynamic!r}: use 'seq', None, or torch.export dynamic_shapes")
-    seq = torch.export.Dim("seq", min=2)
+    seq = torch.export.Dim.DYNAMIC
 
     def axes(x):
         if not isinstance(x, torch.Tensor):
@@ -226,13 +226,29 @@ def _warn_left_alone(report: Report) -> None:
 
 
 # ------------------------------------------------------------------------------------ nothing lost
-def check_nothing_hidden(model: nn.Module, names: ModuleNames, call: CallArgs, lowered: fx.GraphModule) -> None:
+EXPORTED_ATTENTION = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default,
+                      torch.ops.aten._safe_softmax.default, torch.ops.aten.scaled_dot_product_attention.default}
+"""The ATen calls of an exported graph that are one softmax or one SDPA call of the model each."""
+
+
+def exported_attention_calls(exported: fx.GraphModule) -> Counter:
+    """Softmax and SDPA calls of an exported (not lowered) graph, per module name (``ModuleNames.annotate``d)."""
+    from attncc.passes.graph_ops import module_path
+    from attncc.uncaptured import ATTENTION_KERNELS
+
+    kernels = EXPORTED_ATTENTION | ATTENTION_KERNELS
+    return Counter(module_path(node) for node in exported.graph.nodes
+                   if node.op == "call_function" and node.target in kernels)
+
+
+def check_nothing_hidden(model: nn.Module, names: ModuleNames, call: CallArgs, exported: fx.GraphModule) -> None:
     """Raise AttnccError when an eager run of ``model`` runs more softmax/SDPA calls in a module than the exported
     graph holds there (attention export hides, e.g. inside an opaque custom op): it would run unchanged."""
-    from attncc.uncaptured import eager_attention_calls, graph_attention_calls
+    from attncc.uncaptured import eager_attention_calls
 
     eager = eager_attention_calls(model, names, call.args, call.kwargs)
-    in_graph = graph_attention_calls(lowered)
+    names.annotate(exported)
+    in_graph = exported_attention_calls(exported)
     hidden = {module: n - in_graph.get(module, 0) for module, n in eager.items() if n > in_graph.get(module, 0)}
     if hidden:
         listed = ", ".join(f"{module or '<root>'} ({n})" for module, n in sorted(hidden.items()))

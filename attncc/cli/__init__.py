@@ -1,4 +1,5 @@
-"""The ``attncc`` command line: ``attncc inspect MODEL``, ``attncc demo`` and ``attncc cache list|info|clear``;
+"""The ``attncc`` command line: ``attncc inspect MODEL``, ``attncc demo``, ``attncc cache list|info|clear`` and
+``attncc export MODEL -o model.pt2``;
 one command per module of this package.
 
 Every user mistake (unknown model spec, missing file, bad policy, inputs the model rejects, a model that cannot be
@@ -16,6 +17,7 @@ import click
 from attncc.cli.cache import cache
 from attncc.cli.common import first_line, out_of_memory
 from attncc.cli.demo import demo
+from attncc.cli.export import export
 from attncc.cli.inspect import inspect
 from attncc.errors import AttnccError
 
@@ -26,7 +28,7 @@ def cli():
     """attncc: find every attention in a PyTorch model and rewrite it into fused, sparse, local or linear forms."""
 
 
-for command in (inspect, demo, cache):
+for command in (inspect, demo, cache, export):
     cli.add_command(command)
 
 
