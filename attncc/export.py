@@ -242,10 +242,18 @@ def exported_attention_calls(exported: fx.GraphModule) -> Counter:
 
 
 def check_nothing_hidden(model: nn.Module, names: ModuleNames, call: CallArgs, exported: fx.GraphModule) -> None:
-    """Raise AttnccError when an eager run of ``model`` runs more softmax/SDPA calls in a module than the exported
-    graph holds there (attention export hides, e.g. inside an opaque custom op): it would run unchanged."""
+    """Raise AttnccError when attention would run unchanged because the exported graph hides it: softmax/SDPA
+    inside a branch subgraph (``torch.cond``, a higher-order op), or fewer softmax/SDPA calls in a module's part of
+    the graph than an eager run of ``model`` executes there (an eager run does not see into custom ops or
+    higher-order ops either, so what those hide is only found by ``check_same_as_compile`` where compile sees it)."""
     from attncc.uncaptured import eager_attention_calls
 
+    nested = [name for name, sub in exported.named_modules() if isinstance(sub, fx.GraphModule)
+              and sub is not exported and exported_attention_calls(sub)]
+    if nested:
+        raise AttnccError(f"export would lose the rewrite: the exported graph holds attention inside a branch "
+                          f"(torch.cond / a higher-order op: {', '.join(nested)}), which attncc does not rewrite; "
+                          f"it would run unchanged")
     eager = eager_attention_calls(model, names, call.args, call.kwargs)
     names.annotate(exported)
     in_graph = exported_attention_calls(exported)
