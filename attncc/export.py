@@ -90,7 +90,8 @@ def export(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any =
     chosen = as_policy(policy)
     if not chosen.rewrites:
         raise AttnccError("policy 'none' rewrites nothing: export the model with torch.export directly")
-    call = _without_cache(model, CallArgs.from_example(example_inputs))
+    given = CallArgs.from_example(example_inputs)
+    call, fixed = _without_cache(model, given)
     shapes = dynamic_shapes_for(call, dynamic)
     first = _torch_export(model, call, shapes, "the model")
     names = ModuleNames(model)
@@ -103,8 +104,8 @@ def export(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any =
     check_nothing_hidden(model, names, call, unlifted)
     if check_compile:
         check_same_as_compile(model, chosen, call, report)
-    program = _torch_export(_with_signature(result.graph_module, unlifted), call, shapes,
-                            "the rewritten model")
+    program = _torch_export(_with_signature(result.graph_module, unlifted, fixed), given,
+                            _without_keys(shapes, fixed), "the rewritten model")
     check_ops_kept(result, program)
     setattr(program, REPORT_ATTRIBUTE, report)
     return program
@@ -114,7 +115,9 @@ def load(path: Union[str, os.PathLike]) -> nn.Module:
     """The module of a ``.pt2`` written by ``attncc export`` / ``torch.export.save(attncc.export(...))``.
 
     Importing attncc registers ``torch.ops.attncc.attention``, so the program's attncc ops load and run in a
-    fresh process. Returns a callable ``nn.Module`` taking the model's arguments (``loaded(input_ids=ids)``).
+    fresh process. Returns a callable ``nn.Module`` taking the model's arguments (``loaded(input_ids=ids)``);
+    outputs that were dict subclasses (a transformers ``ModelOutput``) come back as plain dicts with the same keys
+    (``loaded(input_ids=ids)["last_hidden_state"]``), so loading needs neither transformers nor the model's code.
     """
     if not os.path.isfile(path):
         raise AttnccError(f"no such file: {os.fspath(path)}")
@@ -127,17 +130,22 @@ def load(path: Union[str, os.PathLike]) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------- capture
-def _without_cache(model: nn.Module, call: CallArgs) -> CallArgs:
-    """The call with ``use_cache=False`` added where the model's forward takes ``use_cache`` and it is not given
-    (a transformers cache object in the output is not something torch.export can return)."""
+FIXED_KEYWORDS = {"use_cache": False}
+"""Keyword arguments attncc sets when the model's forward takes them and the example does not give them: a
+transformers cache object in the output is not something torch.export can return. The exported program does not
+take them (they are constants of it)."""
+
+
+def _without_cache(model: nn.Module, call: CallArgs) -> tuple[CallArgs, tuple]:
+    """(the call with ``FIXED_KEYWORDS`` added where the model takes them and the call does not give them, the
+    names added)."""
     try:
-        parameters = inspect.signature(model.forward).parameters
+        parameters = list(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
-        return call
-    if "use_cache" in parameters and "use_cache" not in call.kwargs and len(call.args) <= list(parameters).index(
-            "use_cache"):
-        return CallArgs(call.args, dict(call.kwargs, use_cache=False))
-    return call
+        return call, ()
+    added = {name: value for name, value in FIXED_KEYWORDS.items()
+             if name in parameters and name not in call.kwargs and len(call.args) <= parameters.index(name)}
+    return CallArgs(call.args, dict(call.kwargs, **added)), tuple(added)
 
 
 def dynamic_shapes_for(call: CallArgs, dynamic: Union[str, dict, tuple, None]) -> Optional[Any]:
@@ -176,20 +184,65 @@ def _torch_export(module: nn.Module, call: CallArgs, shapes: Any, what: str) -> 
                           f"{_first_line(error)}") from error
 
 
+def _without_keys(shapes: Any, keys: tuple) -> Any:
+    """``dynamic_shapes`` without the entries of keyword inputs ``keys``."""
+    if isinstance(shapes, dict):
+        return {k: v for k, v in shapes.items() if k not in keys}
+    if isinstance(shapes, tuple) and shapes and isinstance(shapes[-1], dict):
+        kept = {k: v for k, v in shapes[-1].items() if k not in keys}
+        return (*shapes[:-1], kept) if kept else shapes[:-1]
+    return shapes
+
+
 def _positional_names(module: nn.Module) -> list[str]:
     return list(inspect.signature(module.forward).parameters)
 
 
-def _with_signature(rewritten: fx.GraphModule, exported: fx.GraphModule) -> fx.GraphModule:
+def _with_signature(rewritten: fx.GraphModule, exported: fx.GraphModule, fixed: tuple = ()) -> fx.GraphModule:
     """``rewritten`` (the pipeline's graph, flat placeholders) taking and returning what the model does, as the
-    exported module ``exported`` does (its pytree calling convention), without export's input-guard call."""
+    exported module ``exported`` does (its pytree calling convention), without export's input-guard call and
+    without the keyword inputs ``fixed`` (``use_cache``, set by attncc: a constant the graph does not read)."""
+    from torch.utils._pytree import TreeSpec
+
     graph = rewritten.graph
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)  # it checks the example shapes; the second export records its own
-    graph._codegen = copy.deepcopy(exported.graph._codegen)
+    codegen = copy.deepcopy(exported.graph._codegen)
+    in_spec = codegen.pytree_info.in_spec
+    args_spec, kwargs_spec = in_spec.children_specs
+    keys = list(kwargs_spec.context)
+    placeholders = {node.target: node for node in graph.nodes if node.op == "placeholder"}
+    dropped = [key for key in fixed if key in keys and not placeholders[key].users]
+    for key in dropped:
+        graph.erase_node(placeholders[key])
+    kept = [i for i, key in enumerate(keys) if key not in dropped]
+    kwargs_spec = TreeSpec(dict, [keys[i] for i in kept], [kwargs_spec.children_specs[i] for i in kept])
+    codegen.pytree_info = codegen.pytree_info._replace(
+        orig_args=[name for name in codegen.pytree_info.orig_args if name not in dropped],
+        in_spec=TreeSpec(in_spec.type, in_spec.context, [args_spec, kwargs_spec]),
+        out_spec=plain_containers(codegen.pytree_info.out_spec))
+    graph._codegen = codegen
     rewritten.recompile()
     return rewritten
+
+
+PLAIN_CONTAINERS = (tuple, list, dict)
+
+
+def plain_containers(spec):
+    """The pytree spec ``spec`` with every dict subclass (a transformers ``ModelOutput``) as a plain dict of the
+    same keys: a ``.pt2`` names its output types, and a fresh process that loads it (without importing
+    transformers) knows only the plain ones. The loaded module returns ``{"last_hidden_state": ...}``."""
+    from torch.utils._pytree import TreeSpec
+
+    if spec.is_leaf():
+        return spec
+    children = [plain_containers(child) for child in spec.children_specs]
+    kind = spec.type
+    if kind not in PLAIN_CONTAINERS and isinstance(kind, type) and issubclass(kind, dict):
+        return TreeSpec(dict, list(spec.context), children)
+    return TreeSpec(kind, spec.context, children)
 
 
 # ----------------------------------------------------------------------------------------- the report
@@ -265,8 +318,10 @@ def check_nothing_hidden(model: nn.Module, names: ModuleNames, call: CallArgs, e
 
 
 def check_same_as_compile(model: nn.Module, policy: Policy, call: CallArgs, report: Report) -> None:
-    """Raise AttnccError when ``attncc.compile(model, policy)`` rewrites a site (module, variant) the export does
-    not: the exported program would run the model's own attention where the compiled model runs attncc's."""
+    """Compare with ``attncc.compile(model, policy)`` on the same inputs: raise AttnccError when compile rewrites a
+    site of a module the export leaves as the model wrote it (the exported program would run the model's own
+    attention where the compiled model runs attncc's); warn (AttnccWarning) when a site got another variant, e.g.
+    exact because a mask structure compile proved at the example length is not proven for every length."""
     from attncc.api import compile as attncc_compile
 
     with warnings.catch_warnings():
@@ -274,15 +329,21 @@ def check_same_as_compile(model: nn.Module, policy: Policy, call: CallArgs, repo
         compiled = attncc_compile(model, policy, measure_error=False)
         with torch.no_grad():
             compiled(*call.args, **call.kwargs)
-    wanted = _rewritten(compiled.report())
-    got = _rewritten(report)
-    missing = wanted - got
+    wanted, got = _rewritten(compiled.report()), _rewritten(report)
+    reasons = {r.module: r.reason for r in report.rejected}
+    reasons.update({s.module: s.reason for s in report.sites})
+    missing = Counter(module for module, _ in wanted.elements()) - Counter(module for module, _ in got.elements())
     if missing:
-        reasons = {r.module: r.reason for r in report.rejected}
-        reasons.update({s.module: s.reason for s in report.sites if s.variant == "none"})
-        listed = "; ".join(f"{module or '<root>'} ({variant}): {reasons.get(module, 'not found in the exported graph')}"
-                           for (module, variant), _ in sorted(missing.items()))
+        listed = "; ".join(f"{module or '<root>'}: {reasons.get(module, 'not found in the exported graph')}"
+                           for module in sorted(missing))
         raise AttnccError(f"export would lose the rewrite: attncc.compile rewrites {listed}")
+    for module, variant in sorted((wanted - got).elements()):
+        warnings.warn(f"attncc: export: {module or '<root>'} runs {_variants_of(got, module)} where attncc.compile "
+                      f"runs {variant} ({reasons.get(module, '')})", AttnccWarning, stacklevel=3)
+
+
+def _variants_of(rewritten: Counter, module: str) -> str:
+    return ", ".join(sorted({variant for name, variant in rewritten if name == module}))
 
 
 def _rewritten(report: Report) -> Counter:
