@@ -29,8 +29,13 @@ from attncc.passes.graph_copy import copy_graph_module
 aten = torch.ops.aten
 
 
+IDENTITY = "identity"
+"""``TorchCall.op`` of a call that returns its input unchanged (a slice of a whole dim): its uses read the input."""
+
+
 class TorchCall(NamedTuple):
-    """What an ATen node becomes: an fx node's ``op`` ("call_function" / "call_method"), target, args, kwargs."""
+    """What an ATen node becomes: an fx node's ``op`` ("call_function" / "call_method", or ``IDENTITY``), target,
+    args, kwargs."""
 
     op: str
     target: Any
@@ -137,6 +142,8 @@ def _slice(node: fx.Node) -> Optional[TorchCall]:
         return None
     end = None if end == _INT64_MAX else end
     start = None if start == 0 else start
+    if start is None and end is None and step == 1:  # x[:, :] (export writes one per dim of x[:, :, None])
+        return TorchCall(IDENTITY, None, (x,), {})
     return TorchCall("call_function", operator.getitem, (x, _index_at(dim, slice(start, end, None if step == 1
                                                                                      else step))), {})
 
@@ -254,7 +261,10 @@ def lower_aten(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         row = lowering_for(node)
         call = row.lower(node) if row is not None else None
-        if call is not None:
+        if call is not None and call.op == IDENTITY:
+            node.replace_all_uses_with(call.args[0])
+            result.graph.erase_node(node)
+        elif call is not None:
             node.op, node.target = call.op, call.target
             node.args, node.kwargs = call.args, call.kwargs
     result.graph.lint()

@@ -122,6 +122,14 @@ def test_every_row_has_an_example():
     assert sorted(EXAMPLES) == sorted(names), f"rows without an example: {sorted(set(names) - set(EXAMPLES))}"
 
 
+def test_whole_slice_is_its_input():
+    # x[:, :, None] is exported as unsqueeze and one whole-dim slice per dim; the repeat_kv reader needs x itself
+    gm = traced(lambda a: aten.slice.Tensor(aten.unsqueeze.default(a, 2), 1, 0, 9223372036854775807) * 2)
+    lowered = lower_aten(gm)
+    assert operator.getitem not in targets(lowered) and aten.slice.Tensor not in targets(lowered)
+    torch.testing.assert_close(lowered(X), X.unsqueeze(2) * 2)
+
+
 def test_add_with_alpha_one_is_the_operator():
     lowered = lower_aten(traced(lambda a, b: aten.add.Tensor(a, b)))
     assert operator.add in targets(lowered) and torch.add not in targets(lowered)
