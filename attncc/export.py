@@ -3,8 +3,8 @@
 How an export is made (one function per step below):
 
 1. ``torch.export.export`` captures the model (non-strict, so transformers 5.x models export; a Hugging Face
-   model's ``use_cache`` is set to False: a cache object is not an exportable output), with the sequence axis
-   dynamic where asked (``dynamic="seq"``);
+   model's ``use_cache`` is fixed to False, not an input of the program: a cache object is not an exportable
+   output), with the sequence axis dynamic where asked (``dynamic="seq"``);
 2. its unlifted module (``ep.module()``) is spelled at the torch level (``attncc.passes.lower_aten``) and runs the
    same pass pipeline as ``attncc.compile`` (canonicalize -> detect -> masks -> plan -> rewrite), on symbolic
    lengths: a mask structure is only taken out where the graph proves it for every length;
@@ -90,8 +90,7 @@ def export(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any =
     chosen = as_policy(policy)
     if not chosen.rewrites:
         raise AttnccError("policy 'none' rewrites nothing: export the model with torch.export directly")
-    given = CallArgs.from_example(example_inputs)
-    call, fixed = _without_cache(model, given)
+    call, fixed = _with_fixed_keywords(model, CallArgs.from_example(example_inputs))
     shapes = dynamic_shapes_for(call, dynamic)
     first = _torch_export(model, call, shapes, "the model")
     names = ModuleNames(model)
@@ -104,7 +103,8 @@ def export(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any =
     check_nothing_hidden(model, names, call, unlifted)
     if check_compile:
         check_same_as_compile(model, chosen, call, report)
-    program = _torch_export(_with_signature(result.graph_module, unlifted, fixed), given,
+    inputs = CallArgs(call.args, {k: v for k, v in call.kwargs.items() if k not in fixed})
+    program = _torch_export(_with_signature(result.graph_module, unlifted, fixed), inputs,
                             _without_keys(shapes, fixed), "the rewritten model")
     check_ops_kept(result, program)
     setattr(program, REPORT_ATTRIBUTE, report)
@@ -131,21 +131,25 @@ def load(path: Union[str, os.PathLike]) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------- capture
 FIXED_KEYWORDS = {"use_cache": False}
-"""Keyword arguments attncc sets when the model's forward takes them and the example does not give them: a
-transformers cache object in the output is not something torch.export can return. The exported program does not
-take them (they are constants of it)."""
+"""Keyword arguments the exported program fixes when the model's forward takes them: a transformers cache object
+in the output is not something torch.export can return. The program does not take them as inputs (a call of the
+loaded module passes the model's tensors only)."""
 
 
-def _without_cache(model: nn.Module, call: CallArgs) -> tuple[CallArgs, tuple]:
-    """(the call with ``FIXED_KEYWORDS`` added where the model takes them and the call does not give them, the
-    names added)."""
+def _with_fixed_keywords(model: nn.Module, call: CallArgs) -> tuple[CallArgs, tuple]:
+    """(the call with ``FIXED_KEYWORDS`` set where the model takes them, the names fixed). A given value other than
+    the fixed one is an AttnccError."""
     try:
         parameters = list(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
         return call, ()
-    added = {name: value for name, value in FIXED_KEYWORDS.items()
-             if name in parameters and name not in call.kwargs and len(call.args) <= parameters.index(name)}
-    return CallArgs(call.args, dict(call.kwargs, **added)), tuple(added)
+    fixed = {name: value for name, value in FIXED_KEYWORDS.items()
+             if name in parameters and len(call.args) <= parameters.index(name)}
+    for name, value in fixed.items():
+        if call.kwargs.get(name, value) != value:
+            raise AttnccError(f"attncc.export runs the model with {name}={value!r} (got {call.kwargs[name]!r}): "
+                              f"a cache object is not an exportable output")
+    return CallArgs(call.args, dict(call.kwargs, **fixed)), tuple(fixed)
 
 
 def dynamic_shapes_for(call: CallArgs, dynamic: Union[str, dict, tuple, None]) -> Optional[Any]:

@@ -282,6 +282,19 @@ def test_mask_not_proven_for_every_length_stays_a_tensor_and_is_right_at_another
     torch.testing.assert_close(program.module()(y), compiled(y), rtol=1e-5, atol=1e-6)
 
 
+class WithCache(TinyAttention):
+    def forward(self, x, use_cache=True):
+        return super().forward(x)
+
+
+def test_use_cache_is_fixed_and_not_an_input():
+    model = WithCache()
+    program = attncc.export(model, "exact", {"x": X})
+    torch.testing.assert_close(program.module()(x=X), model(X), rtol=1e-5, atol=1e-6)
+    with pytest.raises(AttnccError, match="runs the model with use_cache=False"):
+        attncc.export(model, "exact", {"x": X, "use_cache": True})
+
+
 def test_load_missing_file_is_one_error(tmp_path):
     with pytest.raises(AttnccError, match="no such file"):
         attncc.load(tmp_path / "missing.pt2")
