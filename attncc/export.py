@@ -58,8 +58,8 @@ def export(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any =
             ``{"input_ids": ids}`` with ids ``[B, N]``.
         dynamic: ``"seq"``: the sequence axis (dim 1) of every ``[B, N]`` integer/bool input (``input_ids``,
             ``attention_mask`` ...) and of every ``[B, N, D]`` float input is dynamic, so one program serves any
-            length the model allows; ``None``: every shape as in ``example_inputs``; or a ``dynamic_shapes``
-            value as ``torch.export.export`` takes it.
+            length the model allows (the batch size stays the example's); ``None``: every shape as in
+            ``example_inputs``; or a ``dynamic_shapes`` value as ``torch.export.export`` takes it.
         measure_error: run the rewritten graph once on the example inputs and report each approximate site's
             error against exact attention (``rel_l2``, ``cosine``), as ``attncc.compile`` does.
         check_compile: also compile the model with ``attncc.compile`` on the same inputs and fail if the export
@@ -92,6 +92,8 @@ def export(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any =
         raise AttnccError("policy 'none' rewrites nothing: export the model with torch.export directly")
     call, fixed = _with_fixed_keywords(model, CallArgs.from_example(example_inputs))
     shapes = dynamic_shapes_for(call, dynamic)
+    if isinstance(shapes, dict):  # the user's dynamic_shapes by name: the fixed keywords are static
+        shapes = {**{name: None for name in fixed}, **shapes}
     first = _torch_export(model, call, shapes, "the model")
     names = ModuleNames(model)
     unlifted = first.module()

@@ -291,6 +291,10 @@ def test_use_cache_is_fixed_and_not_an_input():
     model = WithCache()
     program = attncc.export(model, "exact", {"x": X})
     torch.testing.assert_close(program.module()(x=X), model(X), rtol=1e-5, atol=1e-6)
+    # dynamic_shapes of the user's own, by name: the fixed keyword needs no entry
+    program = attncc.export(model, "exact", {"x": X}, dynamic={"x": {1: torch.export.Dim.DYNAMIC}})
+    y = torch.randn(1, 21, 16)
+    torch.testing.assert_close(program.module()(x=y), model(y), rtol=1e-5, atol=1e-6)
     with pytest.raises(AttnccError, match="runs the model with use_cache=False"):
         attncc.export(model, "exact", {"x": X, "use_cache": True})
 
