@@ -6,6 +6,7 @@ one attncc op (exact, or an optimized variant as the policy says) and reports wh
 
 from attncc.api import CompiledModule, compile
 from attncc.errors import AttnccError, AttnccWarning
+from attncc.exporting import export, load
 from attncc.policy import Policy, Rule
 from attncc.runtime.ops import attention
 
@@ -20,4 +21,4 @@ def __getattr__(name: str):
         return importlib.import_module("attncc.hf")
     raise AttributeError(f"module 'attncc' has no attribute {name!r}")
 
-__all__ = ["AttnccError", "AttnccWarning", "CompiledModule", "Policy", "Rule", "attention", "compile", "__version__"]
+__all__ = ["AttnccError", "AttnccWarning", "CompiledModule", "Policy", "Rule", "attention", "compile", "export", "load", "__version__"]

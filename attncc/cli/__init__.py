@@ -1,5 +1,5 @@
-"""The ``attncc`` command line: ``attncc inspect MODEL``, ``attncc demo``, ``attncc bench MODEL`` and
-``attncc cache list|info|clear``;
+"""The ``attncc`` command line: ``attncc inspect MODEL``, ``attncc demo``, ``attncc bench MODEL``,
+``attncc export MODEL -o model.pt2`` and ``attncc cache list|info|clear``;
 one command per module of this package.
 
 Every user mistake (unknown model spec, missing file, bad policy, inputs the model rejects, a model that cannot be
@@ -18,6 +18,7 @@ from attncc.cli.bench import bench
 from attncc.cli.cache import cache
 from attncc.cli.common import first_line, out_of_memory
 from attncc.cli.demo import demo
+from attncc.cli.export import export
 from attncc.cli.inspect import inspect
 from attncc.errors import AttnccError
 
@@ -28,7 +29,7 @@ def cli():
     """attncc: find every attention in a PyTorch model and rewrite it into fused, sparse, local or linear forms."""
 
 
-for command in (inspect, demo, bench, cache):
+for command in (inspect, demo, bench, export, cache):
     cli.add_command(command)
 
 

@@ -180,9 +180,10 @@ def _arange(interp: MaskInterpreter, node: fx.Node) -> Value:
     args = [g.val(a) if isinstance(a, fx.Node) else a for a in node.args]
     if "start" in node.kwargs or "end" in node.kwargs or "step" in node.kwargs:
         return None
-    if len(args) == 1 and isinstance(args[0], int):
+    # a symbolic length (torch.export with a dynamic sequence axis) is a length too; a symbolic start is not read
+    if len(args) == 1 and isinstance(args[0], (int, torch.SymInt)):
         return Affine(((-1, 1),), 0, 1)
-    if len(args) == 2 and all(isinstance(a, int) for a in args):
+    if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], (int, torch.SymInt)):
         return Affine(((-1, 1),), args[0], 1)
     return None
 
