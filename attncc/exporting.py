@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from attncc import progress
 from attncc.errors import AttnccError, AttnccWarning
 from attncc.frontend import CallArgs
 from attncc.module_names import ModuleNames
@@ -95,21 +96,26 @@ def export(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any =
     shapes = dynamic_shapes_for(call, dynamic)
     if isinstance(shapes, dict):  # the user's dynamic_shapes by name: the fixed keywords are static
         shapes = {**{name: None for name in fixed}, **shapes}
-    first = _torch_export(model, call, shapes, "the model")
-    names = ModuleNames(model)
-    unlifted = first.module()
-    lowered = lower_aten(unlifted)
-    names.annotate(lowered)
-    result = run_pipeline(lowered, chosen, modules=names)
-    report = _report(result, chosen, call, unlifted if measure_error else None)
-    _warn_left_alone(report)
-    check_nothing_hidden(model, names, call, unlifted)
-    if check_compile:
-        check_same_as_compile(model, chosen, call, report)
-    inputs = CallArgs(call.args, {k: v for k, v in call.kwargs.items() if k not in fixed})
-    program = _torch_export(_with_signature(result.graph_module, unlifted, fixed), inputs,
-                            _without_keys(shapes, fixed), "the rewritten model")
-    check_ops_kept(result, program)
+    with progress.steps(f"exporting {type(model).__name__}", total=4) as step:
+        first = _torch_export(model, call, shapes, "the model")
+        step.advance("captured with torch.export")
+        names = ModuleNames(model)
+        unlifted = first.module()
+        lowered = lower_aten(unlifted)
+        names.annotate(lowered)
+        result = run_pipeline(lowered, chosen, modules=names)
+        report = _report(result, chosen, call, unlifted if measure_error else None)
+        _warn_left_alone(report)
+        step.advance(f"{len(result.sites)} attention site(s) rewritten")
+        check_nothing_hidden(model, names, call, unlifted)
+        if check_compile:
+            check_same_as_compile(model, chosen, call, report)
+        step.advance("checked against attncc.compile")
+        inputs = CallArgs(call.args, {k: v for k, v in call.kwargs.items() if k not in fixed})
+        program = _torch_export(_with_signature(result.graph_module, unlifted, fixed), inputs,
+                                _without_keys(shapes, fixed), "the rewritten model")
+        check_ops_kept(result, program)
+        step.advance("exported with the attncc ops")
     setattr(program, REPORT_ATTRIBUTE, report)
     return program
 

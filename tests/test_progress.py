@@ -91,6 +91,17 @@ def test_compile_shows_capture_per_graph_and_measurement_per_site():
     assert shown(again).strip() == ""
 
 
+def test_export_shows_its_steps():
+    loaded = build_demo_model(seq_len=16)
+    console = terminal()
+    with progress.steps("test", console=console):
+        attncc.export(loaded.model, "local(window=4)", loaded.example_inputs, check_compile=False,
+                      measure_error=False)
+    text = shown(console)
+    assert "exporting DemoGPT: 4 attention site(s) rewritten" in text
+    assert "exported with the attncc ops" in text and "4/4" in text
+
+
 def test_autotune_shows_each_config(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path / "cache"))
     default_cache().forget_memory()
@@ -108,7 +119,7 @@ def test_autotune_shows_each_config(tmp_path, monkeypatch):
 def test_cli_commands_take_quiet(capsys):
     from attncc.cli import cli, main
 
-    for name in ("inspect", "demo", "bench"):
+    for name in ("inspect", "demo", "bench", "export"):
         assert "quiet" in [param.name for param in cli.commands[name].params], name
     assert main(["inspect", "demo", "--seq-len", "16", "--quiet"]) == 0
     assert capsys.readouterr().err == ""

@@ -10,7 +10,7 @@ import os
 
 import click
 
-from attncc.cli.common import MODEL_HELP, check_environment, first_line, quiet_capture, root_cause
+from attncc.cli.common import QUIET_HELP, check_environment, first_line, quiet_capture, root_cause
 from attncc.errors import AttnccError
 
 
@@ -28,7 +28,8 @@ from attncc.errors import AttnccError
 @click.option("--attn", type=click.Choice(["eager", "sdpa"]), default="eager", show_default=True,
               help="attn_implementation for hf: models.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-def export(model, policy, output, seq_len, dynamic, batch, attn, force):
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
+def export(model, policy, output, seq_len, dynamic, batch, attn, force, quiet):
     """Export MODEL with its attention rewritten by the policy to a torch.export .pt2 file.
 
     MODEL is one of: demo | timm:NAME | hf:MODEL_TYPE | hf:LOCAL_DIR | path/to/file.py:factory.
@@ -36,6 +37,7 @@ def export(model, policy, output, seq_len, dynamic, batch, attn, force):
     import torch
 
     import attncc
+    from attncc import progress
     from attncc.models import load_model
     from attncc.policy import as_policy
 
@@ -43,6 +45,7 @@ def export(model, policy, output, seq_len, dynamic, batch, attn, force):
     if os.path.exists(output) and not force:
         raise AttnccError(f"{output} exists; pass --force to overwrite it")
     chosen = as_policy(policy)
+    click.get_current_context().with_resource(progress.quiet(quiet))
     with quiet_capture():
         loaded = load_model(model, seq_len=seq_len, batch=batch, attn=attn)
         try:
