@@ -435,12 +435,24 @@ def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any 
     if frontend not in FRONTENDS:
         raise AttnccError(f"unknown frontend {frontend!r}: valid frontends are {', '.join(FRONTENDS)}")
     check_backend(backend)
+    _refuse_hf_attncc_model(model)
     from attncc.runtime.dispatch import selected_backend
 
     selected_backend()  # a bad ATTNCC_BACKEND is one error now, not one per op call after capture
     compiled = CompiledModule(model, as_policy(policy), example_inputs, frontend=frontend, backend=backend,
                               strict=strict, measure_error=measure_error)
     return compiled
+
+
+def _refuse_hf_attncc_model(model: nn.Module) -> None:
+    """A transformers model loaded with ``attn_implementation="attncc"`` already runs attncc's op through the
+    registered policy: capturing it again would find no attention to rewrite and only say "no attention found"."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_attn_implementation", None) == "attncc":
+            raise AttnccError("this model was loaded with attn_implementation='attncc': its attention already runs "
+                              "attncc's op under the policy given to attncc.hf.register(); use that path or "
+                              "attncc.compile() on a model loaded with 'sdpa'/'eager', not both")
 
 
 DEFAULT_BACKENDS = ("eager", "aot_eager", "inductor")

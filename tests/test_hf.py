@@ -434,3 +434,9 @@ def test_no_mask_takes_causality_and_sliding_window_from_the_arguments():
     assert_close(got, expected)
     got, _ = attncc.hf.attncc_attention(module, q[:, :, -1:], k, v, None, is_causal=True, sliding_window=3)
     assert_close(got, expected[:, -1:])
+
+
+def test_compile_refuses_a_model_loaded_with_attncc():
+    _, model = pair(llama_config())
+    with pytest.raises(attncc.AttnccError, match="attn_implementation='attncc'"):
+        attncc.compile(model, "exact")
