@@ -94,6 +94,10 @@ class CompiledModule(nn.Module):
         self._dynamo: Optional[Callable] = None
         self._latest: Optional[Capture] = None
         self._pending: Optional[Capture] = None
+        self.capture_count = 0
+        """How many captures ran the pass pipeline: one per fx trace, one per Dynamo (re)compilation of the model
+        (its graphs after graph breaks count once). generate() should take at most three: prefill, the first
+        decode step, and the decode step after which Dynamo makes the cache length dynamic."""
         if example_inputs is not None:
             self.capture(example_inputs)
 
@@ -194,6 +198,7 @@ class CompiledModule(nn.Module):
                                   "traced graph's outputs or buffer updates differ from the model's); "
                                   "use frontend='dynamo'")
             return None
+        self.capture_count += 1
         capture = Capture("fx", [self._run_pipeline(traced, 0)])
         _warn_if_no_attention(self, capture)
         self._latest = capture
@@ -220,6 +225,7 @@ class CompiledModule(nn.Module):
     def _on_dynamo_graph(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         if self._pending is None:
             self._pending = Capture("dynamo")
+            self.capture_count += 1
         capture = self._pending
         position = len(capture.results)
         self._names.annotate(gm)
