@@ -220,6 +220,7 @@ class CompiledModule(nn.Module):
             listed = "; ".join(f"{r.module or '<root>'}: {r.reason}" for r in result.rejected[:4])
             more = f" (and {len(result.rejected) - 4} more)" if len(result.rejected) > 4 else ""
             _warn(f"attncc: {len(result.rejected)} attention-like computation(s) left unchanged: {listed}{more}")
+        _warn_decode_fallbacks(result)
         return result
 
     def _on_dynamo_graph(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
@@ -451,6 +452,15 @@ def check_backend(backend: Union[str, Callable]) -> None:
     shown = list(DEFAULT_BACKENDS) + [b for b in list_backends() if b not in DEFAULT_BACKENDS]
     raise AttnccError(f"unknown backend {backend!r}: valid backends are {', '.join(shown)} (every name: "
                       f"torch._dynamo.list_backends(exclude_tags=())), or a callable torch.compile backend")
+
+
+def _warn_decode_fallbacks(result: PassResult) -> None:
+    """Warn when the policy's variant does not apply to a self-attention site with fewer queries than keys (a
+    decode step against a KV cache), so that generating under such a policy is not mistaken for running it."""
+    decode = [site for site in result.sites
+              if site.kind == "self" and site.q_len != site.kv_len and "does not apply" in site.reason]
+    if decode:
+        _warn(f"attncc: {len(decode)} decode site(s) (fewer queries than keys) run exact: {decode[0].reason}")
 
 
 def _warn_if_no_attention(compiled: CompiledModule, capture: Capture) -> None:

@@ -94,7 +94,7 @@ class SinkWindowCache(Cache):
     Example::
 
         cache = attncc.kv_cache.SinkWindowCache(window=256, sinks=4)
-        cm.generate(ids, max_new_tokens=4096, cache=cache)  # (transformers < 5.24: past_key_values=cache)
+        cm.generate(ids, max_new_tokens=4096, cache=cache)  # (past_key_values=cache also works; transformers 5.24 deprecates it)
     """
 
     def __init__(self, window: int, sinks: int = 0):
