@@ -124,8 +124,8 @@ def test_decode_step_equals_recomputing_the_whole_sequence(policy):
     sequence again (a causal prefill) at that position: linear continues its state (computed from the cache),
     local attends the same window and sinks."""
     model = _tiny("llama")
-    cached, recomputed = attncc.compile(model, policy), attncc.compile(model, policy)
-    ids = torch.cat([_prompt(), torch.randint(0, 128, (1, 3), generator=torch.Generator().manual_seed(2))], 1)
+    cached, recomputed = attncc.compile(model, policy), attncc.compile(model, policy, measure_error=False)
+    ids = torch.cat([_prompt(), torch.randint(0, 128, (1, 2), generator=torch.Generator().manual_seed(2))], 1)
     cache = transformers.DynamicCache(config=model.config)
     with torch.no_grad():
         cached(ids[:, :PROMPT], past_key_values=cache)

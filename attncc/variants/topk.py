@@ -133,8 +133,8 @@ class TopKSpec(VariantSpec):
         if reason:
             return False, reason
         if site.q_len != site.kv_len and site.kind != "self":
-            return False, f"topk needs self-attention when queries and keys differ in number " \
-                          f"(Nq={site.q_len}, Nk={site.kv_len}), this site is cross-attention"
+            return False, f"topk needs as many queries as keys on cross-attention (Nq={site.q_len}, " \
+                          f"Nk={site.kv_len}); fewer queries than keys are aligned only for self-attention (decode)"
         if isinstance(site.q_len, int) and isinstance(site.kv_len, int) and site.q_len > site.kv_len:
             return False, f"topk needs at most as many queries as keys (Nq={site.q_len}, Nk={site.kv_len})"
         return True, f"dynamic top-k block sparsity ({self._budget_text()})"
