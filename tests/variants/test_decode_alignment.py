@@ -163,3 +163,27 @@ def test_causal_call_with_fewer_queries_runs_exact_top_left():
     want = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["local(window=4, sinks=1)", "topk(block=16, density=0.5)",
+                                     "block_sparse(pattern=radial(window=2), block=16)"])
+def test_kernels_decline_fewer_queries_than_keys(variant):
+    """The Triton kernels align queries with keys: their covers() decline a decode call with a reason, so the
+    PyTorch path (which gathers only the window / selected blocks of the cache) runs it."""
+    pytest.importorskip("triton")
+    from attncc.codegen.registry import kernel
+
+    spec = parse_variant(variant)
+    q, k, v = random_qkv(1, 4, 2, 1, 16, nk=40)
+    why = kernel(spec.name).covers(spec, q, k, v, ScoreMods(scale=SCALE))
+    assert "fewer queries than keys" in why
+    q, k, v = random_qkv(1, 4, 2, 40, 16)
+    assert kernel(spec.name).covers(spec, q, k, v, ScoreMods(scale=SCALE)) == ""
+
+
+def test_linear_kernels_decline_decode_alignment():
+    pytest.importorskip("triton")
+    from attncc.codegen.registry import kernel
+
+    q, k, v = random_qkv(1, 4, 2, 1, 16, nk=40)
+    assert "decode" in kernel("linear").covers(LinearSpec(window=4, decode=True), q, k, v, ScoreMods(scale=SCALE))
