@@ -161,3 +161,22 @@ def test_variants_without_decode_run_exact_and_say_so(policy):
     decode = [s for s in cm.report().sites if s.q_len == 1]
     assert decode and all(s.variant == "exact" and "does not apply" in s.reason for s in decode)
     assert any(issubclass(w.category, AttnccWarning) and "decode site" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("policy", ["exact", LOCAL])
+def test_chunked_prefill_gives_the_full_sequence_logits(policy):
+    """A second prompt chunk against the cache (Nq < Nk with transformers' explicit bottom-right causal mask,
+    which mask analysis keeps as a tensor) gives the logits of the whole sequence at those positions: the
+    original model's for exact, the window reference's for local."""
+    model = _tiny("llama")
+    reference = model if policy == "exact" else _window_reference("llama", model)
+    cm = attncc.compile(model, policy)
+    ids = _prompt()
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        cm(ids[:, :16], past_key_values=cache)
+        chunk = cm(ids[:, 16:], past_key_values=cache).logits
+        whole = reference(ids).logits[:, 16:]
+    torch.testing.assert_close(chunk, whole, rtol=1e-5, atol=1e-5)
+    chunk_sites = [s for s in cm.report().sites if s.q_len != s.kv_len]
+    assert chunk_sites and all(s.variant == policy for s in chunk_sites)
