@@ -37,8 +37,8 @@ def _prompt() -> torch.Tensor:
     return torch.randint(0, 128, (1, PROMPT), generator=torch.Generator().manual_seed(1))
 
 
-def _generate(model, new: int, **kwargs) -> torch.Tensor:
-    return model.generate(_prompt(), max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs)
+def _generate(model, new: int, prompt: int = PROMPT, **kwargs) -> torch.Tensor:
+    return model.generate(_prompt()[:, :prompt], max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs)
 
 
 def window_sinks_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -86,6 +86,16 @@ def test_local_generate_gives_the_window_reference_tokens(attn):
     assert cm.capture_count <= 3
     decode = [s for s in cm.report().sites if s.q_len == 1]
     assert decode and all(s.variant == LOCAL for s in decode)
+
+
+def test_local_generate_from_a_prompt_shorter_than_the_window():
+    """The decode graphs are captured while the cache is shorter than the window (the band reaches every key)
+    and reused, dynamic in the cache length, after it grows past it."""
+    model = _tiny("llama")
+    cm = attncc.compile(model, LOCAL)
+    got = _generate(cm, 16, prompt=4)
+    assert torch.equal(got, _generate(_window_reference("llama", model), 16, prompt=4))
+    assert cm.capture_count <= 3
 
 
 def test_bounded_cache_gives_the_unbounded_tokens_and_stays_bounded():
