@@ -56,6 +56,11 @@ passes several times faster on CPU than one big score tensor (measured: 512K flo
 slower by 10-40%)."""
 
 
+TOP_LEFT_CAUSAL = ("a causal mask (SDPA's is_causal, top-left aligned) over fewer queries than keys, as when a "
+                   "static cache is prefilled: the variant places such queries at the last positions")
+"""Why local and topk decline causal sites with Nq != Nk (decode calls come without is_causal)."""
+
+
 @register_variant
 @dataclass(frozen=True)
 class LocalSpec(VariantSpec):
@@ -147,6 +152,8 @@ class LocalSpec(VariantSpec):
                           "site is cross-attention"
         if isinstance(site.q_len, int) and isinstance(site.kv_len, int) and site.q_len > site.kv_len:
             return False, f"local attention needs at most as many queries as keys (Nq={site.q_len}, Nk={site.kv_len})"
+        if site.causal and site.q_len != site.kv_len:
+            return False, TOP_LEFT_CAUSAL
         reason = unapplied_site_features(self, site, band=False)
         if reason:
             return False, reason

@@ -43,6 +43,7 @@ from attncc.variants.base import (
 )
 from attncc.variants.block_sparse import block_keep_to_elements, blocks_to_keep
 from attncc.variants.exact import masked_reference
+from attncc.variants.local import TOP_LEFT_CAUSAL
 from attncc.variants.registry import register_variant
 from attncc.variants.blocks import BlockLayout, block_sparse_attention
 
@@ -137,6 +138,8 @@ class TopKSpec(VariantSpec):
                           f"Nk={site.kv_len}); fewer queries than keys are aligned only for self-attention (decode)"
         if isinstance(site.q_len, int) and isinstance(site.kv_len, int) and site.q_len > site.kv_len:
             return False, f"topk needs at most as many queries as keys (Nq={site.q_len}, Nk={site.kv_len})"
+        if site.causal and site.q_len != site.kv_len:
+            return False, TOP_LEFT_CAUSAL
         return True, f"dynamic top-k block sparsity ({self._budget_text()})"
 
     def _budget_text(self) -> str:

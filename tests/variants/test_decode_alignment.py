@@ -187,3 +187,11 @@ def test_linear_kernels_decline_decode_alignment():
 
     q, k, v = random_qkv(1, 4, 2, 1, 16, nk=40)
     assert "decode" in kernel("linear").covers(LinearSpec(window=4, decode=True), q, k, v, ScoreMods(scale=SCALE))
+
+
+@pytest.mark.parametrize("variant", ["local(window=3)", "topk(block=4, density=0.5)"])
+def test_causal_sites_with_fewer_queries_decline(variant):
+    """SDPA's is_causal over fewer queries than keys is top-left aligned (a static cache's prefill): declined
+    at plan time, and (a direct call) run on the fallback by the dispatch."""
+    supported, why = parse_variant(variant).supports(_decode_site(causal=True, q_len=8, kv_len=32))
+    assert not supported and "top-left" in why
