@@ -156,7 +156,7 @@ def test_topk_generate_selects_blocks_of_the_cache():
     _generate(cm, 6)
     assert cm.capture_count <= 3
     decode = [s for s in cm.report().sites if s.q_len == 1]
-    assert decode and all(s.variant == "topk(block=4, k=2)" and s.rel_l2 is not None and s.rel_l2 > 0
+    assert decode and all(s.variant == "topk(block=4, k=2, decode=True)" and s.rel_l2 is not None and s.rel_l2 > 0
                           for s in decode)
 
 

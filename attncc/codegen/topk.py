@@ -473,9 +473,9 @@ def topk_layout(spec: TopKSpec, q: Tensor, k: Tensor, mods: ScoreMods) -> BlockL
 
 
 def _topk_covers(spec, q: Tensor, k: Tensor, v: Tensor, mods) -> str:
-    """'' when the kernels run this call: a power-of-two block >= 16, as many queries as keys (decode calls,
-    Nq < Nk, place query blocks bottom-right: the PyTorch path does that)."""
-    if q.shape[-2] != k.shape[-2]:
+    """'' when the kernels run this call: a power-of-two block >= 16, and no decode alignment (``decode=True``
+    with Nq < Nk places query blocks bottom-right: the PyTorch path does that; the kernels align top-left)."""
+    if spec.decode and q.shape[-2] != k.shape[-2]:
         return f"fewer queries than keys (Nq={q.shape[-2]}, Nk={k.shape[-2]}): the PyTorch path aligns them bottom-right"
     return block_fits_tiles(spec, q, k, v, mods)
 

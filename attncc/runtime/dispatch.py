@@ -93,8 +93,10 @@ def resolve_spec(call: AttentionCall) -> VariantSpec:
     there (transformers passes it only while prefilling a static cache, whose extra keys are empty slots), while
     the approximate variants place such queries bottom-right (the last tokens, as in decode)."""
     short = call.min_len and call.k.shape[-2] < call.min_len
-    top_left = call.causal and call.q.shape[-2] < call.k.shape[-2]
-    return parse_variant(call.fallback if short or top_left else call.variant)
+    spec = parse_variant(call.fallback if short else call.variant)
+    if call.causal and call.q.shape[-2] < call.k.shape[-2] and spec.aligns_last_queries():
+        return parse_variant(call.fallback)
+    return spec
 
 
 def route_segments(spec: VariantSpec, call: AttentionCall,

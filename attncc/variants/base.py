@@ -124,6 +124,12 @@ class VariantSpec:
     def supports(self, site) -> tuple[bool, str]:
         raise NotImplementedError
 
+    def aligns_last_queries(self) -> bool:
+        """True when calls with fewer queries than keys place the queries at the last positions (bottom-right:
+        decode with a KV cache); the dispatch then runs a causal such call (SDPA's top-left ``is_causal``) on
+        the fallback instead."""
+        return False
+
     def specialize(self, site) -> Union["VariantSpec", str]:
         """The spec to run on ``site`` (what the site shows filled in), or why this variant cannot run there.
 

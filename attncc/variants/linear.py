@@ -141,6 +141,9 @@ class LinearSpec(VariantSpec):
         if not isinstance(self.decode, bool):
             raise self.invalid("decode", f"must be True or False, got {self.decode!r}")
 
+    def aligns_last_queries(self) -> bool:
+        return self.decode
+
     def specialize(self, site):
         """The spec for ``site``: with a window, on self-attention with fewer queries than keys (decode),
         ``decode=True`` (the window at the queries' absolute positions); else as the default does."""

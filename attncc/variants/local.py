@@ -102,6 +102,9 @@ class LocalSpec(VariantSpec):
 
     # ------------------------------------------------------------------------------------------ pattern
 
+    def aligns_last_queries(self) -> bool:
+        return True
+
     def bounds(self, causal: bool) -> tuple[int, int]:
         """``(left, right)`` of the band on a causal or bidirectional call (right is 0 under causality)."""
         if self.window is not None:

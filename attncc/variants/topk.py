@@ -14,7 +14,7 @@ estimate of the block-level attention:
    ``ceil(density * nKB)`` (at least 1), or the fewest blocks whose softmax mass over the pooled scores
    reaches ``threshold`` (plus the forced ones). Forced blocks count toward ``k``/``density``.
 
-Fewer queries than keys (decode, chunked prefill): the queries are the last Nq tokens (query ``i`` at
+Fewer queries than keys with ``decode=True`` (decode, chunked prefill; the plan sets it): the queries are the last Nq tokens (query ``i`` at
 position ``Nk - Nq + i``); query blocks are blocks of those absolute positions, so a decode step scores its one
 query row against every pooled key block of the cache and keeps its own block (``local``), the ``sinks`` first
 blocks and the best-scoring rest.
@@ -98,6 +98,10 @@ class TopKSpec(VariantSpec):
     threshold: Optional[float] = None
     sinks: int = 1
     local: int = 1
+    decode: bool = False
+    """Fewer queries than keys are the *last* tokens (bottom-right): query blocks are blocks of absolute positions
+    (see the module docstring); the plan sets it on self-attention sites with fewer queries than keys (decode
+    with a KV cache). Without it such calls are aligned top-left, as before."""
 
     listed: ClassVar[int] = 40
 
@@ -123,6 +127,19 @@ class TopKSpec(VariantSpec):
         check_int(self, "k", self.k, minimum=1, allow_none=True)
         check_int(self, "sinks", self.sinks)
         check_int(self, "local", self.local)
+        if not isinstance(self.decode, bool):
+            raise self.invalid("decode", f"must be True or False, got {self.decode!r}")
+
+    def aligns_last_queries(self) -> bool:
+        return self.decode
+
+    def specialize(self, site):
+        """The spec for ``site``: ``decode=True`` on self-attention with fewer queries than keys (a decode step
+        against a KV cache), else as the default does."""
+        spec = super().specialize(site)
+        if isinstance(spec, TopKSpec) and site.kind == "self" and site.q_len != site.kv_len:
+            return replace(spec, decode=True)
+        return spec
 
     # ------------------------------------------------------------------------------------------ supports
 
@@ -209,7 +226,7 @@ class TopKSpec(VariantSpec):
         b = self.block
         batch, hq, nq, d = q.shape
         hkv, nk = k.shape[-3], k.shape[-2]
-        pad, first = decode_rows(nq, nk, b)
+        pad, first = self._decode_rows(nq, nk)
         nqb, nkb = cdiv(nq + pad, b), cdiv(nk, b)
         pq = _pool(F.pad(q, (0, 0, pad, 0)) if pad else q, b)  # [B, Hq, nQB, D], [B, Hkv, nKB, D]
         if pad:  # the first block averages its real rows only
@@ -263,7 +280,7 @@ class TopKSpec(VariantSpec):
         queries are the last tokens (``select``); q gets ``pad`` leading zero rows so that its blocks are
         blocks of absolute positions, and their output is dropped."""
         blocks = self.select(q, k, mods)
-        pad, _ = decode_rows(q.shape[-2], k.shape[-2], self.block)
+        pad, _ = self._decode_rows(q.shape[-2], k.shape[-2])
         if not pad:
             layout = BlockLayout(self.block, self.block, q.shape[-2], k.shape[-2], blocks)
             return block_sparse_attention(q, k, v, layout, mods)
@@ -279,10 +296,15 @@ class TopKSpec(VariantSpec):
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         """Float32 oracle: the same selection as a dense ``[B, Hq, Nq, Nk]`` mask over exact attention."""
         blocks = self.select(q, k, mods)
-        pad, _ = decode_rows(q.shape[-2], k.shape[-2], self.block)
+        pad, _ = self._decode_rows(q.shape[-2], k.shape[-2])
         keep = block_keep_to_elements(blocks_to_keep(blocks, cdiv(k.shape[-2], self.block)),
                                       self.block, self.block, q.shape[-2] + pad, k.shape[-2])
         return masked_reference(q, k, v, mods, keep[..., pad:, :])
+
+
+    def _decode_rows(self, nq: int, nk: int) -> tuple[int, int]:
+        """``decode_rows`` with ``decode=True``, ``(0, 0)`` (top-left) otherwise."""
+        return decode_rows(nq, nk, self.block) if self.decode else (0, 0)
 
 
 def decode_rows(nq: int, nk: int, block: int) -> tuple[int, int]:

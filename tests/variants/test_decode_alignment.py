@@ -82,10 +82,10 @@ def test_local_decode_reads_only_window_and_sinks():
 
 
 @pytest.mark.parametrize("spec", [
-    pytest.param(TopKSpec(block=4, density=0.5), id="density0.5"),
-    pytest.param(TopKSpec(block=4, k=2, sinks=1, local=2), id="k2-local2"),
-    pytest.param(TopKSpec(block=4, threshold=0.7), id="threshold0.7"),
-    pytest.param(TopKSpec(block=4, density=1.0), id="density1"),
+    pytest.param(TopKSpec(block=4, density=0.5, decode=True), id="density0.5"),
+    pytest.param(TopKSpec(block=4, k=2, sinks=1, local=2, decode=True), id="k2-local2"),
+    pytest.param(TopKSpec(block=4, threshold=0.7, decode=True), id="threshold0.7"),
+    pytest.param(TopKSpec(block=4, density=1.0, decode=True), id="density1"),
 ])
 @pytest.mark.parametrize("nq,nk", [(1, N), (9, N), (8, 36), (4, 4)], ids=lambda x: str(x))
 def test_topk_tail_matches_reference(spec, nq, nk):
@@ -94,8 +94,8 @@ def test_topk_tail_matches_reference(spec, nq, nk):
     torch.testing.assert_close(spec.forward(q, k, v, mods), spec.reference(q, k, v, mods), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", [TopKSpec(block=4, density=0.5), TopKSpec(block=4, k=3, sinks=1, local=1)],
-                         ids=str)
+@pytest.mark.parametrize("spec", [TopKSpec(block=4, density=0.5, decode=True),
+                                  TopKSpec(block=4, k=3, sinks=1, local=1, decode=True)], ids=str)
 def test_topk_block_aligned_chunk_equals_full_sequence_rows(spec):
     """A chunk starting at a block boundary selects what the full causal run selects for those query blocks."""
     q, k, v = random_qkv(2, 4, 2, 36, 16, seed=5)
@@ -105,7 +105,7 @@ def test_topk_block_aligned_chunk_equals_full_sequence_rows(spec):
 
 
 def test_topk_decode_keeps_its_own_block_and_the_sink_block():
-    spec = TopKSpec(block=4, k=2, sinks=1, local=1)
+    spec = TopKSpec(block=4, k=2, sinks=1, local=1, decode=True)
     q, k, _ = random_qkv(1, 2, 2, 1, 8, nk=N, seed=6)
     blocks = spec.select(q, k, ScoreMods(scale=SCALE))
     assert blocks.shape[-2] == 1  # one query block: the block of position N - 1
@@ -137,6 +137,12 @@ def _decode_site(**kw) -> AttentionSite:
     return AttentionSite(**fields)
 
 
+def test_topk_plans_decode_alignment_on_decode_sites():
+    assert TopKSpec(block=4, k=2).specialize(_decode_site()) == TopKSpec(block=4, k=2, decode=True)
+    assert TopKSpec(block=4, k=2).specialize(_decode_site(q_len="s0", kv_len="s0")) == TopKSpec(block=4, k=2)
+    assert parse_variant(str(TopKSpec(block=4, k=2, decode=True))) == TopKSpec(block=4, k=2, decode=True)
+
+
 def test_linear_window_plans_decode_alignment_on_decode_sites():
     assert LinearSpec(window=4).specialize(_decode_site()) == LinearSpec(window=4, decode=True)
     assert LinearSpec().specialize(_decode_site()) == LinearSpec()  # no window: nothing to align
@@ -165,7 +171,7 @@ def test_causal_call_with_fewer_queries_runs_exact_top_left():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["local(window=4, sinks=1)", "topk(block=16, density=0.5)",
+@pytest.mark.parametrize("variant", ["local(window=4, sinks=1)", "topk(block=16, density=0.5, decode=True)",
                                      "block_sparse(pattern=radial(window=2), block=16)"])
 def test_kernels_decline_fewer_queries_than_keys(variant):
     """The Triton kernels align queries with keys: their covers() decline a decode call with a reason, so the
