@@ -95,6 +95,10 @@ class CompiledModule(nn.Module):
         self._dynamo: Optional[Callable] = None
         self._latest: Optional[Capture] = None
         self._pending: Optional[Capture] = None
+        self.capture_count = 0
+        """How many captures ran the pass pipeline: one per fx trace, one per Dynamo (re)compilation of the model
+        (its graphs after graph breaks count once). generate() should take at most three: prefill, the first
+        decode step, and the decode step after which Dynamo makes the cache length dynamic."""
         if example_inputs is not None:
             self.capture(example_inputs)
 
@@ -195,6 +199,7 @@ class CompiledModule(nn.Module):
                                   "traced graph's outputs or buffer updates differ from the model's); "
                                   "use frontend='dynamo'")
             return None
+        self.capture_count += 1
         capture = Capture("fx", [self._run_pipeline(traced, 0)])
         _warn_if_no_attention(self, capture)
         self._latest = capture
@@ -216,12 +221,14 @@ class CompiledModule(nn.Module):
             listed = "; ".join(f"{r.module or '<root>'}: {r.reason}" for r in result.rejected[:4])
             more = f" (and {len(result.rejected) - 4} more)" if len(result.rejected) > 4 else ""
             _warn(f"attncc: {len(result.rejected)} attention-like computation(s) left unchanged: {listed}{more}")
+        _warn_decode_fallbacks(result)
         progress.advance(f"graph {index}: {len(result.sites)} attention site(s)")
         return result
 
     def _on_dynamo_graph(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         if self._pending is None:
             self._pending = Capture("dynamo")
+            self.capture_count += 1
         capture = self._pending
         position = len(capture.results)
         self._names.annotate(gm)
@@ -471,6 +478,15 @@ def check_backend(backend: Union[str, Callable]) -> None:
     shown = list(DEFAULT_BACKENDS) + [b for b in list_backends() if b not in DEFAULT_BACKENDS]
     raise AttnccError(f"unknown backend {backend!r}: valid backends are {', '.join(shown)} (every name: "
                       f"torch._dynamo.list_backends(exclude_tags=())), or a callable torch.compile backend")
+
+
+def _warn_decode_fallbacks(result: PassResult) -> None:
+    """Warn when the policy's variant does not apply to a self-attention site with fewer queries than keys (a
+    decode step against a KV cache), so that generating under such a policy is not mistaken for running it."""
+    decode = [site for site in result.sites
+              if site.kind == "self" and site.q_len != site.kv_len and site.declined]
+    if decode:
+        _warn(f"attncc: {len(decode)} decode site(s) (fewer queries than keys) run exact: {decode[0].reason}")
 
 
 def _warn_if_no_attention(compiled: CompiledModule, capture: Capture) -> None:

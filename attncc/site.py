@@ -136,6 +136,8 @@ class AttentionSite:
     min_len: int = 0
     reason: str = ""
     """Why that variant (or why not rewritten)."""
+    declined: str = ""
+    """The variant family the policy asked for where it does not apply to this site (the site runs exact)."""
 
     @property
     def mask_kind(self) -> str:
@@ -211,6 +213,8 @@ class SitePlan:
     grid: Optional[tuple[int, ...]] = None
     """The token grid the plan found for the site (a ViT's patches)."""
     grid_prefix: int = 0
+    declined: str = ""
+    """The variant family the policy asked for, where it does not apply here ('' otherwise)."""
 
     @staticmethod
     def left_alone(site: "AttentionSite", reason: str) -> "SitePlan":

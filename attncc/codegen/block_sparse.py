@@ -74,7 +74,15 @@ def mask_mod_tiles(spec: BlockSparseSpec, nq: int, nk: int, causal: bool, device
     return layout, tiles, tile_index
 
 
-@kernel_for("block_sparse", covers=block_fits_tiles)
+def _block_sparse_covers(spec, q: Tensor, k: Tensor, v: Tensor, mods) -> str:
+    """'' when the kernel runs this call: a power-of-two block >= 16 and as many queries as keys (the variant
+    defines no decode call; its PyTorch path says why)."""
+    if q.shape[-2] != k.shape[-2]:
+        return f"fewer queries than keys (Nq={q.shape[-2]}, Nk={k.shape[-2]})"
+    return block_fits_tiles(spec, q, k, v, mods)
+
+
+@kernel_for("block_sparse", covers=_block_sparse_covers)
 def block_sparse_attention(spec: BlockSparseSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
     """Block-sparse attention of ``spec`` on the Triton kernels. q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``,
     v ``[B, Hkv, Nk, Dv]`` -> ``[B, Hq, Nq, Dv]``."""

@@ -137,7 +137,10 @@ context with it, so no call reaches it until the fault is found (the interpreter
 
 
 def _covers(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> str:
-    """'' when the kernels run this call; on CUDA tensors, why they do not (``CUDA_FAULT``)."""
+    """'' when the kernels run this call; on CUDA tensors, why they do not (``CUDA_FAULT``); a decode call
+    (``spec.decode``, fewer queries than keys) runs the PyTorch path (the kernels align queries top-left)."""
+    if spec.decode and q.shape[-2] < k.shape[-2]:
+        return "fewer queries than keys with decode=True (the window at the queries' last positions): PyTorch path"
     return CUDA_FAULT if q.is_cuda else ""
 
 

@@ -569,7 +569,16 @@ def exact_kernel(spec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tens
     return softmax_attention(q, k, v, mods, DenseVisit())
 
 
-@kernel_for("local")
+def local_covers(spec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> str:
+    """'' when the band kernel runs this call: as many queries as keys. A decode call (Nq < Nk, queries at the
+    last positions) runs the PyTorch path, which gathers only the window and sink keys of the cache."""
+    if q.shape[-2] != k.shape[-2]:
+        return f"fewer queries than keys (Nq={q.shape[-2]}, Nk={k.shape[-2]}): the band kernel aligns queries " \
+               f"with keys; the PyTorch path gathers the window of the cache"
+    return ""
+
+
+@kernel_for("local", covers=local_covers)
 def local_kernel(spec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
     """The ``local`` variant (a :class:`~attncc.variants.local.LocalSpec`): the key blocks of its band plus
     its sink and global prefix. Shapes as in :func:`softmax_attention`."""

@@ -472,7 +472,15 @@ def topk_layout(spec: TopKSpec, q: Tensor, k: Tensor, mods: ScoreMods) -> BlockL
     return BlockLayout(block, block, nq, nk, kv_blocks, partial)
 
 
-@kernel_for("topk", covers=block_fits_tiles)
+def _topk_covers(spec, q: Tensor, k: Tensor, v: Tensor, mods) -> str:
+    """'' when the kernels run this call: a power-of-two block >= 16, and no decode alignment (``decode=True``
+    with Nq < Nk places query blocks bottom-right: the PyTorch path does that; the kernels align top-left)."""
+    if spec.decode and q.shape[-2] != k.shape[-2]:
+        return f"fewer queries than keys (Nq={q.shape[-2]}, Nk={k.shape[-2]}): the PyTorch path aligns them bottom-right"
+    return block_fits_tiles(spec, q, k, v, mods)
+
+
+@kernel_for("topk", covers=_topk_covers)
 def topk_attention(spec: TopKSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
     """Top-k block-sparse attention on the Triton kernels: select on the device, then online-softmax attention
     over the selected blocks. q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``, v ``[B, Hkv, Nk, Dv]`` ->

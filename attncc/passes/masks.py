@@ -713,6 +713,10 @@ def _unstructured(structure: MaskStructure, site: AttentionSite) -> Optional[str
         return "a constant mask that is not a band"
     if structure.right is not None and structure.right != 0 or (structure.right is None and structure.left is not None):
         return "a band not anchored at the diagonal"
+    if structure.left is not None and site.q_len != site.kv_len:
+        # the bounds are in query-index terms (top-left); a window is carried bottom-right aligned for fewer
+        # queries than keys (``attncc.variants.local``), so the tensors stay exact as the model computes them
+        return "a window over fewer queries than keys"
     if len(structure.documents) > 1 or (structure.documents and site.q_len != site.kv_len):
         return "several document labels, or documents between sequences of different lengths"
     return None

@@ -60,7 +60,7 @@ def plan_site(site: AttentionSite, policy: Policy, grids: list[tuple[int, ...]] 
     why = spec if isinstance(spec, str) else _unsupported(spec, checked)
     if why:
         return SitePlan("exact", f"{decision.reason}; {asked.name} does not apply ({why}): exact", exact, exact,
-                        **located)
+                        declined=asked.name, **located)
     reason = decision.reason + ("; batches packed with several documents run exact" if packed else "")
     return SitePlan(str(spec), reason, spec, exact, decision.min_len, **located)
 

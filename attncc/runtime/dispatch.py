@@ -87,9 +87,16 @@ def run_attention(call: AttentionCall) -> Tensor:
 
 
 def resolve_spec(call: AttentionCall) -> VariantSpec:
-    """The variant this call runs: ``fallback`` while the key length is below ``min_len``, else ``variant``."""
+    """The variant this call runs: ``fallback`` while the key length is below ``min_len``, else ``variant``.
+
+    A causal call with fewer queries than keys also runs ``fallback``: SDPA's ``is_causal`` is top-left aligned
+    there (transformers passes it only while prefilling a static cache, whose extra keys are empty slots), while
+    the approximate variants place such queries bottom-right (the last tokens, as in decode)."""
     short = call.min_len and call.k.shape[-2] < call.min_len
-    return parse_variant(call.fallback if short else call.variant)
+    spec = parse_variant(call.fallback if short else call.variant)
+    if call.causal and call.q.shape[-2] < call.k.shape[-2] and spec.aligns_last_queries():
+        return parse_variant(call.fallback)
+    return spec
 
 
 def route_segments(spec: VariantSpec, call: AttentionCall,

@@ -124,6 +124,12 @@ class VariantSpec:
     def supports(self, site) -> tuple[bool, str]:
         raise NotImplementedError
 
+    def aligns_last_queries(self) -> bool:
+        """True when calls with fewer queries than keys place the queries at the last positions (bottom-right:
+        decode with a KV cache); the dispatch then runs a causal such call (SDPA's top-left ``is_causal``) on
+        the fallback instead."""
+        return False
+
     def specialize(self, site) -> Union["VariantSpec", str]:
         """The spec to run on ``site`` (what the site shows filled in), or why this variant cannot run there.
 
@@ -177,6 +183,42 @@ def check_self_attention(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor) -> 
     if q.shape[1] % k.shape[1] != 0:
         raise AttnccError(f"{spec.name}: query heads {q.shape[1]} are not a multiple of kv heads {k.shape[1]}")
     return q.shape[-2]
+
+
+def check_decode_queries(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int]:
+    """``(Nq, Nk)`` of ``[B, H, N, D]`` self-attention inputs whose queries are the *last* ``Nq`` of the ``Nk``
+    tokens (``Nq <= Nk``: decode with a KV cache, chunked prefill); an error naming the variant otherwise.
+
+    Such calls are bottom-right aligned: query ``i`` sits at absolute position ``Nk - Nq + i``
+    (``query_positions``), and a variant's pattern (window, diagonal blocks) is placed there.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise AttnccError(f"{spec.name}: expects [B, H, N, D] tensors, got q {tuple(q.shape)}")
+    if q.shape[-2] > k.shape[-2]:
+        raise AttnccError(f"{spec.name}: needs at most as many queries as keys (queries are the last tokens of "
+                          f"the keys), got Nq={q.shape[-2]}, Nk={k.shape[-2]}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise AttnccError(f"{spec.name}: query heads {q.shape[1]} are not a multiple of kv heads {k.shape[1]}")
+    return q.shape[-2], k.shape[-2]
+
+
+def query_positions(nq: int, nk: int, device=None) -> Tensor:
+    """Absolute positions of ``nq`` queries that are the last of ``nk`` tokens (bottom-right alignment):
+    ``nk - nq .. nk - 1``, int64 ``[nq]``."""
+    return torch.arange(nk - nq, nk, device=device)
+
+
+def gather_rows_keys(t: Optional[Tensor], q0: int, q1: int, keys: Tensor) -> Optional[Tensor]:
+    """A bias or mask broadcastable to ``[B, Hq, Nq, Nk]`` restricted to query rows ``q0:q1`` and the key
+    columns ``keys`` (int64 ``[K]``); broadcast dims of size 1 stay size 1. None stays None."""
+    if t is None:
+        return None
+    t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
+    if t.shape[-2] != 1:
+        t = t[..., q0:q1, :]
+    if t.shape[-1] != 1:
+        t = t.index_select(-1, keys.to(t.device))
+    return t
 
 
 def unapplied_site_features(spec: VariantSpec, site, band: bool, sinks: bool = True) -> str:

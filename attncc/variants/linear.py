@@ -48,7 +48,7 @@ Additive bias, softcapping and any other mask shape are declined by ``supports``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Optional
 
 import sympy
@@ -126,6 +126,11 @@ class LinearSpec(VariantSpec):
     feature_map: str = "elu"
     window: int = 0
     chunk: int = 64
+    decode: bool = False
+    """The queries are the last ``Nq`` of the ``Nk`` tokens (bottom-right: query ``i`` at position
+    ``Nk - Nq + i``), so the softmax window sits at that position; the plan sets it on self-attention sites
+    with fewer queries than keys (decode with a KV cache) when there is a window (without one every
+    bidirectional decode query already sees exactly its causal prefix, the whole cache)."""
 
     def __post_init__(self):
         if self.feature_map not in FEATURE_MAPS:
@@ -133,6 +138,19 @@ class LinearSpec(VariantSpec):
             raise self.invalid("feature_map", f"must be one of {choices}, got {self.feature_map!r}")
         check_int(self, "window", self.window, minimum=0)
         check_int(self, "chunk", self.chunk, minimum=1)
+        if not isinstance(self.decode, bool):
+            raise self.invalid("decode", f"must be True or False, got {self.decode!r}")
+
+    def aligns_last_queries(self) -> bool:
+        return self.decode
+
+    def specialize(self, site):
+        """The spec for ``site``: with a window, on self-attention with fewer queries than keys (decode),
+        ``decode=True`` (the window at the queries' absolute positions); else as the default does."""
+        spec = super().specialize(site)
+        if isinstance(spec, LinearSpec) and spec.window and site.kind == "self" and site.q_len != site.kv_len:
+            return replace(spec, decode=True)
+        return spec
 
     # -- planning ----------------------------------------------------------------------------------------
 
@@ -154,7 +172,7 @@ class LinearSpec(VariantSpec):
             return False, f"the model's mask keeps a band {site.band}; linear attention reads every key"
         if site.segments:
             return False, "the model's mask is block-diagonal by segment; linear attention reads every key"
-        if site.causal and site.q_len != site.kv_len:
+        if site.causal and site.q_len != site.kv_len:  # (top-left: decode calls are non-causal)
             return False, f"causal linear attention needs Nq == Nk, got Nq={site.q_len}, Nk={site.kv_len}"
         how = "chunked causal scan" if site.causal else "one key/value state"
         extra = f" plus a {self.window}-key softmax window" if self.window else ""
@@ -205,15 +223,27 @@ class LinearSpec(VariantSpec):
         ``[B, Hq, Nq, Dv]`` in q's dtype (float32 math; k and v may have batch 1). Differentiable; memory and
         time linear in N (plus the window band)."""
         q4, k4, v4, keep = _prepare(self, q, k, v, mods)
+        q4, last = _as_last_queries(self, q4, k4)
         out = _linear_forward(q4, k4, v4, keep, self.feature_map, self.window, self.chunk, mods)
-        return out.to(q.dtype)
+        return out[..., out.shape[-2] - last:, :].to(q.dtype)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         """The oracle: dense float32 ``[B, Hq, Nq, Nk]`` weights from the definition (full taylor features,
         explicit window/outside split, row max of the window scores as stabilizer). Shapes as ``forward``."""
         q4, k4, v4, keep = _prepare(self, q, k, v, mods)
+        q4, last = _as_last_queries(self, q4, k4)
         out = _linear_reference(q4, k4, v4, keep, self.feature_map, self.window, mods)
-        return out.to(q.dtype)
+        return out[..., out.shape[-2] - last:, :].to(q.dtype)
+
+
+def _as_last_queries(spec: LinearSpec, q: Tensor, k: Tensor) -> tuple[Tensor, int]:
+    """``(q, Nq)``; with ``spec.decode`` and Nq < Nk, q with ``Nk - Nq`` zero rows in front, so that query i
+    sits at position ``Nk - Nq + i`` (those rows' outputs are dropped). Decode thereby recomputes the linear
+    sums over the cache at each step (``O(Nk)`` work, no state carried between calls)."""
+    nq, nk = q.shape[-2], k.shape[-2]
+    if not spec.decode or nq >= nk:
+        return q, nq
+    return F.pad(q, (0, 0, nk - nq, 0)), nq
 
 
 # -- input checks ------------------------------------------------------------------------------------------

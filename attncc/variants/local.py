@@ -13,6 +13,12 @@ learns the call's causality from ``mods.causal`` at run time). Give either ``win
 
 A query row with no visible key (possible only through ``mods.mask``) returns zeros.
 
+Fewer queries than keys (decode with a KV cache, chunked prefill): the queries are the *last* ``Nq`` tokens,
+query ``i`` at absolute position ``p = Nk - Nq + i`` (bottom-right alignment), and the pattern above holds with
+``p`` for ``i``: a decode step attends the keys ``p - left .. p`` of the cache plus the ``sinks`` first keys,
+``O(left + sinks)`` keys however long the cache is. ``mods.causal`` keeps SDPA's meaning (top-left: key
+``j <= i``) on top; the dispatch runs such calls (a causal call with Nq < Nk) on the fallback instead.
+
 The forward never builds an ``N x N`` tensor: queries go in blocks of ``Bq`` rows, and each block's keys are
 the contiguous range ``[start - left, end + right]``, read as an overlapping strided view of the padded keys
 (no gather, no copy); the sink/global key columns join that block's softmax, and the global query rows are
@@ -35,8 +41,8 @@ from torch import Tensor
 from attncc.errors import AttnccError
 from attncc.util import cdiv
 from attncc.variants.base import (
-    ScoreMods, VariantSpec, attention_cost, check_int, check_self_attention, site_sizes, sink_rows,
-    softmax_with_sink, unapplied_site_features,
+    ScoreMods, VariantSpec, attention_cost, check_decode_queries, check_int, gather_rows_keys, query_positions,
+    site_sizes, sink_rows, softmax_with_sink, unapplied_site_features,
 )
 from attncc.variants.exact import exact_spec, masked_reference
 from attncc.variants.registry import register_variant
@@ -48,6 +54,11 @@ CHUNK_FLOATS = 1 << 19
 """Scores per chunk of query blocks (2 MB per worker thread): cache-resident chunks make the elementwise
 passes several times faster on CPU than one big score tensor (measured: 512K floats best, 128K and 2M
 slower by 10-40%)."""
+
+
+TOP_LEFT_CAUSAL = ("a causal mask (SDPA's is_causal, top-left aligned) over fewer queries than keys, as when a "
+                   "static cache is prefilled: the variant places such queries at the last positions")
+"""Why local and topk decline causal sites with Nq != Nk (decode calls come without is_causal)."""
 
 
 @register_variant
@@ -91,6 +102,9 @@ class LocalSpec(VariantSpec):
 
     # ------------------------------------------------------------------------------------------ pattern
 
+    def aligns_last_queries(self) -> bool:
+        return True
+
     def bounds(self, causal: bool) -> tuple[int, int]:
         """``(left, right)`` of the band on a causal or bidirectional call (right is 0 under causality)."""
         if self.window is not None:
@@ -133,13 +147,16 @@ class LocalSpec(VariantSpec):
     # ----------------------------------------------------------------------------------------- contract
 
     def supports(self, site) -> tuple[bool, str]:
-        """Self-attention (``Nq == Nk``) without dropout or segment masks; causal or not, with bias, softcap,
-        padding or dense masks (gathered at the visited pairs), and within a model's own band."""
+        """Self-attention (``Nq == Nk``, or ``Nq < Nk``: the last tokens' queries against a KV cache, bottom-right
+        aligned) without dropout or segment masks; causal or not, with bias, softcap, padding or dense masks
+        (gathered at the visited pairs), and within a model's own band."""
         if site.kind != "self":
             return False, "local attention needs self-attention (queries and keys are the same tokens), this " \
                           "site is cross-attention"
-        if isinstance(site.q_len, int) and isinstance(site.kv_len, int) and site.q_len != site.kv_len:
-            return False, f"local attention needs as many queries as keys (Nq={site.q_len}, Nk={site.kv_len})"
+        if isinstance(site.q_len, int) and isinstance(site.kv_len, int) and site.q_len > site.kv_len:
+            return False, f"local attention needs at most as many queries as keys (Nq={site.q_len}, Nk={site.kv_len})"
+        if site.causal and site.q_len != site.kv_len:
+            return False, TOP_LEFT_CAUSAL
         reason = unapplied_site_features(self, site, band=False)
         if reason:
             return False, reason
@@ -167,7 +184,13 @@ class LocalSpec(VariantSpec):
     def pairs(self, site) -> sympy.Expr:
         """Visible (query, key) pairs per (batch, head) of the pattern under the site's causality, before
         mask/bias: the band clipped at both ends, plus the prefix columns outside it, plus the global rows.
-        Exact for static sizes; a sympy expression of the length symbol where dynamic."""
+        Exact for static sizes; a sympy expression of the length symbol where dynamic. With fewer queries than
+        keys (decode), an upper bound: every query sees at most ``left + 1 + right`` band keys plus the prefix."""
+        if site.q_len != site.kv_len:
+            sizes = site_sizes(site)
+            left, right = self.bounds(site.causal)
+            seen = sympy.Min(sizes["Nk"], left + 1 + right + max(self.sinks, self.globals))
+            return sizes["Nq"] * (sizes["Nk"] if self.globals else seen)
         n = site_sizes(site)["Nq"]
         left, right = self.bounds(site.causal)
         lc, rc = sympy.Min(left, n - 1), sympy.Min(right, n - 1)
@@ -194,19 +217,56 @@ class LocalSpec(VariantSpec):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         """Banded attention: q ``[B, Hq, N, Dqk]``, k ``[B, Hkv, N, Dqk]``, v ``[B, Hkv, N, Dv]`` ->
-        ``[B, Hq, N, Dv]`` in q's dtype (float32 math). Differentiable."""
-        n = check_self_attention(self, q, k, v)
+        ``[B, Hq, N, Dv]`` in q's dtype (float32 math). Differentiable. With Nq < Nk (decode), the queries are
+        the last Nq tokens and attend only their windows and the prefix (``local_decode_attention``)."""
+        n, nk = check_decode_queries(self, q, k, v)
+        if n < nk:
+            return local_decode_attention(self, q, k, v, mods)
         if self.covers(n, mods.causal):
             return block_sparse_attention(q, k, v, dense_layout(n, n, device=q.device), mods)
         left, right = self.bounds(mods.causal)
         return local_attention(q, k, v, mods, left, right, max(self.sinks, self.globals), self.globals)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
-        """Dense float32 oracle: the pattern as an ``N x N`` mask ANDed with ``mods.mask``; empty rows -> 0."""
-        n = check_self_attention(self, q, k, v)
-        idx = torch.arange(n, device=q.device)
-        keep = self.keep(idx[:, None], idx[None, :], mods.causal)
+        """Dense float32 oracle: the pattern as an ``Nq x Nk`` mask (queries at positions ``Nk - Nq + i``) ANDed
+        with ``mods.mask`` (and top-left causality when ``mods.causal``); empty rows -> 0."""
+        nq, nk = check_decode_queries(self, q, k, v)
+        keys = torch.arange(nk, device=q.device)
+        keep = self.keep(query_positions(nq, nk, q.device)[:, None], keys[None, :], mods.causal)
         return masked_reference(q, k, v, mods, keep)
+
+
+DECODE_QUERY_BLOCK = 64
+"""Queries per block when fewer queries than keys run (chunked prefill): each block gathers its own keys."""
+
+
+def local_decode_attention(spec: LocalSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
+    """``spec`` for queries that are the last ``Nq`` of ``Nk`` tokens (decode, chunked prefill).
+
+    q ``[B, Hq, Nq, Dqk]``, k ``[B, Hkv, Nk, Dqk]``, v ``[B, Hkv, Nk, Dv]`` -> ``[B, Hq, Nq, Dv]``. Each block of
+    queries gathers only the keys its pattern can reach (the prefix, then its band), so a decode step reads
+    ``sinks + left + 1`` keys of the cache, not ``Nk``; the block is then exact attention over those keys.
+    """
+    nq, nk = q.shape[-2], k.shape[-2]
+    left, right = spec.bounds(mods.causal)
+    prefix = min(max(spec.sinks, spec.globals), nk)
+    positions = query_positions(nq, nk, q.device)
+    outs = []
+    for q0 in range(0, nq, DECODE_QUERY_BLOCK):
+        q1 = min(nq, q0 + DECODE_QUERY_BLOCK)
+        first, last = nk - nq + q0, nk - nq + q1 - 1  # absolute positions of the block's queries
+        lo = 0 if first < spec.globals else max(0, first - left)  # a global query row sees every key
+        hi = nk if first < spec.globals else min(nk, last + right + 1)
+        keys = torch.cat([torch.arange(min(prefix, lo), device=q.device), torch.arange(lo, hi, device=q.device)])
+        keep = spec.keep(positions[q0:q1, None], keys[None, :], mods.causal)
+        if mods.causal:  # SDPA's top-left causality: key j <= query index i
+            keep = keep & (keys[None, :] <= torch.arange(q0, q1, device=q.device)[:, None])
+        block_mods = ScoreMods(scale=mods.scale, softcap=mods.softcap, sinks=mods.sinks,
+                               bias=gather_rows_keys(mods.bias, q0, q1, keys),
+                               mask=gather_rows_keys(mods.mask, q0, q1, keys))
+        outs.append(masked_reference(q[:, :, q0:q1], k.index_select(2, keys), v.index_select(2, keys),
+                                     block_mods, keep))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def _block_size(left: int, right: int, n: int) -> int:

@@ -14,6 +14,11 @@ estimate of the block-level attention:
    ``ceil(density * nKB)`` (at least 1), or the fewest blocks whose softmax mass over the pooled scores
    reaches ``threshold`` (plus the forced ones). Forced blocks count toward ``k``/``density``.
 
+Fewer queries than keys with ``decode=True`` (decode, chunked prefill; the plan sets it): the queries are the last Nq tokens (query ``i`` at
+position ``Nk - Nq + i``); query blocks are blocks of those absolute positions, so a decode step scores its one
+query row against every pooled key block of the cache and keeps its own block (``local``), the ``sinks`` first
+blocks and the best-scoring rest.
+
 The chosen blocks are computed exactly (every pair inside them, under the ScoreMods, learned sink logits
 included) by ``block_sparse_attention``; a query that sees no key returns zeros. With ``density=1`` every
 allowed block is kept and the result equals exact attention. The selection is not differentiated (it is a
@@ -23,11 +28,12 @@ discrete choice); gradients flow through the attention over the chosen blocks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Optional
 
 import sympy
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attncc.errors import AttnccError
@@ -37,6 +43,7 @@ from attncc.variants.base import (
 )
 from attncc.variants.block_sparse import block_keep_to_elements, blocks_to_keep
 from attncc.variants.exact import masked_reference
+from attncc.variants.local import TOP_LEFT_CAUSAL
 from attncc.variants.registry import register_variant
 from attncc.variants.blocks import BlockLayout, block_sparse_attention
 
@@ -91,6 +98,10 @@ class TopKSpec(VariantSpec):
     threshold: Optional[float] = None
     sinks: int = 1
     local: int = 1
+    decode: bool = False
+    """Fewer queries than keys are the *last* tokens (bottom-right): query blocks are blocks of absolute positions
+    (see the module docstring); the plan sets it on self-attention sites with fewer queries than keys (decode
+    with a KV cache). Without it such calls are aligned top-left, as before."""
 
     listed: ClassVar[int] = 40
 
@@ -116,17 +127,36 @@ class TopKSpec(VariantSpec):
         check_int(self, "k", self.k, minimum=1, allow_none=True)
         check_int(self, "sinks", self.sinks)
         check_int(self, "local", self.local)
+        if not isinstance(self.decode, bool):
+            raise self.invalid("decode", f"must be True or False, got {self.decode!r}")
+
+    def aligns_last_queries(self) -> bool:
+        return self.decode
+
+    def specialize(self, site):
+        """The spec for ``site``: ``decode=True`` on self-attention with fewer queries than keys (a decode step
+        against a KV cache), else as the default does."""
+        spec = super().specialize(site)
+        if isinstance(spec, TopKSpec) and site.kind == "self" and site.q_len != site.kv_len:
+            return replace(spec, decode=True)
+        return spec
 
     # ------------------------------------------------------------------------------------------ supports
 
     def supports(self, site) -> tuple[bool, str]:
-        """Sites with Nq == Nk (the local/diagonal blocks align queries with keys), without dropout or
-        band/segment masks; bias, softcap, padding and dense masks are applied."""
+        """Self-attention sites (Nq == Nk, or Nq < Nk: the last tokens' queries against a KV cache, blocks
+        bottom-right aligned), without dropout or band/segment masks; bias, softcap, padding and dense masks
+        are applied."""
         reason = unapplied_site_features(self, site, band=True)
         if reason:
             return False, reason
-        if site.q_len != site.kv_len:
-            return False, f"topk needs as many queries as keys (Nq={site.q_len}, Nk={site.kv_len})"
+        if site.q_len != site.kv_len and site.kind != "self":
+            return False, f"topk needs as many queries as keys on cross-attention (Nq={site.q_len}, " \
+                          f"Nk={site.kv_len}); fewer queries than keys are aligned only for self-attention (decode)"
+        if isinstance(site.q_len, int) and isinstance(site.kv_len, int) and site.q_len > site.kv_len:
+            return False, f"topk needs at most as many queries as keys (Nq={site.q_len}, Nk={site.kv_len})"
+        if site.causal and site.q_len != site.kv_len:
+            return False, TOP_LEFT_CAUSAL
         return True, f"dynamic top-k block sparsity ({self._budget_text()})"
 
     def _budget_text(self) -> str:
@@ -188,13 +218,20 @@ class TopKSpec(VariantSpec):
     def select(self, q: Tensor, k: Tensor, mods: ScoreMods) -> Tensor:
         """The key blocks each query block attends: int64 ``[B, Hq, nQB, K]``, ascending, ``-1`` padding last.
 
-        q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``. Memory is ``O(B * Hq * nQB * nKB)`` (block pairs).
+        q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``. Memory is ``O(B * Hq * nQB * nKB)`` (block pairs). With
+        Nq < Nk the queries are the last Nq tokens (bottom-right): query blocks are blocks of absolute positions
+        (the first one holds ``(Nk - Nq) % block`` fewer rows), so a decode step's one query block is the block
+        of its position; ``nQB`` counts those blocks (``decode_rows(...)`` gives the row padding).
         """
         b = self.block
         batch, hq, nq, d = q.shape
         hkv, nk = k.shape[-3], k.shape[-2]
-        nqb, nkb = cdiv(nq, b), cdiv(nk, b)
-        pq, pk = _pool(q, b), _pool(k, b)  # [B, Hq, nQB, D], [B, Hkv, nKB, D]
+        pad, first = self._decode_rows(nq, nk)
+        nqb, nkb = cdiv(nq + pad, b), cdiv(nk, b)
+        pq = _pool(F.pad(q, (0, 0, pad, 0)) if pad else q, b)  # [B, Hq, nQB, D], [B, Hkv, nKB, D]
+        if pad:  # the first block averages its real rows only
+            pq[..., 0, :] *= min(b, nq + pad) / (min(b, nq + pad) - pad)
+        pk = _pool(k, b)
         # Query head h reads kv head h // g: group the g query heads' rows under their kv head.
         pq = pq.reshape(batch, hkv, (hq // hkv) * nqb, d)
         scores = ((pq @ pk.transpose(-2, -1)) * mods.scale).reshape(batch, hq, nqb, nkb)
@@ -202,13 +239,14 @@ class TopKSpec(VariantSpec):
         qb = torch.arange(nqb, device=q.device)[:, None]
         kb = torch.arange(nkb, device=q.device)[None, :]
         allowed = torch.ones(nqb, nkb, dtype=torch.bool, device=q.device)
-        if mods.causal:
-            last_q = torch.clamp((qb + 1) * b, max=nq) - 1
+        if mods.causal:  # top-left (SDPA): query row i sees keys j <= i
+            last_q = torch.clamp((qb + 1) * b - pad, max=nq) - 1
             allowed = kb * b <= last_q
         if mods.mask is not None:
-            allowed = allowed & _block_any(mods.mask.to(q.device), b, nq, nk)
+            allowed = allowed & _block_any(_pad_rows(mods.mask.to(q.device), pad, False), b, nq + pad, nk)
         allowed = allowed.expand(batch, hq, nqb, nkb)
-        forced = ((kb <= qb) & (kb > qb - self.local)) | (kb < self.sinks)
+        diagonal = qb + first  # the key block at each query block's positions
+        forced = ((kb <= diagonal) & (kb > diagonal - self.local)) | (kb < self.sinks)
         forced = forced & allowed
 
         scores = scores.masked_fill(~allowed, float("-inf"))
@@ -238,17 +276,55 @@ class TopKSpec(VariantSpec):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         """Select blocks, then run exact attention over them. q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``,
-        v ``[B, Hkv, Nk, Dv]`` -> ``[B, Hq, Nq, Dv]`` in q's dtype; no N x N tensor is built."""
+        v ``[B, Hkv, Nk, Dv]`` -> ``[B, Hq, Nq, Dv]`` in q's dtype; no N x N tensor is built. Nq < Nk: the
+        queries are the last tokens (``select``); q gets ``pad`` leading zero rows so that its blocks are
+        blocks of absolute positions, and their output is dropped."""
         blocks = self.select(q, k, mods)
-        layout = BlockLayout(self.block, self.block, q.shape[-2], k.shape[-2], blocks)
-        return block_sparse_attention(q, k, v, layout, mods)
+        pad, _ = self._decode_rows(q.shape[-2], k.shape[-2])
+        if not pad:
+            layout = BlockLayout(self.block, self.block, q.shape[-2], k.shape[-2], blocks)
+            return block_sparse_attention(q, k, v, layout, mods)
+        if mods.causal:  # top-left causality at the unpadded rows, as a mask (rare: dispatch runs exact here)
+            rows, cols = torch.arange(q.shape[-2], device=q.device), torch.arange(k.shape[-2], device=q.device)
+            causal = cols[None, :] <= rows[:, None]
+            mods = replace(mods, causal=False, mask=causal if mods.mask is None else mods.mask & causal)
+        padded = replace(mods, bias=_pad_rows(mods.bias, pad, 0.0), mask=_pad_rows(mods.mask, pad, True))
+        layout = BlockLayout(self.block, self.block, q.shape[-2] + pad, k.shape[-2], blocks)
+        out = block_sparse_attention(F.pad(q, (0, 0, pad, 0)), k, v, layout, padded)
+        return out[..., pad:, :]
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         """Float32 oracle: the same selection as a dense ``[B, Hq, Nq, Nk]`` mask over exact attention."""
         blocks = self.select(q, k, mods)
+        pad, _ = self._decode_rows(q.shape[-2], k.shape[-2])
         keep = block_keep_to_elements(blocks_to_keep(blocks, cdiv(k.shape[-2], self.block)),
-                                      self.block, self.block, q.shape[-2], k.shape[-2])
-        return masked_reference(q, k, v, mods, keep)
+                                      self.block, self.block, q.shape[-2] + pad, k.shape[-2])
+        return masked_reference(q, k, v, mods, keep[..., pad:, :])
+
+
+    def _decode_rows(self, nq: int, nk: int) -> tuple[int, int]:
+        """``decode_rows`` with ``decode=True``, ``(0, 0)`` (top-left) otherwise."""
+        return decode_rows(nq, nk, self.block) if self.decode else (0, 0)
+
+
+def decode_rows(nq: int, nk: int, block: int) -> tuple[int, int]:
+    """``(pad, first)`` for queries that are the last ``nq`` of ``nk`` tokens: ``pad`` rows put in front of q
+    make its blocks blocks of absolute positions, the first of which is key block ``first``; ``(0, 0)`` when
+    ``nq == nk``."""
+    offset = nk - nq
+    return offset % block, offset // block
+
+
+def _pad_rows(t: Optional[Tensor], rows: int, value) -> Optional[Tensor]:
+    """A bias/mask broadcastable to ``[B, Hq, Nq, Nk]`` with ``rows`` rows of ``value`` in front of its query
+    dim (a broadcast query dim stays size 1)."""
+    if t is None or rows == 0:
+        return t
+    t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
+    if t.shape[-2] == 1:
+        return t
+    front = torch.full((*t.shape[:-2], rows, t.shape[-1]), value, dtype=t.dtype, device=t.device)
+    return torch.cat([front, t], dim=-2)
 
 
 def _to_lists(keep: Tensor) -> Tensor:
