@@ -14,11 +14,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # attncc.hf (the transformers integration) imports transformers: loaded on first use, not with attncc
-    if name == "hf":
+    # attncc.hf (the transformers integration) and attncc.kv_cache (a transformers Cache) import transformers:
+    # loaded on first use, not with attncc
+    if name in ("hf", "kv_cache"):
         import importlib
 
-        return importlib.import_module("attncc.hf")
+        return importlib.import_module(f"attncc.{name}")
     raise AttributeError(f"module 'attncc' has no attribute {name!r}")
 
 __all__ = ["AttnccError", "AttnccWarning", "CompiledModule", "Policy", "Rule", "attention", "compile", "export", "load", "__version__"]

@@ -330,10 +330,13 @@ def test_generate_exact_left_padded_batch_equals_original():
 
 
 def test_generate_local_equals_recomputing_without_cache():
-    """Decode under local(window=8) (Nq=1 against the cache) gives the tokens of recomputing the whole sequence
-    at every step (Nq == Nk, no cache) under the same policy."""
-    _, model = pair(llama_config())
-    attncc.hf.register("local(window=8)")
+    """Decode under local(window=8, sinks=2) (Nq=1 against the cache, bottom-right) gives the tokens of recomputing
+    the whole sequence at every step (Nq == Nk, no cache) under the same policy, with the dynamic cache and with
+    the bounded cache that keeps only the sinks and the window."""
+    from attncc.kv_cache import SinkWindowCache
+
+    ref, model = pair(llama_config())
+    attncc.hf.register("local(window=8, sinks=2)")
     torch.manual_seed(4)
     ids = torch.randint(0, VOCAB, (1, 12))
     expected = ids
@@ -341,13 +344,12 @@ def test_generate_local_equals_recomputing_without_cache():
         for _ in range(16):
             logits = model(input_ids=expected, use_cache=False).logits
             expected = torch.cat([expected, logits[:, -1:].argmax(-1)], dim=1)
-        try:
-            got = model.generate(ids, max_new_tokens=16, do_sample=False)
-        except attncc.AttnccError as err:
-            if "as many queries as keys" not in str(err):
-                raise
-            pytest.xfail(f"needs decode support from wt-decode: {err}")
+        got = model.generate(ids, max_new_tokens=16, do_sample=False)
+        bounded = model.generate(ids, max_new_tokens=16, do_sample=False, cache=SinkWindowCache(window=8, sinks=2))
+        original = ref.generate(ids, max_new_tokens=16, do_sample=False)
     assert torch.equal(got, expected)
+    assert torch.equal(bounded, expected)
+    assert not torch.equal(original, expected), "the window must cut something, or this test proves nothing"
 
 
 def test_report_and_warning_for_policy_none():

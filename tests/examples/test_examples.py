@@ -18,7 +18,7 @@ SCRIPTS = sorted(EXAMPLES.glob("*.py"))
 
 
 def test_examples_exist():
-    assert len(SCRIPTS) >= 3, [p.name for p in SCRIPTS]
+    assert len(SCRIPTS) >= 5, [p.name for p in SCRIPTS]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
