@@ -284,6 +284,8 @@ class CompiledModule(nn.Module):
         self._fx_compiled.clear()
 
     def _run(self, call: CallArgs):
+        if torch.compiler.is_compiling():  # torch.compile(cm) traces this: no progress (nor its stderr checks)
+            return self._run_graphs(call)
         # a first capture shows its progress at once; a later call only if it captures again (a graph arrives)
         with progress.steps(f"capturing {type(self.original_model).__name__}", lazy=self._latest is not None):
             return self._run_graphs(call)

@@ -104,7 +104,7 @@ def steps(title: str, total: Optional[int] = None, *, lazy: bool = False, consol
     """
     if _open:
         console = _open[0].console
-    visible = enabled(console) and not _tracing()
+    visible = not _tracing() and enabled(console)  # (stderr's isatty breaks a torch.compile graph)
     step = Steps(title, total, visible, lazy, console)
     _open.append(step)
     try:
