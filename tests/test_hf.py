@@ -161,9 +161,9 @@ def test_unreadable_mask_function_is_carried_dense_with_its_reason():
 # -- same results as the original and as the capture path ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy", ["exact", "local(window=8)"])
-def test_llama_gqa_equals_capture_path(policy):
-    ref, model = pair(llama_config())
+def assert_matches_capture_path(ref, model, policy):
+    """``model`` (attn_implementation='attncc' under ``policy``) gives ``attncc.compile(ref, policy)``'s outputs on a
+    padded batch, and under exact also the original's."""
     batch = inputs()
     attncc.hf.register(policy)
     got = out(model, batch)
@@ -171,6 +171,12 @@ def test_llama_gqa_equals_capture_path(policy):
     assert_close(valid(got, batch), valid(captured, batch))
     if policy == "exact":
         assert_close(valid(got, batch), valid(out(ref, batch), batch))
+
+
+@pytest.mark.parametrize("policy", ["exact", "local(window=8)"])
+def test_llama_gqa_equals_capture_path(policy):
+    ref, model = pair(llama_config())
+    assert_matches_capture_path(ref, model, policy)
     rep = attncc.hf.report(model)
     assert [m.module for m in rep.modules] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     assert all(dict(m.runs) == {policy: 1} for m in rep.modules)
@@ -180,13 +186,7 @@ def test_llama_gqa_equals_capture_path(policy):
 @pytest.mark.parametrize("policy", ["exact", "local(window=8)"])
 def test_bert_with_padding_equals_capture_path(policy):
     ref, model = pair(bert_config(), auto=AutoModel)
-    batch = inputs()
-    attncc.hf.register(policy)
-    got = out(model, batch)
-    captured = out(attncc.compile(ref, policy, example_inputs=batch), batch)
-    assert_close(valid(got, batch), valid(captured, batch))
-    if policy == "exact":
-        assert_close(valid(got, batch), valid(out(ref, batch), batch))
+    assert_matches_capture_path(ref, model, policy)
     rep = attncc.hf.report(model)
     assert len(rep.modules) == 2 and all(m.masks == ["padding"] and dict(m.runs) == {policy: 1} for m in rep.modules)
 
@@ -196,13 +196,7 @@ def test_bert_with_padding_equals_capture_path(policy):
 def test_model_sliding_window_equals_capture_path(config, policy):
     # eager: Gemma 2's logit softcapping is not supported by sdpa; the capture path compiles the same model
     ref, model = pair(config(), original="eager")
-    batch = inputs()
-    attncc.hf.register(policy)
-    got = out(model, batch)
-    captured = out(attncc.compile(ref, policy, example_inputs=batch), batch)
-    assert_close(valid(got, batch), valid(captured, batch))
-    if policy == "exact":
-        assert_close(valid(got, batch), valid(out(ref, batch), batch))
+    assert_matches_capture_path(ref, model, policy)
     first = attncc.hf.report(model).modules[0]
     assert first.masks == ["causal+window 8+padding"]
     assert list(first.runs) == (["local(left=7, right=0)"] if policy == "exact" else ["local(left=4, right=0)"])
