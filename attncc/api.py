@@ -95,6 +95,9 @@ class CompiledModule(nn.Module):
         self._dynamo: Optional[Callable] = None
         self._latest: Optional[Capture] = None
         self._pending: Optional[Capture] = None
+        self.graph_runner: Optional[Callable[[PassResult, list], Any]] = None
+        """When set, every rewritten graph runs as ``graph_runner(result, placeholder_values)`` instead of as
+        compiled (``attncc.calibrate`` runs the graphs through its own interpreter this way); None: as compiled."""
         self.capture_count = 0
         """How many captures ran the pass pipeline: one per fx trace, one per Dynamo (re)compilation of the model
         (its graphs after graph breaks count once). generate() should take at most three: prefill, the first
@@ -252,12 +255,14 @@ class CompiledModule(nn.Module):
         return counted
 
     def _measuring_first_call(self, result: PassResult, compiled: Callable) -> Callable:
-        """``compiled``, except that its first call runs the graph through the error-measuring interpreter."""
-        if not self.measure_error or not result.sites or result.graph_module is None:
-            return compiled
+        """``compiled``, except that its first call runs the graph through the error-measuring interpreter, and
+        that a ``graph_runner`` set on this module runs it instead while it is set."""
+        measure = self.measure_error and result.sites and result.graph_module is not None
 
         def run(*args):
-            if result.errors is None:
+            if self.graph_runner is not None and result.graph_module is not None:
+                return self.graph_runner(result, list(args))
+            if measure and result.errors is None:
                 result.errors = {}  # measure once, even if this call fails
                 out, result.errors = run_measuring(result.graph_module, list(args))
                 return out
@@ -294,6 +299,8 @@ class CompiledModule(nn.Module):
         self._check_structure()
         result = self._fx_graph(call)
         if result is not None:
+            if self.graph_runner is not None:
+                return self.graph_runner(result, placeholder_values(result.graph_module, call))
             if self.measure_error and result.errors is None and result.sites:
                 result.errors = {}
                 out, result.errors = run_measuring(result.graph_module, placeholder_values(result.graph_module, call))
