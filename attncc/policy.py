@@ -193,10 +193,7 @@ def _head_list(value, name: str) -> Optional[tuple[int, ...]]:
     if value is None:
         return None
     if isinstance(value, str):
-        found = [re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part) for part in value.split(",")]
-        if not all(found) or any(f.group(2) is not None and int(f.group(2)) < int(f.group(1)) for f in found):
-            raise AttnccError(bad)
-        value = [h for f in found for h in range(int(f.group(1)), int(f.group(2) or f.group(1)) + 1)]
+        value = _heads_text(value, bad)
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, (list, tuple)) or not value or not all(
@@ -206,6 +203,17 @@ def _head_list(value, name: str) -> Optional[tuple[int, ...]]:
         twice = sorted({h for h in value if list(value).count(h) > 1})
         raise AttnccError(f"{name}: field 'heads' lists head {twice[0]} twice, in {value!r}")
     return tuple(sorted(value))
+
+
+def _heads_text(text: str, bad: str) -> list[int]:
+    """``"0-3, 7"`` -> ``[0, 1, 2, 3, 7]``; AttnccError(``bad``) for anything else."""
+    found = [re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part) for part in text.split(",")]
+    if not all(found):
+        raise AttnccError(bad)
+    runs = [(int(f.group(1)), int(f.group(2) or f.group(1))) for f in found]
+    if any(last < first for first, last in runs):
+        raise AttnccError(bad)
+    return [head for first, last in runs for head in range(first, last + 1)]
 
 
 @dataclass(frozen=True)
