@@ -310,22 +310,22 @@ class Policy:
         for rule in self.rules:
             past = [h for h in rule.heads or () if h >= heads]
             if past and rule.matches(site):
-                from attncc.variants.heads import head_ranges
+                from attncc.variants.heads import heads_label
 
-                notes.append(f"{rule.label or 'rule'} names heads {head_ranges(past)}, which {site.module or 'the model'} "
+                notes.append(f"{rule.label or 'rule'} names {heads_label(past)}, which {site.module or 'the model'} "
                              f"does not have ({heads} query heads): nothing runs there")
                 warnings.warn(f"attncc: {notes[-1]}", stacklevel=3)
         return notes
 
     def _mixed_decision(self, site, chosen: list[Optional[Rule]], notes: list[str]) -> Decision:
         """The decision when the heads of ``site`` get their variants from different rules."""
-        from attncc.variants.heads import HeadsSpec, head_ranges
+        from attncc.variants.heads import HeadsSpec, heads_label
 
         texts = [rule.variant if rule is not None else "exact" for rule in chosen]
         by_rule: dict[int, list[int]] = {}
         for head, rule in enumerate(chosen):
             by_rule.setdefault(id(rule), []).append(head)
-        parts = [f"heads {head_ranges(found)} {self._why(chosen[found[0]])}: {texts[found[0]]}"
+        parts = [f"{heads_label(found)} {self._why(chosen[found[0]])}: {texts[found[0]]}"
                  for found in by_rule.values()]
         if "none" in texts and any(text != "none" for text in texts):
             raise AttnccError(f"site {site.module or '<root>'}: the policy leaves some heads alone ('none') and rewrites "

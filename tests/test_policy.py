@@ -142,7 +142,7 @@ def test_per_head_rules_give_the_heads_text():
                          "('topk(block=16, density=0.5)', (3,))))")
     assert attncc.variants.heads.HeadsSpec.of(["local(window=8)"] * 2 + ["exact", "topk(block=16, density=0.5)"]) \
         == attncc.variants.parse.parse_variant(d.variant)
-    assert "heads 0-1 rule 1 (heads 0-1): local(window=8)" in d.reason and "heads 2 rule 3" in d.reason
+    assert "heads 0-1 rule 1 (heads 0-1): local(window=8)" in d.reason and "head 2 rule 3" in d.reason
     assert "heads 0-1" in str(policy)
 
 
@@ -151,7 +151,7 @@ def test_per_head_rules_that_agree_give_the_plain_variant_and_unmatched_heads_ru
     assert policy.decide(site(q_heads=4, kv_heads=4)).variant == "local(window=8)"
     d = Policy([Rule(heads=[0], variant="local(window=8)")]).decide(site(q_heads=2, kv_heads=2))
     assert d.variant == "heads(groups=(('local(window=8)', (0,)), ('exact', (1,))))"
-    assert "heads 1 no rule matched: exact" in d.reason
+    assert "head 1 no rule matched: exact" in d.reason
     # heads of a rule whose selector does not match the site do not count
     d = Policy([Rule(match="enc.*", heads=[0], variant="local(window=8)")]).decide(site(q_heads=2))
     assert d.variant == "exact"
@@ -159,7 +159,7 @@ def test_per_head_rules_that_agree_give_the_plain_variant_and_unmatched_heads_ru
 
 def test_a_rule_naming_heads_the_site_lacks_is_loud():
     policy = Policy([Rule(heads=[0, 7], variant="local(window=8)")])
-    with pytest.warns(UserWarning, match=r"names heads 7, which model.layers.3.self_attn does not have \(4 query heads\)"):
+    with pytest.warns(UserWarning, match=r"names head 7, which model.layers.3.self_attn does not have \(4 query heads\)"):
         d = policy.decide(site(q_heads=4, kv_heads=4))
     assert d.variant == "heads(groups=(('local(window=8)', (0,)), ('exact', (1, 2, 3))))"
     assert "does not have (4 query heads)" in d.reason

@@ -144,8 +144,8 @@ class HeadsSpec(VariantSpec):
         for spec, heads in self._site_groups(site):
             supported, why = spec.supports(group_site(site, heads))
             if not supported:
-                return False, f"heads {head_ranges(heads)} ({spec}): {why}"
-            said.append(f"heads {head_ranges(heads)}: {why}")
+                return False, f"{heads_label(heads)} ({spec}): {why}"
+            said.append(f"{heads_label(heads)}: {why}")
         return True, "; ".join(said)
 
     def specialize(self, site) -> Union[VariantSpec, str]:
@@ -162,7 +162,7 @@ class HeadsSpec(VariantSpec):
         for spec, heads in self._site_groups(site):
             done = spec.specialize(group_site(site, heads))
             if isinstance(done, str):
-                return f"heads {head_ranges(heads)} ({spec}): {done}"
+                return f"{heads_label(heads)} ({spec}): {done}"
             for head in heads:
                 per_head[head] = str(done)
         return HeadsSpec.of(per_head)
@@ -369,6 +369,11 @@ def head_ranges(heads: Sequence[int]) -> str:
     return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
 
 
+def heads_label(heads: Sequence[int]) -> str:
+    """``head 3`` or ``heads 0-1,4``, for reasons."""
+    return f"head {heads[0]}" if len(heads) == 1 else f"heads {head_ranges(heads)}"
+
+
 def compact_variant_text(text: str) -> str:
     """``text`` for a table cell: a ``heads(...)`` text as ``heads: 0-1 exact, 2-3 topk(...)``, others as they
     are."""
@@ -383,4 +388,5 @@ def compact_variant_text(text: str) -> str:
     return spec.compact() if isinstance(spec, HeadsSpec) else text
 
 
-__all__ = ["HeadsSpec", "compact_variant_text", "group_site", "head_mods", "head_ranges", "whole_kv_groups"]
+__all__ = ["HeadsSpec", "compact_variant_text", "group_site", "head_mods", "head_ranges", "heads_label",
+           "whole_kv_groups"]

@@ -76,6 +76,16 @@ def test_forward_equals_the_plain_specs_head_by_head(spec, case):
                                per_head_loop(spec, q, k, v, mods, lambda s, *a: s.reference(*a)), **TIGHT)
 
 
+def test_decode_calls_place_each_groups_queries_as_its_spec_does():
+    """Fewer queries than keys (a decode step against a KV cache): each head as its plain spec would."""
+    spec = HeadsSpec(groups=(("local(window=3, sinks=1)", (0, 3)), ("topk(block=4, k=2, decode=True)", (1,))))
+    q, _, _ = random_qkv(B, 4, 2, 2, D, seed=8)
+    _, k, v = random_qkv(B, 4, 2, N, D, seed=9)
+    mods = ScoreMods(scale=D ** -0.5, mask=padding(), sinks=torch.randn(4))
+    assert spec.aligns_last_queries()
+    torch.testing.assert_close(spec.forward(q, k, v, mods), per_head_loop(spec, q, k, v, mods), **TIGHT)
+
+
 def test_whole_kv_groups_get_only_their_kv_heads_as_views_and_split_ones_one_kv_head_per_query_head():
     q, k, v = random_qkv(B, 6, 3, N, D, seed=1)
     seen = {}
@@ -171,7 +181,7 @@ def test_supports_and_specialize_name_the_group_and_fill_in_the_site():
     assert str(spec.specialize(banded)) == \
         "heads(groups=(('local(left=63, right=0)', (0, 1)), ('local(left=8, right=0)', (2, 3))))"
     declined = HeadsSpec(groups=(("topk(block=16, density=0.5)", (1,)),)).specialize(banded)
-    assert isinstance(declined, str) and declined.startswith("heads 1 (topk(block=16, density=0.5)): ")
+    assert isinstance(declined, str) and declined.startswith("head 1 (topk(block=16, density=0.5)): ")
     # a window wider than the model's band: every head runs the band, the plain spec
     assert str(HeadsSpec(groups=(("local(window=100)", (0,)),)).specialize(banded)) == "local(left=63, right=0)"
 
@@ -184,7 +194,7 @@ def test_the_plan_runs_per_head_rules_and_keeps_a_site_exact_where_a_group_decli
     assert isinstance(planned.spec, HeadsSpec) and "per head: heads 0-1 rule 1" in planned.reason
     kept = plan_site(site(band=(63, 0)), policy)
     assert kept.variant == "exact" and kept.declined == "heads"
-    assert "heads does not apply (heads 3 (topk(block=16, k=4)): " in kept.reason
+    assert "heads does not apply (head 3 (topk(block=16, k=4)): " in kept.reason
 
 
 @dataclass(frozen=True)
