@@ -137,6 +137,8 @@ class HeadsSpec(VariantSpec):
             return False, f"heads does not apply dropout (p={site.dropout_p})"
         if site.layout != "bhnd":
             return False, f"per-head variants need a [B, H, N, D] layout, this site's is {site.layout}"
+        if not isinstance(site.q_heads, int):
+            return False, f"per-head variants need a static head count, this site has q_heads={site.q_heads}"
         missing = self._missing_head(site)
         if missing:
             return False, missing

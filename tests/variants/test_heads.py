@@ -32,6 +32,8 @@ SPLIT = HeadsSpec(groups=(("local(window=3, sinks=1)", (1, 2)), ("topk(block=4, 
 """6 query heads over 3 kv heads: heads 1 and 2 split kv heads 0 and 1, head 5 is half of kv head 2, the rest exact."""
 WHOLE = HeadsSpec(groups=(("topk(block=4, k=2)", (2, 3)), ("local(window=4)", (0, 1))))
 """6 query heads over 3 kv heads: each group is the two query heads of one kv head (kv heads 1 and 0)."""
+SPLIT_4 = HeadsSpec(groups=(("local(window=3, sinks=1)", (1, 2)), ("topk(block=4, k=2)", (3,))))
+"""4 query heads over 2 kv heads, heads 0 exact."""
 
 
 def per_head_loop(spec: HeadsSpec, q, k, v, mods: ScoreMods, run=lambda s, *a: s.forward(*a)):
@@ -84,6 +86,23 @@ def test_decode_calls_place_each_groups_queries_as_its_spec_does():
     mods = ScoreMods(scale=D ** -0.5, mask=padding(), sinks=torch.randn(4))
     assert spec.aligns_last_queries()
     torch.testing.assert_close(spec.forward(q, k, v, mods), per_head_loop(spec, q, k, v, mods), **TIGHT)
+
+
+def test_the_op_runs_heads_with_gradients_and_passes_opcheck():
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 4, 2, N, D, seed=10))
+    bias = torch.randn(1, 4, N, N, requires_grad=True)
+    sinks = torch.randn(4, requires_grad=True)
+    text = str(SPLIT_4)
+    leaves = (q, k, v, bias, sinks)
+    got = torch.autograd.grad(attncc.attention(q, k, v, variant=text, causal=True, bias=bias, sinks=sinks)
+                              .square().sum(), leaves)
+    mods = ScoreMods(scale=D ** -0.5, causal=True, bias=bias, sinks=sinks)
+    want = torch.autograd.grad(per_head_loop(SPLIT_4, q, k, v, mods, lambda s, *a: s.reference(*a)).square().sum(),
+                               leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.library.opcheck(torch.ops.attncc.attention.default, tuple(t.detach() for t in (q, k, v)),
+                          {"scale": 0.25, "causal": True, "variant": text})
 
 
 def test_whole_kv_groups_get_only_their_kv_heads_as_views_and_split_ones_one_kv_head_per_query_head():
