@@ -220,6 +220,14 @@ def test_the_plan_runs_per_head_rules_and_keeps_a_site_exact_where_a_group_decli
     assert "heads does not apply (head 3 (topk(block=16, k=4)): " in kept.reason
 
 
+def test_a_per_head_spec_whose_heads_all_run_exact_is_planned_as_exact():
+    planned = plan_site(site(), Policy("heads(groups=(('exact', (0, 2)),))"))
+    assert planned.variant == "exact" and planned.spec == ExactSpec() and "every head runs exact" in planned.reason
+    banded = plan_site(site(band=(15, 0)), Policy("heads(groups=(('local(window=100)', (1,)),))"))
+    assert banded.variant == "exact" and str(banded.spec) == "local(left=15, right=0)"
+    assert "already narrower" in banded.reason
+
+
 @dataclass(frozen=True)
 class CountingSpec(ExactSpec):
     """Exact attention that says it scores ``pairs`` pairs per head (a stand-in for a data-dependent variant)."""
