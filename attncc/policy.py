@@ -18,6 +18,12 @@ A selector is any combination of ``match`` (fnmatch glob on the module's name as
 it), ``layers`` (inclusive range of the layer number: the module's index in the model's first stack of repeated
 layers, ``"4-11"``, ``[4, 11]`` or ``7``), ``kind`` (``self``/``cross``) and
 ``causal`` (true/false). ``min_len``: below this key length the site runs exact at run time (no recapture).
+
+``heads`` narrows a rule to some query heads of the sites it selects (``Rule(heads=[0, 3, 7], variant=...)``,
+``heads: "0-3, 7"`` in a file). A policy with such rules decides per query head: each head gets the first
+rule that selects the site and that head; heads that get different variants make the site's variant a
+per-head one, ``heads(groups=...)`` (``attncc.variants.heads``). A head a rule names that the site does not
+have is said (a warning and the site's reason), never silently dropped.
 """
 
 from __future__ import annotations
@@ -25,14 +31,15 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-from dataclasses import dataclass, field, fields
+import warnings
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from attncc.errors import AttnccError
 from attncc.module_names import first_integer
 
-RULE_FIELDS = ("variant", "match", "layers", "kind", "causal", "min_len")
+RULE_FIELDS = ("variant", "match", "layers", "kind", "causal", "min_len", "heads")
 KINDS = ("self", "cross")
 
 
@@ -59,6 +66,9 @@ class Rule:
     """True: causal sites only; False: bidirectional only; None: both."""
     min_len: int = 0
     """Run exact whenever the key length is below this (checked at run time)."""
+    heads: Optional[tuple[int, ...]] = None
+    """The query heads (indices from 0) of the selected sites this rule decides; None: every head. Given as
+    ``[0, 3, 7]``, one index, or a text ``"0-3, 7"``."""
     label: str = field(default="", compare=False)
     """How errors and the report name the rule ('rule 2')."""
 
@@ -78,6 +88,14 @@ class Rule:
             raise AttnccError(f"{name}: field 'causal' must be true or false, got {self.causal!r}")
         if isinstance(self.min_len, bool) or not isinstance(self.min_len, int) or self.min_len < 0:
             raise AttnccError(f"{name}: field 'min_len' must be an integer >= 0, got {self.min_len!r}")
+        object.__setattr__(self, "heads", _head_list(self.heads, name))
+        if self.heads is not None and self.variant.startswith("heads("):
+            raise AttnccError(f"{name}: field 'variant' cannot be per-head (heads(...)) in a rule that names heads: "
+                              f"give the variant of these heads")
+
+    def selects_head(self, head: int) -> bool:
+        """Whether this rule decides query head ``head`` of a site it matches."""
+        return self.heads is None or head in self.heads
 
     def matches(self, site) -> bool:
         """Whether this rule's selector selects ``site`` (an AttentionSite)."""
@@ -104,6 +122,10 @@ class Rule:
             parts.append(self.kind)
         if self.causal is not None:
             parts.append("causal" if self.causal else "bidirectional")
+        if self.heads is not None:
+            from attncc.variants.heads import head_ranges
+
+            parts.append(f"heads {head_ranges(self.heads)}")
         return ", ".join(parts) or "every site"
 
 
@@ -126,6 +148,12 @@ def check_variant(text: str, where: str) -> None:
                           f"or 'none' (detect and report only)") from None
     except AttnccError as err:
         raise AttnccError(f"{where}: {err}") from None
+
+
+def _is_exact(text: str) -> bool:
+    from attncc.variants.parse import parse_variant
+
+    return parse_variant(text).exact
 
 
 def layer_index(module: str) -> Optional[int]:
@@ -157,6 +185,35 @@ def _layer_range(value, name: str) -> Optional[tuple[int, int]]:
     if lo < 0 or hi < lo:
         raise bad
     return (lo, hi)
+
+
+def _head_list(value, name: str) -> Optional[tuple[int, ...]]:
+    """``heads`` as ascending unique indices: from an int, a list/tuple of ints or a text ``"0-3, 7"``."""
+    bad = f"{name}: field 'heads' must be query head indices >= 0 such as [0, 3, 7] or '0-3, 7', got {value!r}"
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = _heads_text(value, bad)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in value):
+        raise AttnccError(bad)
+    if len(set(value)) != len(value):
+        twice = sorted({h for h in value if list(value).count(h) > 1})
+        raise AttnccError(f"{name}: field 'heads' lists head {twice[0]} twice, in {value!r}")
+    return tuple(sorted(value))
+
+
+def _heads_text(text: str, bad: str) -> list[int]:
+    """``"0-3, 7"`` -> ``[0, 1, 2, 3, 7]``; AttnccError(``bad``) for anything else."""
+    found = [re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part) for part in text.split(",")]
+    if not all(found):
+        raise AttnccError(bad)
+    runs = [(int(f.group(1)), int(f.group(2) or f.group(1))) for f in found]
+    if any(last < first for first, last in runs):
+        raise AttnccError(bad)
+    return [head for first, last in runs for head in range(first, last + 1)]
 
 
 @dataclass(frozen=True)
@@ -207,12 +264,81 @@ class Policy:
             raise AttnccError(f"policy file {str(path)!r}: {err}") from None
 
     def decide(self, site) -> Decision:
-        """The variant for ``site`` and why (first matching rule; exact when none matches)."""
+        """The variant for ``site`` and why (first matching rule; exact when none matches). With rules that name
+        ``heads``, per query head (``decide_per_head``)."""
+        if any(rule.heads is not None for rule in self.rules):
+            return self.decide_per_head(site)
+        return self._decision(site, self._first_rule(site))
+
+    def decide_per_head(self, site) -> Decision:
+        """Each query head of ``site`` gets the first rule that selects the site and the head; the decision is
+        that variant when all heads agree, else the per-head ``heads(...)`` text (``HeadsSpec.of``).
+
+        Loud, never silent: a rule naming heads the site does not have warns and says so in the reason; a site
+        with a dynamic head count takes the first rule without ``heads`` and says so; ``none`` for some heads
+        and a variant for others is an error (a site is either rewritten or left alone), and so are different
+        ``min_len`` among the approximate variants of one site (the fallback is one per call).
+        """
+        heads = site.q_heads
+        if not isinstance(heads, int):
+            decision = self._decision(site, self._first_rule(site, lambda rule: rule.heads is None))
+            return replace(decision, reason=f"{decision.reason}; rules naming heads were skipped: the site's "
+                                            f"number of query heads is not static ({heads})")
+        chosen = [self._first_rule(site, lambda rule: rule.selects_head(head)) for head in range(heads)]
+        notes = self._missing_heads(site, heads)
+        if all(rule is chosen[0] for rule in chosen):
+            decision = self._decision(site, chosen[0])
+            return replace(decision, reason="; ".join([decision.reason, *notes]))
+        return self._mixed_decision(site, chosen, notes)
+
+    def _first_rule(self, site, also=lambda rule: True) -> Optional[Rule]:
+        return next((rule for rule in self.rules if rule.matches(site) and also(rule)), None)
+
+    def _decision(self, site, rule: Optional[Rule]) -> Decision:
+        if rule is None:
+            return Decision("exact", "no rule matched: exact")
+        return Decision(rule.variant, f"{self._why(rule)}: {rule.variant}", rule.min_len)
+
+    def _why(self, rule: Optional[Rule]) -> str:
+        if rule is None:
+            return "no rule matched"
+        return f"{rule.label or 'rule'} ({rule.describe()})" if len(self.rules) > 1 else "policy"
+
+    def _missing_heads(self, site, heads: int) -> list[str]:
+        """What the rules that select ``site`` say about heads it does not have (also warned)."""
+        notes = []
         for rule in self.rules:
-            if rule.matches(site):
-                why = f"{rule.label or 'rule'} ({rule.describe()})" if len(self.rules) > 1 else "policy"
-                return Decision(rule.variant, f"{why}: {rule.variant}", rule.min_len)
-        return Decision("exact", "no rule matched: exact")
+            past = [h for h in rule.heads or () if h >= heads]
+            if past and rule.matches(site):
+                from attncc.variants.heads import heads_label
+
+                notes.append(f"{rule.label or 'rule'} names {heads_label(past)}, which {site.module or 'the model'} "
+                             f"does not have ({heads} query heads): nothing runs there")
+                warnings.warn(f"attncc: {notes[-1]}", stacklevel=3)
+        return notes
+
+    def _mixed_decision(self, site, chosen: list[Optional[Rule]], notes: list[str]) -> Decision:
+        """The decision when the heads of ``site`` get their variants from different rules."""
+        from attncc.variants.heads import HeadsSpec, heads_label
+
+        texts = [rule.variant if rule is not None else "exact" for rule in chosen]
+        by_rule: dict[int, list[int]] = {}
+        for head, rule in enumerate(chosen):
+            by_rule.setdefault(id(rule), []).append(head)
+        parts = [f"{heads_label(found)} {self._why(chosen[found[0]])}: {texts[found[0]]}"
+                 for found in by_rule.values()]
+        if "none" in texts and any(text != "none" for text in texts):
+            raise AttnccError(f"site {site.module or '<root>'}: the policy leaves some heads alone ('none') and rewrites "
+                              f"others ({'; '.join(parts)}): a site is either rewritten or left alone; give those "
+                              f"heads 'exact' instead of 'none'")
+        if all(text == "none" for text in texts):
+            return Decision("none", "per head: " + "; ".join([*parts, *notes]))
+        variant = HeadsSpec.of(texts)
+        lengths = {rule.min_len for rule in chosen if rule is not None and not _is_exact(rule.variant)}
+        if len(lengths) > 1:
+            raise AttnccError(f"site {site.module or '<root>'}: the heads' rules give different min_len "
+                              f"({', '.join(map(str, sorted(lengths)))}): one site falls back to exact below one length")
+        return Decision(str(variant), "per head: " + "; ".join([*parts, *notes]), lengths.pop() if lengths else 0)
 
     @property
     def rewrites(self) -> bool:

@@ -11,6 +11,7 @@ import sympy
 from attncc.measure import SiteError
 from attncc.site import AttentionSite, RejectedSite
 from attncc.variants.exact import dense_attention_cost
+from attncc.variants.heads import compact_variant_text
 
 
 @dataclass
@@ -143,7 +144,7 @@ class Report:
         for s in self.sites:
             table.add_row(str(s.index), s.module or "<root>", s.kind, s.mask,
                           f"{s.q_heads}/{s.kv_heads}", f"{s.q_len}/{s.kv_len}",
-                          s.variant + (f" from {s.min_len} keys" if s.min_len else ""),
+                          compact_variant_text(s.variant) + (f" from {s.min_len} keys" if s.min_len else ""),
                           f"{_gflop(s.flops_before)} -> {_gflop(s.flops_after)}",
                           f"{s.saving:.1f}x" if s.saving is not None else "-", *_error_cells(s))
         return table

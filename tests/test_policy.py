@@ -130,3 +130,71 @@ def test_bad_files_say_what_is_wrong(tmp_path, text, message):
 def test_missing_file():
     with pytest.raises(AttnccError, match="cannot read policy file"):
         as_policy("/nonexistent/rules.yaml")
+
+
+# ------------------------------------------------------------------------------------------------ per-head rules
+
+def test_per_head_rules_give_the_heads_text():
+    policy = Policy([Rule(heads=[0, 1], variant="local(window=8)"), Rule(heads="3", variant="topk(block=16, density=0.5)"),
+                     Rule(variant="exact")])
+    d = policy.decide(site(q_heads=4, kv_heads=2))
+    assert d.variant == ("heads(groups=(('local(window=8)', (0, 1)), ('exact', (2,)), "
+                         "('topk(block=16, density=0.5)', (3,))))")
+    assert attncc.variants.heads.HeadsSpec.of(["local(window=8)"] * 2 + ["exact", "topk(block=16, density=0.5)"]) \
+        == attncc.variants.parse.parse_variant(d.variant)
+    assert "heads 0-1 rule 1 (heads 0-1): local(window=8)" in d.reason and "head 2 rule 3" in d.reason
+    assert "heads 0-1" in str(policy)
+
+
+def test_per_head_rules_that_agree_give_the_plain_variant_and_unmatched_heads_run_exact():
+    policy = Policy([Rule(heads=[0, 1], variant="local(window=8)"), Rule(heads=[2, 3], variant="local(window=8)")])
+    assert policy.decide(site(q_heads=4, kv_heads=4)).variant == "local(window=8)"
+    d = Policy([Rule(heads=[0], variant="local(window=8)")]).decide(site(q_heads=2, kv_heads=2))
+    assert d.variant == "heads(groups=(('local(window=8)', (0,)), ('exact', (1,))))"
+    assert "head 1 no rule matched: exact" in d.reason
+    # heads of a rule whose selector does not match the site do not count
+    d = Policy([Rule(match="enc.*", heads=[0], variant="local(window=8)")]).decide(site(q_heads=2))
+    assert d.variant == "exact"
+
+
+def test_a_rule_naming_heads_the_site_lacks_is_loud():
+    policy = Policy([Rule(heads=[0, 7], variant="local(window=8)")])
+    with pytest.warns(UserWarning, match=r"names head 7, which model.layers.3.self_attn does not have \(4 query heads\)"):
+        d = policy.decide(site(q_heads=4, kv_heads=4))
+    assert d.variant == "heads(groups=(('local(window=8)', (0,)), ('exact', (1, 2, 3))))"
+    assert "does not have (4 query heads)" in d.reason
+
+
+def test_none_for_some_heads_and_a_variant_for_others_is_an_error():
+    policy = Policy([Rule(heads=[0], variant="none"), Rule(variant="local(window=8)")])
+    with pytest.raises(AttnccError, match=r"leaves some heads alone \('none'\) and rewrites others.*'exact' instead"):
+        policy.decide(site(q_heads=2, kv_heads=2))
+    policy = Policy([Rule(heads=[0], variant="local(window=8)", min_len=64), Rule(variant="topk(density=0.5)")])
+    with pytest.raises(AttnccError, match="different min_len"):
+        policy.decide(site(q_heads=2, kv_heads=2))
+
+
+@pytest.mark.parametrize("heads, message", [
+    ([0, 0], "lists head 0 twice"), ([-1], "field 'heads' must be query head indices"),
+    ("2-1", "field 'heads' must be"), ([], "field 'heads' must be"), (True, "field 'heads' must be"),
+])
+def test_bad_heads_name_the_field(heads, message):
+    with pytest.raises(AttnccError, match=message):
+        Rule(heads=heads, variant="local(window=8)")
+
+
+def test_a_rule_with_heads_cannot_name_a_per_head_variant():
+    with pytest.raises(AttnccError, match="cannot be per-head"):
+        Rule(heads=[0], variant="heads(groups=(('local(window=8)', (0,)),))")
+
+
+def test_heads_in_yaml_and_json_files(tmp_path):
+    yaml_file = tmp_path / "rules.yaml"
+    yaml_file.write_text("- {heads: '0-1', variant: 'local(window=8)'}\n- {variant: exact}\n")
+    json_file = tmp_path / "rules.json"
+    json_file.write_text(json.dumps([{"heads": [0, 1], "variant": "local(window=8)"}, {"variant": "exact"}]))
+    for path in (yaml_file, json_file):
+        policy = as_policy(str(path))
+        assert policy.rules[0].heads == (0, 1)
+        assert policy.decide(site(q_heads=4, kv_heads=2)).variant == \
+            "heads(groups=(('local(window=8)', (0, 1)), ('exact', (2, 3))))"

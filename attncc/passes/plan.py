@@ -54,8 +54,9 @@ def plan_site(site: AttentionSite, policy: Policy, grids: list[tuple[int, ...]] 
     checked = site.replace(segments=False) if packed else site
     spec = asked.specialize(checked)
     if spec == exact:
-        reason = decision.reason if asked.exact else \
-            f"{decision.reason}; the model's own window ({site.band[0] + 1} keys) is already narrower: exact"
+        reason = decision.reason if asked.exact else f"{decision.reason}; " + (
+            f"the model's own window ({site.band[0] + 1} keys) is already narrower: exact" if site.band is not None
+            else "every head runs exact: exact")  # a per-head spec whose groups are all exact
         return SitePlan(decision.variant if asked.exact else "exact", reason, exact, exact, **located)
     why = spec if isinstance(spec, str) else _unsupported(spec, checked)
     if why:

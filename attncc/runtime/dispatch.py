@@ -4,7 +4,8 @@ Backends: ``triton`` (the generated kernels in ``attncc.codegen``; CUDA tensors,
 ``TRITON_INTERPRET=1``) and ``torch`` (each variant's PyTorch path; any device). ``ATTNCC_BACKEND`` picks:
 ``auto`` (default: triton for CUDA tensors, torch otherwise), ``triton`` or ``torch``. Calls no kernel covers
 (attention dropout, region masks, inputs that need gradients: the kernels are forward-only and backward
-recomputes through the torch path) run on the torch path whatever the setting.
+recomputes through the torch path) run on the torch path whatever the setting. Per-head variants (``heads(...)``)
+run each group of heads through that group's kernel (or torch path) on its head slices, in the same call.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor
 from attncc.errors import AttnccError
 from attncc.runtime.call import AttentionCall
 from attncc.variants.base import ScoreMods, VariantSpec
+from attncc.variants.heads import HeadsSpec
 from attncc.variants.parse import parse_variant
 from attncc.variants.segments import segment_forward
 
@@ -132,14 +134,19 @@ def run_backend(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreM
         return spec.forward(q, k, v, mods)
     q, k, v, mods, restore = heads
     mods = mods if mods.sinks is None else replace(mods, sinks=mods.sinks.expand(q.shape[1]))
-    out = None
     if backend == "triton" and not _needs_grad(q, k, v, mods):
-        from attncc.runtime.triton_backend import triton_attention
+        if isinstance(spec, HeadsSpec):  # per-head variants: each group's kernel on its heads, in this call
+            return restore(spec.run_groups(q, k, v, mods, _on_triton))
+        return restore(_on_triton(spec, q, k, v, mods))
+    return restore(spec.forward(q, k, v, mods))
 
-        out = triton_attention(spec, q, k, v, mods)
-    if out is None:
-        out = spec.forward(q, k, v, mods)
-    return restore(out)
+
+def _on_triton(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
+    """``spec``'s Triton kernel on ``[B, H, N, D]`` inputs, or its torch path where no kernel covers the call."""
+    from attncc.runtime.triton_backend import triton_attention
+
+    out = triton_attention(spec, q, k, v, mods)
+    return spec.forward(q, k, v, mods) if out is None else out
 
 
 def as_heads(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods):

@@ -27,7 +27,7 @@ def test_canonical_text_round_trips(text):
 
 
 def test_every_family_is_registered():
-    assert set(VARIANTS) == {"exact", "local", "neighborhood", "block_sparse", "topk", "linear"}
+    assert set(VARIANTS) == {"exact", "local", "neighborhood", "block_sparse", "topk", "linear", "heads"}
 
 
 @pytest.mark.parametrize("text, message", [
