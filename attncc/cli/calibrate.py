@@ -111,13 +111,17 @@ def load_with_tokenizer(spec: str, target_len: Optional[int], batch: int, attn: 
     ``hf:LOCAL_DIR`` model has one (``AutoTokenizer.from_pretrained(LOCAL_DIR)``)."""
     from attncc.models import load_model
 
+    directory = spec[len("hf:"):] if spec.startswith("hf:") else None
+    if needs_tokenizer and (directory is None or not Path(directory).is_dir()):  # said before building anything
+        raise AttnccError(f"{spec} has no tokenizer: --data and --held-out need an hf:LOCAL_DIR model whose "
+                          f"directory holds one (or calibrate without --data, on the model's example inputs)")
     loaded = load_model(spec, seq_len=target_len, batch=batch, attn=attn)
     if not needs_tokenizer:
         return loaded, None
-    directory = spec[len("hf:"):] if spec.startswith("hf:") else None
-    if directory is None or not Path(directory).is_dir():
-        raise AttnccError(f"{spec} has no tokenizer: --data and --held-out need an hf:LOCAL_DIR model whose "
-                          f"directory holds one (or calibrate without --data, on the model's example inputs)")
+    if not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
+        # (transformers 5 would build a tokenizer of special tokens only from config.json: every word unknown)
+        raise AttnccError(f"{spec} has no usable tokenizer in {directory} (none of {', '.join(TOKENIZER_FILES)}); "
+                          f"--data and --held-out need one: save it there with tokenizer.save_pretrained()")
     try:
         from transformers import AutoTokenizer
 
@@ -127,6 +131,11 @@ def load_with_tokenizer(spec: str, target_len: Optional[int], batch: int, attn: 
         raise AttnccError(f"{spec} has no usable tokenizer in {directory} ({type(error).__name__}: {first}); "
                           f"--data and --held-out need one") from None
     return loaded, tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+"""Files one of which a folder holding a transformers tokenizer has."""
 
 
 def text_batches(tokenizer, model, texts: list[str], batch: int, target_len: Optional[int]) -> list[dict]:
@@ -139,7 +148,21 @@ def text_batches(tokenizer, model, texts: list[str], batch: int, target_len: Opt
         encoded = tokenizer(texts[start:start + batch], padding="max_length" if target_len else True,
                             truncation=True, max_length=limit, return_tensors="pt")
         batches.append({key: value for key, value in encoded.items() if accepted is None or key in accepted})
+    _warn_if_mostly_unknown(tokenizer, batches)
     return batches
+
+
+def _warn_if_mostly_unknown(tokenizer, batches: list[dict]) -> None:
+    """Say so when most real tokens are the tokenizer's unknown token: the texts do not fit its vocabulary, and
+    calibrating on them measures little."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is None:
+        return
+    real = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+    found = sum(int((b["input_ids"] == unknown).sum()) for b in batches)
+    if real and found > real / 2:
+        click.echo(f"attncc: warning: {found} of {real} tokens are the tokenizer's unknown token: these texts do "
+                   f"not fit its vocabulary, and errors measured on them say little", err=True)
 
 
 def _forward_parameters(model) -> Optional[set[str]]:

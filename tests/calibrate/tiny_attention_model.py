@@ -7,6 +7,9 @@ import torch
 import torch.nn as nn
 
 
+VOCAB = 64
+
+
 class SelfAttention(nn.Module):
     def __init__(self, hidden: int = 32, heads: int = 4):
         super().__init__()
@@ -23,18 +26,34 @@ class SelfAttention(nn.Module):
 
 
 class TinyModel(nn.Module):
+    """Token ids int64 [B, N] in [0, 64) -> hidden states float32 [B, N, hidden]."""
+
     def __init__(self, hidden: int = 32, layers: int = 2):
         super().__init__()
+        self.embed = nn.Embedding(VOCAB, hidden)
         self.layers = nn.ModuleList([SelfAttention(hidden) for _ in range(layers)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
         for layer in self.layers:
             x = x + layer(x)
         return x
 
 
 def build(seed: int = 0, hidden: int = 32) -> tuple[TinyModel, torch.Tensor]:
-    """The model (eval mode, seeded weights) and its input, float32 [2, 64, hidden]."""
+    """The model (eval mode, seeded weights) and its input, token ids int64 [2, 64]."""
     torch.manual_seed(seed)
     model = TinyModel(hidden).eval()
-    return model, torch.randn(2, 64, hidden, generator=torch.Generator().manual_seed(1))
+    return model, torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
+
+
+def factory(seq_len: int = 64, batch: int = 1) -> tuple[TinyModel, tuple[torch.Tensor]]:
+    """For model specs (``tiny_attention_model.py:factory``): the model and an input of ``seq_len`` tokens."""
+    model, _ = build()
+    return model, (torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(1)),)
+
+
+def wide_factory() -> tuple[TinyModel, tuple[torch.Tensor]]:
+    """Another architecture of the same class (hidden 64), for model specs."""
+    model, ids = build(hidden=64)
+    return model, (ids,)
