@@ -145,7 +145,10 @@ class TimeModel:
         if missing:
             with self._backend_selected():
                 calls = {text: _attention_call(text, shape, self.device) for text in missing}
-                timed = measure_seconds(calls, self.device, warmup=self.warmup, repeat=self.repeat)
+                try:
+                    timed = measure_seconds(calls, self.device, warmup=self.warmup, repeat=self.repeat)
+                except AttnccError as error:
+                    raise AttnccError(f"cannot time {', '.join(missing)} at {shape}: {error}") from error
             for text in missing:
                 found[text] = timed[text]
                 self._store(keys[text], self.descriptor(text, shape), timed[text])

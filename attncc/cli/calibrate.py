@@ -185,38 +185,48 @@ def print_plan(plan: Any, spec: str, description: str) -> None:
     """The plan as the user reads it: per site the heads per variant, the predicted speedup, the measured
     end-to-end errors and the plan's notes."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(width=150)
     console.print(description, markup=False, highlight=False)
+    console.print(plan_table(plan, spec))
+    for line in plan_summary(plan):
+        console.print(line, markup=False, highlight=False)
+
+
+def plan_table(plan: Any, spec: str):
+    """A rich Table, one row per site: heads per variant, predicted error, predicted time exact -> plan."""
+    from rich.table import Table
+
     length = f" at {plan.target_len} tokens" if plan.target_len else ""
     table = Table(title=f"plan for {spec} ({plan.model}): {plan.metric} error <= {plan.max_error}{length}",
                   title_justify="left")
     for column in ("site", "heads per variant", "pred. error", "pred. time exact -> plan"):
         table.add_column(column, overflow="fold")
     for module, heads in plan.sites.items():
-        counts = plan.heads_per_variant(module)
         exact = [_exact_time(choice) for choice in heads]
         time_text = "-"
         if all(t is not None for t in exact):
             time_text = f"{sum(exact) * 1e3:.3g} ms -> {sum(c.time_s for c in heads) * 1e3:.3g} ms"
+        counts = plan.heads_per_variant(module)
         table.add_row(module or "<root>", ", ".join(f"{n} x {variant}" for variant, n in counts.items()),
                       f"{sum(c.error for c in heads):.2e}", time_text)
-    console.print(table)
+    return table
+
+
+def plan_summary(plan: Any) -> list[str]:
+    """The lines under the table: predicted speedup, measured errors (calibration, held-out), notes."""
     speedup = plan.predicted_speedup()
-    console.print(f"predicted attention speedup: {speedup:.2f}x (time model, at the target length)" if speedup
-                  else "predicted attention speedup: not known (no exact timing recorded)", markup=False,
-                  highlight=False)
+    lines = [f"predicted attention speedup: {speedup:.2f}x (time model, at the target length)" if speedup
+             else "predicted attention speedup: not known (no exact timing recorded)"]
     for name in ("calibration", "held_out"):
         found = plan.measured.get(name)
         label = name.replace("_", "-")
         if isinstance(found, dict):
-            console.print(f"measured {plan.metric} error on {label} data: mean {found.get('mean')}, worst "
-                          f"{found.get('worst')} ({found.get('texts')} text(s))", markup=False, highlight=False)
+            lines.append(f"measured {plan.metric} error on {label} data: mean {found.get('mean')}, worst "
+                         f"{found.get('worst')} ({found.get('texts')} text(s))")
         elif name == "held_out":
-            console.print("measured error on held-out data: none given (--held-out)", markup=False, highlight=False)
-    for note in plan.notes:
-        console.print(f"note: {note}", markup=False, highlight=False)
+            lines.append("measured error on held-out data: none given (--held-out)")
+    return lines + [f"note: {note}" for note in plan.notes]
 
 
 def _exact_time(choice) -> Optional[float]:

@@ -7,6 +7,7 @@ warned about), the report's plan section, and a reload in a fresh process giving
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -213,7 +214,9 @@ def test_a_reloaded_plan_gives_identical_outputs_in_a_fresh_process(tmp_path):
         torch.save(cm(x), {str(tmp_path / 'out.pt')!r})
         print(sorted(s.variant for s in cm.report().sites))
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    root = str(Path(attncc.__file__).resolve().parent.parent)  # this checkout's attncc, in the new process too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['local(window=16)', 'local(window=8)']"
     assert torch.equal(torch.load(tmp_path / "out.pt"), here)
