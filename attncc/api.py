@@ -22,7 +22,7 @@ from attncc.measure import run_measuring
 from attncc.module_names import ModuleNames
 from attncc.passes import PassResult, run_pipeline
 from attncc.policy import Policy, PolicyLike, as_policy
-from attncc.report import RejectedReport, Report, SiteReport
+from attncc.report import RejectedReport, Report, SiteReport, plan_section
 from attncc.site import RejectedSite
 from attncc.uncaptured import (eager_attention_calls, graph_attention_calls, graph_break_reasons,
                                snapshot_graph_breaks, uncaptured_sites)
@@ -401,7 +401,7 @@ class CompiledModule(nn.Module):
             rejected.extend(RejectedReport.from_rejected(r) for r in result.rejected)
         rejected.extend(RejectedReport.from_rejected(r) for r in self._latest.uncaptured)
         return Report(sites, rejected, frontend=self._latest.frontend, graphs=len(self._latest.results),
-                      policy=str(self.policy))
+                      policy=str(self.policy), plan=plan_section(self.policy))
 
 
 _MISSING = object()
@@ -428,7 +428,9 @@ def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any 
         model: any ``nn.Module``; it is not modified.
         policy: a variant for every site that supports it (``"exact"``, ``"local(window=256, sinks=4)"``,
             ``"neighborhood(kernel=7)"``, ``"topk(density=0.125)"``, ``"linear(feature_map='elu', window=64)"``),
-            ``"none"`` (detect and report only), a rules file (``"rules.yaml"``), or an ``attncc.Policy`` of rules.
+            ``"none"`` (detect and report only), a rules file (``"rules.yaml"``), an ``attncc.Policy`` of rules,
+            or a calibration plan (``attncc.calibrate.plan.Plan`` or its ``.json`` file): a plan made for another
+            architecture is refused here, before capture (``Plan.check_model``).
         example_inputs: a tuple of positional arguments or a dict of keyword arguments; when None the model is
             captured at its first call.
         frontend: ``"auto"`` (fx.symbolic_trace, else Dynamo), ``"fx"`` or ``"dynamo"``.
@@ -455,7 +457,11 @@ def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any 
     from attncc.runtime.dispatch import selected_backend
 
     selected_backend()  # a bad ATTNCC_BACKEND is one error now, not one per op call after capture
-    compiled = CompiledModule(model, as_policy(policy), example_inputs, frontend=frontend, backend=backend,
+    chosen = as_policy(policy)
+    from attncc.calibrate.plan import check_plan_model
+
+    check_plan_model(chosen, model)  # a plan for another model: one error before anything is captured
+    compiled = CompiledModule(model, chosen, example_inputs, frontend=frontend, backend=backend,
                               strict=strict, measure_error=measure_error)
     return compiled
 

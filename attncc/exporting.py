@@ -38,7 +38,7 @@ from attncc.module_names import ModuleNames
 from attncc.passes import PassResult, run_pipeline
 from attncc.passes.lower_aten import lower_aten
 from attncc.policy import Policy, PolicyLike, as_policy
-from attncc.report import RejectedReport, Report, SiteReport
+from attncc.report import RejectedReport, Report, SiteReport, plan_section
 from attncc.runtime.ops import attention_op
 
 REPORT_ATTRIBUTE = "attncc_report"
@@ -90,6 +90,9 @@ def export(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any =
         raise AttnccError("attncc.export needs example_inputs (a tuple of positional or a dict of keyword "
                           "arguments): torch.export captures the model by running it")
     chosen = as_policy(policy)
+    from attncc.calibrate.plan import check_plan_model
+
+    check_plan_model(chosen, model)  # a plan made for another model: one error before anything is traced
     if not chosen.rewrites:
         raise AttnccError("policy 'none' rewrites nothing: export the model with torch.export directly")
     call, fixed = _with_fixed_keywords(model, CallArgs.from_example(example_inputs))
@@ -268,7 +271,7 @@ def _report(result: PassResult, policy: Policy, call: CallArgs, measure_on: Opti
             _, errors = run_measuring(result.graph_module, _flat_inputs(measure_on, call))
     sites = [SiteReport.from_site(site, position, errors.get(position)) for position, site in enumerate(result.sites)]
     rejected = [RejectedReport.from_rejected(r) for r in result.rejected]
-    return Report(sites, rejected, frontend="export", graphs=1, policy=str(policy))
+    return Report(sites, rejected, frontend="export", graphs=1, policy=str(policy), plan=plan_section(policy))
 
 
 def _flat_inputs(gm: fx.GraphModule, call: CallArgs) -> list:

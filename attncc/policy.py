@@ -34,10 +34,13 @@ import re
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from attncc.errors import AttnccError
 from attncc.module_names import first_integer
+
+if TYPE_CHECKING:
+    from attncc.calibrate.plan import Plan
 
 RULE_FIELDS = ("variant", "match", "layers", "kind", "causal", "min_len", "heads")
 KINDS = ("self", "cross")
@@ -399,21 +402,29 @@ def _load_rules_text(text: str, path: Path) -> Any:
         raise AttnccError(f"policy file {str(path)!r} is not valid YAML{where}") from None
 
 
-PolicyLike = Union[str, Policy, Rule, Sequence[RuleLike], None]
+PolicyLike = Union[str, Policy, Rule, Sequence[RuleLike], "Plan", Path, None]
 
 
 def as_policy(policy: PolicyLike) -> Policy:
     """Normalize what a user passes as ``policy``: a variant string, a path to a .yaml/.yml/.json rules file,
-    a Rule, a list of rules, a Policy, or None (exact)."""
+    a calibration plan (an ``attncc.calibrate.plan.Plan``, or the path of a ``.json`` file whose top level has
+    ``attncc_plan``: its ``to_policy()``, which keeps the plan as ``.plan``), a Rule, a list of rules, a Policy,
+    or None (exact)."""
     if policy is None:
         return Policy("exact")
     if isinstance(policy, Policy):
         return policy
+    from attncc.calibrate.plan import Plan, is_plan_file
+
+    if isinstance(policy, Plan):
+        return policy.to_policy()
+    if isinstance(policy, (str, Path)) and is_plan_file(str(policy).strip()):
+        return Plan.load(str(policy).strip()).to_policy()
     if isinstance(policy, Path):
         return Policy.from_file(policy)
     if isinstance(policy, str) and policy.strip().lower().endswith((".yaml", ".yml", ".json")):
         return Policy.from_file(policy.strip())
     if isinstance(policy, (str, Rule, list, tuple)):
         return Policy(policy)
-    raise AttnccError(f"policy must be a variant string, a rules file, a Rule list or attncc.Policy, "
+    raise AttnccError(f"policy must be a variant string, a rules file, a plan, a Rule list or attncc.Policy, "
                       f"not {type(policy).__name__}")

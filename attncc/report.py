@@ -113,6 +113,105 @@ class RejectedReport:
 
 
 @dataclass
+class PlanHeadReport:
+    """One query head of a planned site: the variant it runs and the candidates weighed for it."""
+
+    module: str
+    head: int
+    variant: str
+    error: float
+    """Predicted contribution to the end-to-end error (the plan's metric)."""
+    time_s: float
+    """Predicted time of this head's share of the site at the plan's target length."""
+    flops: float
+    considered: list[dict] = field(default_factory=list)
+    """``{"variant", "error", "time_s", "flops", "why"}`` per candidate, as the plan recorded them."""
+
+
+@dataclass
+class PlanReport:
+    """The calibration plan a model was compiled from: per site and head what runs and why, the predicted
+    attention speedup, and the end-to-end errors the calibration measured (on its data and on held-out data)."""
+
+    model: str
+    fingerprint: str
+    metric: str
+    max_error: float
+    target_len: Optional[int]
+    heads: list[PlanHeadReport] = field(default_factory=list)
+    measured: dict = field(default_factory=dict)
+    """``{"calibration": {"mean", "worst", "texts"}, "held_out": {...}}`` (held_out absent when none was given)."""
+    notes: list[str] = field(default_factory=list)
+    predicted_speedup: Optional[float] = None
+    """Predicted attention time of exact / of the plan over the planned heads (the time model's), None when a
+    head recorded no exact candidate."""
+
+    @staticmethod
+    def from_plan(plan) -> "PlanReport":
+        """The report section of an ``attncc.calibrate.plan.Plan``."""
+        heads = [PlanHeadReport(module, head, c.variant, c.error, c.time_s, c.flops, [dict(x) for x in c.considered])
+                 for module, choices in plan.sites.items() for head, c in enumerate(choices)]
+        return PlanReport(plan.model, plan.fingerprint, plan.metric, plan.max_error, plan.target_len, heads,
+                          dict(plan.measured), list(plan.notes), plan.predicted_speedup())
+
+    def heads_table(self):
+        """Per site and head: the chosen variant, its predicted error and time, and every candidate considered."""
+        from rich.table import Table
+
+        length = f" at {self.target_len} tokens" if self.target_len else ""
+        speedup = f", predicted attention speedup {self.predicted_speedup:.2f}x" if self.predicted_speedup else ""
+        table = Table(title=f"plan for {self.model}: {self.metric} error <= {self.max_error}{length}{speedup}",
+                      title_justify="left", caption=PLAN_CAPTION, caption_justify="left")
+        for column in ("module", "head", "variant", "pred. error", "pred. time", "candidates (error, time, why)"):
+            table.add_column(column, overflow="fold",
+                             justify="right" if column in ("head", "pred. error", "pred. time") else "left")
+        for h in self.heads:
+            table.add_row(h.module or "<root>", str(h.head), h.variant, f"{h.error:.2e}", _seconds(h.time_s),
+                          "; ".join(_candidate(c) for c in h.considered) or "-")
+        return table
+
+    def measured_table(self):
+        """The end-to-end errors measured while calibrating: on the calibration data and on held-out data."""
+        rows = []
+        for name in ("calibration", "held_out"):
+            found = self.measured.get(name)
+            if isinstance(found, dict):
+                rows.append((name.replace("_", "-"), _float_cell(found.get("mean")), _float_cell(found.get("worst")),
+                             str(found.get("texts", "-"))))
+            elif name == "held_out":
+                rows.append(("held-out", "not measured (no held-out data given)", "-", "-"))
+        return _text_table(f"measured end-to-end error ({self.metric}, budget {self.max_error})",
+                           ("data", "mean", "worst", "texts"), rows)
+
+
+PLAN_CAPTION = ("pred. error: the head's predicted share of the end-to-end error; pred. time: its share of the "
+                "site's time at the target length, from the time model (measured micro-benchmarks, not this run).")
+
+
+def plan_section(policy) -> Optional[PlanReport]:
+    """The PlanReport of ``policy`` when it comes from a calibration plan (``policy.plan``), else None."""
+    plan = getattr(policy, "plan", None)
+    return PlanReport.from_plan(plan) if plan is not None else None
+
+
+def _seconds(value: Any) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-"
+    return f"{value * 1e3:.3g} ms"
+
+
+def _float_cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _candidate(c: dict) -> str:
+    """``topk(block=16, density=0.25): 2.1e-03, 0.41 ms, over budget``"""
+    error = c.get("error")
+    error_text = f"{error:.1e}" if isinstance(error, (int, float)) and not isinstance(error, bool) else "-"
+    return f"{c.get('variant', '?')}: {error_text}, {_seconds(c.get('time_s'))}, {c.get('why', '')}".rstrip(", ")
+
+
+@dataclass
 class Report:
     """All sites and near-misses of a compiled model. ``print(report)`` shows a table."""
 
@@ -122,12 +221,15 @@ class Report:
     graphs: int = 0
     policy: str = ""
     captured: bool = True
+    plan: Optional[PlanReport] = None
+    """The calibration plan the model was compiled from (``attncc.compile(model, plan)``), else None."""
 
     def to_dict(self) -> dict:
-        """``{"sites": [...], "rejected": [...], ...}`` with plain JSON types."""
+        """``{"sites": [...], "rejected": [...], "plan": {...} or None, ...}`` with plain JSON types."""
         return {
             "frontend": self.frontend, "graphs": self.graphs, "policy": self.policy,
             "sites": [asdict(s) for s in self.sites], "rejected": [asdict(r) for r in self.rejected],
+            "plan": asdict(self.plan) if self.plan is not None else None,
         }
 
     def table(self, title: Optional[str] = None):
@@ -178,6 +280,11 @@ class Report:
                 console.print(self.reasons_table())
             if self.rejected:
                 console.print(self.rejected_table())
+        if self.plan is not None:
+            console.print(self.plan.heads_table())
+            console.print(self.plan.measured_table())
+            for note in self.plan.notes:
+                console.print(f"plan note: {note}", markup=False, highlight=False)
         return buffer.getvalue()
 
     def __str__(self) -> str:

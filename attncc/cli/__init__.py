@@ -1,5 +1,6 @@
 """The ``attncc`` command line: ``attncc inspect MODEL``, ``attncc demo``, ``attncc bench MODEL``,
-``attncc export MODEL -o model.pt2`` and ``attncc cache list|info|clear``;
+``attncc export MODEL -o model.pt2``, ``attncc cache list|info|clear`` and
+``attncc calibrate MODEL --max-error 0.01 --data texts.txt -o plan.json``;
 one command per module of this package.
 
 Every user mistake (unknown model spec, missing file, bad policy, inputs the model rejects, a model that cannot be
@@ -16,6 +17,7 @@ import click
 
 from attncc.cli.bench import bench
 from attncc.cli.cache import cache
+from attncc.cli.calibrate import calibrate
 from attncc.cli.common import first_line, out_of_memory
 from attncc.cli.demo import demo
 from attncc.cli.export import export
@@ -29,7 +31,7 @@ def cli():
     """attncc: find every attention in a PyTorch model and rewrite it into fused, sparse, local or linear forms."""
 
 
-for command in (inspect, demo, bench, export, cache):
+for command in (inspect, demo, bench, export, cache, calibrate):
     cli.add_command(command)
 
 
