@@ -429,7 +429,7 @@ def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any 
         policy: a variant for every site that supports it (``"exact"``, ``"local(window=256, sinks=4)"``,
             ``"neighborhood(kernel=7)"``, ``"topk(density=0.125)"``, ``"linear(feature_map='elu', window=64)"``),
             ``"none"`` (detect and report only), a rules file (``"rules.yaml"``), an ``attncc.Policy`` of rules,
-            or a calibration plan (``attncc.calibrate.plan.Plan`` or its ``.json`` file): a plan made for another
+            or a calibration plan (``attncc.calibration.plan.Plan`` or its ``.json`` file): a plan made for another
             architecture is refused here, before capture (``Plan.check_model``).
         example_inputs: a tuple of positional arguments or a dict of keyword arguments; when None the model is
             captured at its first call.
@@ -458,7 +458,7 @@ def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any 
 
     selected_backend()  # a bad ATTNCC_BACKEND is one error now, not one per op call after capture
     chosen = as_policy(policy)
-    from attncc.calibrate.plan import check_plan_model
+    from attncc.calibration.plan import check_plan_model
 
     check_plan_model(chosen, model)  # a plan for another model: one error before anything is captured
     compiled = CompiledModule(model, chosen, example_inputs, frontend=frontend, backend=backend,

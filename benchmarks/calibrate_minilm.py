@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--check-compiled", action="store_true")
     args = parser.parse_args(argv)
     import attncc
-    from attncc.calibrate.auto import Calibrator, auto
+    from attncc.calibration.auto import Calibrator, auto
 
     texts = [line.strip() for line in TEXTS.read_text().splitlines() if line.strip()]
     n_cal, length = args.calibration, args.length
@@ -114,8 +114,8 @@ def main(argv=None) -> int:
 def compiled_error(model, calibration, held_out) -> float:
     """Held-out mean error of ``attncc.compile(model, plan)``: what a user runs."""
     import attncc
-    from attncc.calibrate.build import plan_from
-    from attncc.calibrate.metrics import cosine_error
+    from attncc.calibration.build import plan_from
+    from attncc.calibration.metrics import cosine_error
 
     plan = plan_from(model, calibration)
     compiled = attncc.compile(model, plan)

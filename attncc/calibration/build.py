@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from attncc.calibrate.allocate import hull, Option
-from attncc.calibrate.auto import Calibration
-from attncc.calibrate.metrics import metric_name
+from attncc.calibration.allocate import hull, Option
+from attncc.calibration.auto import Calibration
+from attncc.calibration.metrics import metric_name
 
 
 def plan_from(model: nn.Module, calibration: Calibration):
     """The ``Plan`` of ``calibration`` for ``model``."""
-    from attncc.calibrate.plan import HeadChoice, Plan, model_fingerprint
+    from attncc.calibration.plan import HeadChoice, Plan, model_fingerprint
 
     sites = {}
     for module, stats in calibration.stats.items():

@@ -10,7 +10,7 @@ Calibration, on the user's batches (each padded to the length she cares about):
    end-to-end error (the metric, at the model's output) over the site's own projected error is how much an
    error there costs downstream (the last layer of MiniLM costs 5-10x the others).
 3. **Cost**: predicted seconds of each candidate at ``target_len`` from the time model (measured once on this
-   machine and cached, ``attncc.calibrate.timing``), or FLOPs (``cost="flops"``). A candidate predicted slower
+   machine and cached, ``attncc.calibration.timing``), or FLOPs (``cost="flops"``). A candidate predicted slower
    than exact is never chosen.
 4. **Allocation** (``allocate.allocate``): per head, the cheapest option whose sensitivity-weighted errors sum
    within the budget; then the plan is **run end to end** on the calibration data, and the budget given to the
@@ -34,11 +34,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from attncc import progress
-from attncc.calibrate.allocate import Allocation, Option, allocate
-from attncc.calibrate.errors import ErrorCollector, SiteStats, candidate_pairs, real_pairs
-from attncc.calibrate.interpreter import SiteVisit, hooked
-from attncc.calibrate.metrics import Metric, metric_function, metric_name
+from attncc import progress as display
+from attncc.calibration.allocate import Allocation, Option, allocate
+from attncc.calibration.errors import ErrorCollector, SiteStats, candidate_pairs, real_pairs
+from attncc.calibration.interpreter import SiteVisit, hooked
+from attncc.calibration.metrics import Metric, metric_function, metric_name
 from attncc.errors import AttnccError
 from attncc.frontend import CallArgs
 
@@ -185,27 +185,27 @@ class Calibration:
 
 
 def calibrate(model: nn.Module, policy: Union[AutoPolicy, float], data: Sequence[Any],
-              held_out: Optional[Sequence[Any]] = None, show_progress: bool = True):
+              held_out: Optional[Sequence[Any]] = None, progress: bool = True):
     """Calibrate ``policy`` (an ``attncc.auto(...)``) on ``model`` with the batches ``data`` and return the Plan.
 
     ``data`` and ``held_out``: lists of batches as the model takes them (a tensor, a tuple of arguments, or a
     dict of keyword arguments such as a tokenizer's output), padded to the length the plan is for. The model runs
-    in eval mode while calibrating (its mode is restored). Returns ``attncc.calibrate.plan.Plan``.
+    in eval mode while calibrating (its mode is restored). Returns ``attncc.calibration.plan.Plan``.
     """
-    calibration = run_calibration(model, policy, data, held_out, show_progress)
-    from attncc.calibrate.build import plan_from
+    calibration = run_calibration(model, policy, data, held_out, progress)
+    from attncc.calibration.build import plan_from
 
     return plan_from(model, calibration)
 
 
 def run_calibration(model: nn.Module, policy: Union[AutoPolicy, float], data: Sequence[Any],
-                    held_out: Optional[Sequence[Any]] = None, show_progress: bool = True) -> Calibration:
+                    held_out: Optional[Sequence[Any]] = None, progress: bool = True) -> Calibration:
     """``calibrate`` without building the Plan: the measurements and the allocation."""
     policy = policy if isinstance(policy, AutoPolicy) else auto(max_error=policy)
     if not isinstance(data, (list, tuple)) or not data:
         raise AttnccError("calibrate: data must be a non-empty list of batches (what the model takes)")
     started = time.perf_counter()
-    with _eval_mode(model), (contextlib.nullcontext() if show_progress else progress.quiet()):
+    with _eval_mode(model), (contextlib.nullcontext() if progress else display.quiet()):
         session = Calibrator(model, policy, list(data))
         calibration = session.run()
         if held_out:
@@ -251,7 +251,7 @@ class Calibrator:
         ``(stats, sensitivity, costs, target_len)``."""
         if self._measured is not None:
             return self._measured
-        with progress.steps("calibrating: per-head errors", total=len(self.batches)) as step:
+        with display.steps("calibrating: per-head errors", total=len(self.batches)) as step:
             collector = ErrorCollector(self.menu_for)
             for batch in self.batches:
                 with hooked(self.compiled, collector):
@@ -277,7 +277,7 @@ class Calibrator:
     def sensitivity(self, stats: dict[str, SiteStats]) -> dict[str, float]:
         """module -> end-to-end error (allocation units) per unit of the site's summed projected error."""
         result = {}
-        with progress.steps("calibrating: sensitivity per site", total=len(stats)) as step:
+        with display.steps("calibrating: sensitivity per site", total=len(stats)) as step:
             for module, site in stats.items():
                 probe = _probe(site)
                 if probe is None:
@@ -298,9 +298,9 @@ class Calibrator:
                 costs[module] = {text: float(site.flops(text).mean()) / samples
                                  for text in ["exact", *site.errors]}
             return costs
-        from attncc.calibrate.timing import TimeModel
+        from attncc.calibration.timing import TimeModel
 
-        with progress.steps("calibrating: timing candidates", total=len(stats)) as step:
+        with display.steps("calibrating: timing candidates", total=len(stats)) as step:
             for module, site in stats.items():
                 shape = _shape(site, target_len)
                 timer = TimeModel(_device(self.model))
@@ -324,7 +324,7 @@ class Calibrator:
             calibration.searched.append((budget, measured))
             return measured <= target
 
-        with progress.steps("calibrating: fitting the plan to the budget", total=None) as step:
+        with display.steps("calibrating: fitting the plan to the budget", total=None) as step:
             low, high = 0.0, None
             budget = units
             for _ in range(5):  # grow while it fits, shrink while it does not
@@ -456,7 +456,7 @@ def _why_all_exact(calibration: Calibration) -> list[str]:
 
 
 def _shape(site: SiteStats, target_len: int):
-    from attncc.calibrate.timing import AttentionShape
+    from attncc.calibration.timing import AttentionShape
 
     s = site.site
     kv_len = target_len if s.kind == "self" or not isinstance(s.kv_len, int) else s.kv_len

@@ -22,8 +22,8 @@ import sympy
 import torch
 from torch import Tensor
 
-from attncc.calibrate.interpreter import SiteVisit
-from attncc.calibrate.projection import plain_head_errors
+from attncc.calibration.interpreter import SiteVisit
+from attncc.calibration.projection import plain_head_errors
 from attncc.policy import Policy
 from attncc.site import AttentionSite
 from attncc.variants.parse import parse_variant

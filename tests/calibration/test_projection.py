@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 
 import attncc
-from attncc.calibrate.interpreter import hooked
+from attncc.calibration.interpreter import hooked
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from attncc.calibrate.allocate import Option, allocate, hull
+from attncc.calibration.allocate import Option, allocate, hull
 
 EXACT = Option("exact", 0.0, 10.0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attncc.calibrate.metrics import cosine_error, logits_kl_error, metric_function, rel_l2_error
+from attncc.calibration.metrics import cosine_error, logits_kl_error, metric_function, rel_l2_error
 from attncc.errors import AttnccError
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from attncc.calibrate.projection import Projection, find_projection
+from attncc.calibration.projection import Projection, find_projection
 from attncc.measure import SITE_META
 from attncc.passes import PassResult
 from attncc.runtime.call import AttentionCall
