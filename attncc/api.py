@@ -430,7 +430,8 @@ def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any 
             ``"neighborhood(kernel=7)"``, ``"topk(density=0.125)"``, ``"linear(feature_map='elu', window=64)"``),
             ``"none"`` (detect and report only), a rules file (``"rules.yaml"``), an ``attncc.Policy`` of rules,
             or a calibration plan (``attncc.calibration.plan.Plan`` or its ``.json`` file): a plan made for another
-            architecture is refused here, before capture (``Plan.check_model``).
+            architecture is refused here, before capture (``Plan.check_model``); or ``attncc.auto(max_error=...)``,
+            calibrated on ``example_inputs`` (``attncc.calibrate`` calibrates on many batches).
         example_inputs: a tuple of positional arguments or a dict of keyword arguments; when None the model is
             captured at its first call.
         frontend: ``"auto"`` (fx.symbolic_trace, else Dynamo), ``"fx"`` or ``"dynamo"``.
@@ -457,6 +458,10 @@ def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any 
     from attncc.runtime.dispatch import selected_backend
 
     selected_backend()  # a bad ATTNCC_BACKEND is one error now, not one per op call after capture
+    from attncc.calibration.auto import AutoPolicy
+
+    if isinstance(policy, AutoPolicy):
+        policy = _calibrated_on_examples(model, policy, example_inputs)
     chosen = as_policy(policy)
     from attncc.calibration.plan import check_plan_model
 
@@ -464,6 +469,20 @@ def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any 
     compiled = CompiledModule(model, chosen, example_inputs, frontend=frontend, backend=backend,
                               strict=strict, measure_error=measure_error)
     return compiled
+
+
+def _calibrated_on_examples(model: nn.Module, policy, example_inputs: Any):
+    """The Plan of ``attncc.auto(...)`` calibrated on ``example_inputs`` alone (with a warning that one batch
+    measures little: ``attncc.calibrate`` takes many)."""
+    if example_inputs is None:
+        raise AttnccError("attncc.compile(model, attncc.auto(...)) needs example_inputs to calibrate on; better: "
+                          "plan = attncc.calibrate(model, attncc.auto(...), data=[batch, ...]), then "
+                          "attncc.compile(model, plan)")
+    from attncc.calibration.auto import calibrate
+
+    _warn("attncc: calibrating attncc.auto on the example inputs only: the plan's error is measured on that one "
+          "batch; attncc.calibrate(model, policy, data=[...], held_out=[...]) measures it on many")
+    return calibrate(model, policy, [example_inputs])
 
 
 def _refuse_hf_attncc_model(model: nn.Module) -> None:

@@ -92,3 +92,25 @@ def test_the_default_menu_fits_the_length():
     short, long = default_menu(48), default_menu(4096)
     assert all("window=128" not in text for text in short)
     assert any(text.startswith("topk(block=16") for text in long) and "linear" in long
+
+
+def test_where_every_candidate_is_slower_than_exact_every_site_stays_exact_and_the_plan_says_so(monkeypatch):
+    import timm
+
+    from attncc.calibration.timing import TimeModel
+
+    def slower_than_exact(self, text, shape, heads):  # what a CPU says of every variant at ViT lengths
+        return 1.0 if text == "exact" else 1.5
+
+    monkeypatch.setattr(TimeModel, "per_head_seconds", slower_than_exact)
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=1).eval()
+    plan = attncc.calibrate(vit, attncc.auto(max_error=0.5, menu=["local(window=4)", "topk(block=8, density=0.5)"]),
+                            data=[torch.randn(2, 3, 32, 32)], progress=False)
+    choices = [choice for heads in plan.sites.values() for choice in heads]
+    assert choices and {choice.variant for choice in choices} == {"exact"}
+    assert any("slower than exact" in note for note in plan.notes), plan.notes
+    assert all(c["why"] == "slower than exact" for choice in choices for c in choice.considered
+               if c["variant"] != "exact" and c["error"] is not None)
+    report = attncc.compile(vit, plan, torch.randn(1, 3, 32, 32)).report()
+    assert {s.variant for s in report.sites} == {"exact"} and "slower than exact" in report.render()
