@@ -35,16 +35,28 @@ def block_sets(blocks):
 
 
 def naive_selection(spec: TopKSpec, q, k, mods: ScoreMods):
-    """The definition, one (batch, head, query block) at a time: {(b, h, qb): set of key blocks}."""
+    """The definition, one (batch, head, query block) at a time: {(b, h, qb): set of key blocks}.
+
+    Padding (a key-padding mask ``[B, 1, 1, N]``) is left out of the block means of keys and of queries (a
+    query block of padding only averages all its rows), and the k/density budget counts only key blocks
+    holding a real key; the threshold counts the forced blocks' mass first."""
     bs, n = spec.block, q.shape[-2]
     nb = -(-n // bs)
     g = q.shape[1] // k.shape[1]
+    padding = mods.mask is not None and mods.mask.dim() == 4 and mods.mask.shape[1:3] == (1, 1)
     out = {}
     for b in range(q.shape[0]):
+        real = mods.mask[b % mods.mask.shape[0], 0, 0] if padding else torch.ones(n, dtype=torch.bool)
+
+        def mean(x, j):
+            rows, ok = x[j * bs:(j + 1) * bs].float(), real[j * bs:(j + 1) * bs]
+            return rows[ok].mean(0) if ok.any() else rows.mean(0)
+
+        real_blocks = sum(bool(real[j * bs:(j + 1) * bs].any()) for j in range(nb))
         for h in range(q.shape[1]):
-            pk = [k[b, h // g, j * bs:(j + 1) * bs].float().mean(0) for j in range(nb)]
+            pk = [mean(k[b, h // g], j) for j in range(nb)]
             for i in range(nb):
-                pq = q[b, h, i * bs:(i + 1) * bs].float().mean(0)
+                pq = mean(q[b, h], i)
                 allowed = []
                 for j in range(nb):
                     if mods.causal and j * bs > min(n, (i + 1) * bs) - 1:
@@ -59,13 +71,13 @@ def naive_selection(spec: TopKSpec, q, k, mods: ScoreMods):
                 score = {j: float(pq @ pk[j]) * mods.scale for j in allowed}
                 ranked = sorted((j for j in allowed if j not in forced), key=lambda j: -score[j])
                 if spec.threshold is None:
-                    kept = spec.k if spec.k is not None else max(1, math.ceil(round(spec.density * nb, 9)))
-                    chosen = set(ranked[: max(0, min(kept, nb) - len(forced))])
+                    kept = spec.k if spec.k is not None else max(1, math.ceil(round(spec.density * real_blocks, 9)))
+                    chosen = set(ranked[: max(0, min(kept, real_blocks) - len(forced))])
                 else:
                     top = max(score.values()) if score else 0.0
                     z = sum(math.exp(s - top) for s in score.values())
-                    chosen, mass = set(), 0.0
-                    for j in sorted(allowed, key=lambda j: -score[j]):
+                    chosen, mass = set(), sum(math.exp(score[j] - top) / z for j in forced)
+                    for j in ranked:
                         if mass >= spec.threshold - 1e-6:
                             break
                         chosen.add(j)
