@@ -130,6 +130,22 @@ def layout_from_keep(keep: KeepFn, nq: int, nk: int, block_q: int, block_k: int,
     return BlockLayout(block_q, block_k, nq, nk, kv_blocks, partial)
 
 
+def layout_from_block_mask(visits: Tensor, full: Optional[Tensor], block_q: int, block_k: int, nq: int,
+                           nk: int) -> BlockLayout:
+    """The layout visiting the key blocks ``visits`` marks (bool ``[*lead, nQB, nKB]``), in increasing block
+    order; ``full`` (same shape, or None: every visit partial) marks blocks visible everywhere, which need no
+    element predicate. ``kv_blocks`` is ``[*lead, nQB, K]`` with K the most blocks any query block visits."""
+    nkb = visits.shape[-1]
+    k = max(1, int(visits.sum(-1).max().item())) if visits.numel() else 1
+    order = torch.sort((~visits).to(torch.int8), dim=-1, stable=True).indices[..., :k]
+    taken = visits.gather(-1, order)
+    kv_blocks = torch.where(taken, order, torch.full_like(order, -1))
+    partial = None if full is None else taken & ~full.gather(-1, order)
+    if nkb == 0:
+        raise AttnccError("layout_from_block_mask: no key blocks")
+    return BlockLayout(block_q, block_k, nq, nk, kv_blocks, partial)
+
+
 def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, mods: ScoreMods, keep: Optional[KeepFn] = None,
     chunk_bytes: Optional[int] = None, remainder: Optional["Remainder"] = None,
@@ -479,5 +495,5 @@ def visited_fraction(layout: BlockLayout) -> float:
 
 __all__ = [
     "BlockLayout", "DEAD", "MASKED", "block_sparse_attention", "dense_layout", "dense_rows", "gather_pairs",
-    "layout_from_keep", "run_tasks", "visited_fraction",
+    "layout_from_block_mask", "layout_from_keep", "run_tasks", "visited_fraction",
 ]
