@@ -46,6 +46,13 @@ class SiteReport:
     or the sympy expression as text where a size is dynamic."""
     flops_after: Any = None
     """Attention FLOPs of what attncc runs (the variant's cost; the exact spec's below ``min_len``)."""
+    flops_before_real: Optional[int] = None
+    """Measured on the first call: attention FLOPs of dense attention over the real tokens only (padding
+    excluded, as a key-padding mask says); None: not measured."""
+    flops_after_measured: Optional[int] = None
+    """Measured on the first call: the attention FLOPs the variant actually ran on it (its measured pairs:
+    the blocks a data-dependent selection kept, real tokens only; the pooled remainder one pair per entry);
+    None where the variant does not measure them (its ``flops_after`` from shapes stands)."""
     rel_l2: Optional[float] = None
     """Measured on the first call: ``||out - exact|| / ||exact||`` of the site's output (None: not measured)."""
     cosine: Optional[float] = None
@@ -64,7 +71,16 @@ class SiteReport:
             dtype=str(site.dtype).replace("torch.", ""),
             graph=site.graph_index, min_len=site.min_len, flops_before=before, flops_after=after,
             rel_l2=None if error is None else error.rel_l2, cosine=None if error is None else error.cosine,
+            flops_before_real=_whole(getattr(error, "flops_dense_real", None)),
+            flops_after_measured=_whole(getattr(error, "flops_measured", None)),
         )
+
+    @property
+    def measured_saving(self) -> Optional[float]:
+        """flops_before_real / flops_after_measured where both were measured."""
+        if self.flops_before_real is not None and self.flops_after_measured:
+            return self.flops_before_real / self.flops_after_measured
+        return None
 
     @property
     def saving(self) -> Optional[float]:
@@ -87,6 +103,10 @@ def site_flops(site: AttentionSite) -> tuple[Any, Any]:
     except Exception:  # a cost that cannot be evaluated at these sizes is left out, not guessed
         after = None
     return before, after
+
+
+def _whole(value: Optional[float]) -> Optional[int]:
+    return None if value is None else int(round(value))
 
 
 def _number(expr) -> Any:
@@ -138,14 +158,21 @@ class Report:
                       caption_justify="left")
         # FLOP columns are counted from shapes, not timed: their names say so, next to measured time elsewhere
         numbers = ("attn GFLOP", "attn FLOPs\nratio", "rel. error", "cosine")
+        measured = any(s.flops_after_measured is not None for s in self.sites)
+        if measured:  # only when some variant measured what it ran: the columns say "measured"
+            numbers = numbers[:2] + ("measured GFLOP\nreal tokens", "measured\nratio") + numbers[2:]
         for col in ("#", "module", "kind", "mask", "heads q/kv", "len q/kv", "variant", *numbers):
             table.add_column(col, overflow="fold", justify="right" if col in numbers else "left")
         for s in self.sites:
+            cells = [f"{_gflop(s.flops_before)} -> {_gflop(s.flops_after)}",
+                     f"{s.saving:.1f}x" if s.saving is not None else "-"]
+            if measured:
+                cells += [f"{_gflop(s.flops_before_real)} -> {_gflop(s.flops_after_measured)}"
+                          if s.flops_after_measured is not None else "-",
+                          f"{s.measured_saving:.1f}x" if s.measured_saving is not None else "-"]
             table.add_row(str(s.index), s.module or "<root>", s.kind, s.mask,
                           f"{s.q_heads}/{s.kv_heads}", f"{s.q_len}/{s.kv_len}",
-                          s.variant + (f" from {s.min_len} keys" if s.min_len else ""),
-                          f"{_gflop(s.flops_before)} -> {_gflop(s.flops_after)}",
-                          f"{s.saving:.1f}x" if s.saving is not None else "-", *_error_cells(s))
+                          s.variant + (f" from {s.min_len} keys" if s.min_len else ""), *cells, *_error_cells(s))
         return table
 
     def reasons_table(self):
@@ -184,7 +211,9 @@ class Report:
 
 
 FLOPS_CAPTION = ("attn GFLOP: attention FLOPs, model -> attncc, counted from shapes; attn FLOPs ratio: model / attncc, "
-                 "an estimate, not a measured speedup. rel. error, cosine: measured on the first call.")
+                 "an estimate, not a measured speedup. measured GFLOP (where shown): dense attention over the "
+                 "real (non-padding) tokens -> what the variant ran on the first call, counted from its selection. "
+                 "rel. error, cosine: measured on the first call.")
 
 
 def _text_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]):
