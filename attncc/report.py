@@ -153,12 +153,12 @@ class Report:
         """The site table as a rich Table."""
         from rich.table import Table
 
+        measured = any(s.flops_after_measured is not None for s in self.sites)
         table = Table(title=title or f"attention sites ({self.frontend}, {self.graphs} graph(s), policy "
-                                     f"{self.policy!r})", title_justify="left", caption=FLOPS_CAPTION,
-                      caption_justify="left")
+                                     f"{self.policy!r})", title_justify="left",
+                      caption=FLOPS_CAPTION + (MEASURED_CAPTION if measured else ""), caption_justify="left")
         # FLOP columns are counted from shapes, not timed: their names say so, next to measured time elsewhere
         numbers = ("attn GFLOP", "attn FLOPs\nratio", "rel. error", "cosine")
-        measured = any(s.flops_after_measured is not None for s in self.sites)
         if measured:  # only when some variant measured what it ran: the columns say "measured"
             numbers = numbers[:2] + ("measured GFLOP\nreal tokens", "measured\nratio") + numbers[2:]
         for col in ("#", "module", "kind", "mask", "heads q/kv", "len q/kv", "variant", *numbers):
@@ -211,9 +211,9 @@ class Report:
 
 
 FLOPS_CAPTION = ("attn GFLOP: attention FLOPs, model -> attncc, counted from shapes; attn FLOPs ratio: model / attncc, "
-                 "an estimate, not a measured speedup. measured GFLOP (where shown): dense attention over the "
-                 "real (non-padding) tokens -> what the variant ran on the first call, counted from its selection. "
-                 "rel. error, cosine: measured on the first call.")
+                 "an estimate, not a measured speedup. rel. error, cosine: measured on the first call.")
+MEASURED_CAPTION = (" measured GFLOP: dense attention over the real (non-padding) tokens -> what the variant ran on the "
+                    "first call, counted from its selection ('-': the variant does not measure it).")
 
 
 def _text_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]):

@@ -325,3 +325,79 @@ def test_cost_at_dynamic_site():
         assert flops.free_symbols == {n}
         dense = 2 * 2 * 8 * 2 ** 32 * 128
         assert float(flops.subs(n, 2 ** 16)) < dense / 4
+
+
+# ------------------------------------------------------------------------------------ padding excluded
+
+
+def padded_batch(n=128, lengths=(128, 40), hq=4, hkv=2, d=16, seed=0):
+    q, k, v = random_qkv(len(lengths), hq, hkv, n, d, seed=seed)
+    mask = (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).view(len(lengths), 1, 1, n)
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_padding_blocks_are_never_selected_and_not_counted(causal):
+    q, k, v, mask = padded_batch()  # 8 key blocks of 16; batch row 1 has 40 real tokens: blocks 0..2
+    spec = TopKSpec(block=16, density=0.5)
+    mods = ScoreMods(scale=0.25, causal=causal, mask=mask)
+    keep = spec.select_blocks(q, k, mods)
+    assert not keep[1, ..., 3:].any()  # blocks of padding only: never selected
+    per_row = keep.sum(-1)  # [B, Hq, nQB]
+    if not causal:
+        # budget: ceil(0.5 * 8) = 4 blocks on the unpadded row, ceil(0.5 * 3) = 2 (not 4) on the padded one
+        assert bool((per_row[0] == 4).all()) and bool((per_row[1] == 2).all())
+    else:  # query block i sees i + 1 blocks (at most 3 real ones on the padded row)
+        visible = torch.arange(1, 9)
+        assert torch.equal(per_row[0], torch.minimum(visible, torch.tensor(4)).expand(4, 8))
+        assert torch.equal(per_row[1], torch.minimum(visible, torch.tensor(2)).expand(4, 8))
+    assert torch.equal(spec.budget(mask[:, 0, 0], 128).flatten(), torch.tensor([4, 2]))
+
+
+def test_padding_content_changes_nothing_for_real_rows():
+    # Before: padded keys and queries entered the block means, so what padding held changed the selection.
+    q, k, v, mask = padded_batch(lengths=(128, 37))
+    spec = TopKSpec(block=16, density=0.25)
+    mods = ScoreMods(scale=0.25, mask=mask)
+    gen = torch.Generator().manual_seed(5)
+    q2, k2, v2 = (t.clone() for t in (q, k, v))
+    for t in (q2, k2, v2):
+        t[1, :, 37:] = 50 * torch.randn(t[1, :, 37:].shape, generator=gen)
+    keep, keep2 = spec.select_blocks(q, k, mods), spec.select_blocks(q2, k2, mods)
+    assert torch.equal(keep[:, :, :3], keep2[:, :, :3])  # every query block holding a real query
+    out, out2 = spec.forward(q, k, v, mods), spec.forward(q2, k2, v2, mods)
+    torch.testing.assert_close(out[1, :, :37], out2[1, :, :37], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, spec.reference(q, k, v, mods), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_rows_follow_the_reference():
+    q, k, v, mask = padded_batch(n=100, lengths=(100, 37))
+    for spec in (TopKSpec(block=16, density=0.25), TopKSpec(block=16, threshold=0.7), TopKSpec(block=16, k=2)):
+        for causal in (False, True):
+            mods = ScoreMods(scale=0.25, causal=causal, mask=mask)
+            out = spec.forward(q, k, v, mods)
+            torch.testing.assert_close(out, spec.reference(q, k, v, mods), rtol=1e-5, atol=1e-5)
+            # a padded query row gets what exact gives it approximately: attention over the real keys, finite
+            assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------- threshold counts forced mass
+
+
+def forced_mass_case(threshold):
+    """4 key blocks of 4 constant keys; query block 2 scores them 1, 1.1, 1, -10 (sinks=1 forces block 0,
+    local=1 forces block 2): forced mass 2e / (2e + e^1.1) = 0.63 of the pooled softmax."""
+    d, bs = 4, 4
+    level = torch.tensor([1.0, 1.1, 1.0, -10.0]).repeat_interleave(bs)
+    k = torch.zeros(1, 1, 16, d)
+    k[..., 0] = level
+    q = torch.zeros(1, 1, 16, d)
+    q[..., 0] = 1.0
+    spec = TopKSpec(block=bs, threshold=threshold, sinks=1, local=1)
+    return block_sets(spec.select(q, k, ScoreMods(scale=1.0))[0, 0])[2]
+
+
+def test_threshold_counts_forced_blocks():
+    assert forced_mass_case(0.6) == {0, 2}  # the forced blocks already hold 0.63 >= 0.6: nothing added
+    assert forced_mass_case(0.7) == {0, 1, 2}  # 0.63 < 0.7: the best other block fills up
+    assert forced_mass_case(1.0) == {0, 1, 2, 3}
