@@ -179,9 +179,9 @@ def block_sparse_attention(
     kk = kv_blocks.shape[-1] * bk
 
     # Queries as [B, Hkv, nQB, g, bq, D] so a group's heads share one gathered key block.
-    qs = F.pad(q.float() * mods.scale, (0, 0, 0, nqb * bq - nq)).view(b, hkv, g, nqb, bq, d).transpose(2, 3)
-    kb = F.pad(k.float(), (0, 0, 0, nkb * bk - nk)).view(b, hkv, nkb, bk, d)
-    vb = F.pad(v.float(), (0, 0, 0, nkb * bk - nk)).view(b, hkv, nkb, bk, dv)
+    qs = _pad_seq(q.float() * mods.scale, nqb * bq - nq).view(b, hkv, g, nqb, bq, d).transpose(2, 3)
+    kb = _pad_seq(k.float(), nkb * bk - nk).view(b, hkv, nkb, bk, d)
+    vb = _pad_seq(v.float(), nkb * bk - nk).view(b, hkv, nkb, bk, dv)
 
     if chunk_bytes is None:
         chunk_bytes = (8 << 20) if q.device.type == "cpu" else (256 << 20)
@@ -214,6 +214,12 @@ def block_sparse_attention(
     per_row = cdiv(nqb, step)
     out = torch.cat([torch.cat(pieces[i:i + per_row], dim=2) for i in range(0, len(pieces), per_row)], dim=0)
     return out.transpose(2, 3).reshape(b, hq, nqb * bq, dv)[:, :, :nq].to(q.dtype)  # from [B, Hkv, nQB, g, bq, Dv]
+
+
+def _pad_seq(x: Tensor, rows: int) -> Tensor:
+    """``x`` ``[B, H, N, D]`` with ``rows`` zero rows after its sequence, contiguous (no copy when it already is
+    and needs none: the blocks view it as it is)."""
+    return F.pad(x, (0, 0, 0, rows)) if rows else x.contiguous()
 
 
 def _batch_rows(mods: ScoreMods, b0: int, b1: int, b: int) -> ScoreMods:

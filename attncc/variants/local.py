@@ -13,6 +13,14 @@ learns the call's causality from ``mods.causal`` at run time). Give either ``win
 
 A query row with no visible key (possible only through ``mods.mask``) returns zeros.
 
+``remainder=True`` (with ``remainder_block``, default 16): queries and keys go in blocks of ``remainder_block``
+positions, and every key block with no pair in a query block's pattern enters that block's softmax as one
+pooled entry (``attncc.variants.remainder``: score ``log(count) + softcap(q . mean(k) * scale)``, value
+``mean(v)``, real keys only); under causality only blocks entirely visible to all its queries. A block partly
+inside the window is visited with the pattern per element (its keys outside the window stay out). This path
+runs the band through ``block_sparse_attention`` (not the banded kernel below); bias and masks other than key
+padding are declined. A window over every key gives exact attention.
+
 Fewer queries than keys (decode with a KV cache, chunked prefill): the queries are the *last* ``Nq`` tokens,
 query ``i`` at absolute position ``p = Nk - Nq + i`` (bottom-right alignment), and the pattern above holds with
 ``p`` for ``i``: a decode step attends the keys ``p - left .. p`` of the cache plus the ``sinks`` first keys,

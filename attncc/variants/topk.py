@@ -5,14 +5,21 @@ sinks=1, local=1)``. Per (batch, query head), each query block picks the key blo
 estimate of the block-level attention:
 
 1. mean-pool q over each query block and k over each key block (the ragged last block averages its real
-   tokens); a GQA query head is scored against the pooled keys of the kv head it reads;
+   tokens); a GQA query head is scored against the pooled keys of the kv head it reads. Padding is left out:
+   where ``mods.mask`` is a key-padding mask (``[B, 1, 1, Nk]``), a key block averages only its real keys and
+   a query block only its real queries (self-attention: query ``i`` is the token at ``Nk - Nq + i``; Nq == Nk
+   is taken as self-attention); a query block of padding only averages all its rows (its rows are computed
+   like any other, as exact attention computes padded query rows, and their outputs follow the reference);
 2. score every (query block, key block) pair as ``pooled_q . pooled_k * scale`` (bias, softcap, dropout and
    learned sink logits do not enter the estimate; causality and the mask do: a key block that is entirely in
    the future, or entirely masked for the query block, is never picked);
 3. keep the ``local`` diagonal blocks (the query block's own key block and the ``local - 1`` before it) and
    the first ``sinks`` key blocks, then fill up by score: up to ``k`` blocks in all, or
    ``ceil(density * nKB)`` (at least 1), or the fewest blocks whose softmax mass over the pooled scores
-   reaches ``threshold`` (plus the forced ones). Forced blocks count toward ``k``/``density``.
+   reaches ``threshold``. Forced blocks count toward ``k``/``density``, and their mass counts toward
+   ``threshold`` (they are ranked first: the fill adds only the mass still missing). With a key-padding mask,
+   ``nKB`` counts the key blocks of each batch row that hold a real key (a block of padding only is neither
+   counted nor ever selected).
 
 Fewer queries than keys with ``decode=True`` (decode, chunked prefill; the plan sets it): the queries are the last Nq tokens (query ``i`` at
 position ``Nk - Nq + i``); query blocks are blocks of those absolute positions, so a decode step scores its one
@@ -23,6 +30,16 @@ The chosen blocks are computed exactly (every pair inside them, under the ScoreM
 included) by ``block_sparse_attention``; a query that sees no key returns zeros. With ``density=1`` every
 allowed block is kept and the result equals exact attention. The selection is not differentiated (it is a
 discrete choice); gradients flow through the attention over the chosen blocks.
+
+``remainder=True`` adds, to each query block's softmax, one pooled entry for every key block it skips
+(``attncc.variants.remainder``): score ``log(count) + softcap(q . mean(k) * scale)``, value ``mean(v)``, over
+the block's real keys. Under causality only key blocks entirely visible to every query of the query block are
+pooled; a partly visible one (the diagonal, when ``local=0`` leaves it out) is skipped without an entry. A bias
+cannot be pooled (it differs per key): such sites are declined, as are masks other than key padding. With
+``density=1`` nothing is skipped and the result is exact attention.
+
+``measured_pairs`` counts what a call actually scored: the visible pairs of the selected blocks between real
+queries and real keys, plus one pair per pooled entry and real query (the report's measured FLOPs).
 """
 
 from __future__ import annotations
