@@ -153,26 +153,37 @@ class Report:
         """The site table as a rich Table."""
         from rich.table import Table
 
-        measured = any(s.flops_after_measured is not None for s in self.sites)
         table = Table(title=title or f"attention sites ({self.frontend}, {self.graphs} graph(s), policy "
-                                     f"{self.policy!r})", title_justify="left",
-                      caption=FLOPS_CAPTION + (MEASURED_CAPTION if measured else ""), caption_justify="left")
+                                     f"{self.policy!r})", title_justify="left", caption=FLOPS_CAPTION,
+                      caption_justify="left")
         # FLOP columns are counted from shapes, not timed: their names say so, next to measured time elsewhere
         numbers = ("attn GFLOP", "attn FLOPs\nratio", "rel. error", "cosine")
-        if measured:  # only when some variant measured what it ran: the columns say "measured"
-            numbers = numbers[:2] + ("measured GFLOP\nreal tokens", "measured\nratio") + numbers[2:]
         for col in ("#", "module", "kind", "mask", "heads q/kv", "len q/kv", "variant", *numbers):
             table.add_column(col, overflow="fold", justify="right" if col in numbers else "left")
         for s in self.sites:
-            cells = [f"{_gflop(s.flops_before)} -> {_gflop(s.flops_after)}",
-                     f"{s.saving:.1f}x" if s.saving is not None else "-"]
-            if measured:
-                cells += [f"{_gflop(s.flops_before_real)} -> {_gflop(s.flops_after_measured)}"
-                          if s.flops_after_measured is not None else "-",
-                          f"{s.measured_saving:.1f}x" if s.measured_saving is not None else "-"]
             table.add_row(str(s.index), s.module or "<root>", s.kind, s.mask,
                           f"{s.q_heads}/{s.kv_heads}", f"{s.q_len}/{s.kv_len}",
-                          s.variant + (f" from {s.min_len} keys" if s.min_len else ""), *cells, *_error_cells(s))
+                          s.variant + (f" from {s.min_len} keys" if s.min_len else ""),
+                          f"{_gflop(s.flops_before)} -> {_gflop(s.flops_after)}",
+                          f"{s.saving:.1f}x" if s.saving is not None else "-", *_error_cells(s))
+        return table
+
+    def measured_table(self):
+        """The attention FLOPs measured on the first call, for the sites whose variant measures what it ran
+        (``flops_after_measured``): dense attention over the real tokens -> what the variant ran; None when no
+        site has them."""
+        rows = [s for s in self.sites if s.flops_after_measured is not None]
+        if not rows:
+            return None
+        from rich.table import Table
+
+        table = Table(title="measured attention FLOPs (first call, padding excluded)", title_justify="left",
+                      caption=MEASURED_CAPTION, caption_justify="left")
+        for col in ("#", "variant", "measured GFLOP", "measured ratio"):
+            table.add_column(col, overflow="fold", justify="left" if col == "variant" else "right")
+        for s in rows:
+            table.add_row(str(s.index), s.variant, f"{_gflop(s.flops_before_real)} -> {_gflop(s.flops_after_measured)}",
+                          f"{s.measured_saving:.1f}x" if s.measured_saving is not None else "-")
         return table
 
     def reasons_table(self):
@@ -200,6 +211,9 @@ class Report:
                 console.print(self.rejected_table())
         else:
             console.print(self.table())
+            measured = self.measured_table()
+            if measured is not None:
+                console.print(measured)
             if any(s.reason and s.reason != f"policy: {self.policy}" for s in self.sites):
                 console.print(self.reasons_table())
             if self.rejected:
@@ -212,8 +226,8 @@ class Report:
 
 FLOPS_CAPTION = ("attn GFLOP: attention FLOPs, model -> attncc, counted from shapes; attn FLOPs ratio: model / attncc, "
                  "an estimate, not a measured speedup. rel. error, cosine: measured on the first call.")
-MEASURED_CAPTION = (" measured GFLOP: dense attention over the real (non-padding) tokens -> what the variant ran on the "
-                    "first call, counted from its selection ('-': the variant does not measure it).")
+MEASURED_CAPTION = ("measured GFLOP: dense attention over the real (non-padding) tokens -> the attention FLOPs the "
+                    "variant ran on the first call (its selection counted; a pooled remainder entry one pair).")
 
 
 def _text_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]):
