@@ -47,6 +47,13 @@ class SiteReport:
     or the sympy expression as text where a size is dynamic."""
     flops_after: Any = None
     """Attention FLOPs of what attncc runs (the variant's cost; the exact spec's below ``min_len``)."""
+    flops_before_real: Optional[int] = None
+    """Measured on the first call: attention FLOPs of dense attention over the real tokens only (padding
+    excluded, as a key-padding mask says); None: not measured."""
+    flops_after_measured: Optional[int] = None
+    """Measured on the first call: the attention FLOPs the variant actually ran on it (its measured pairs:
+    the blocks a data-dependent selection kept, real tokens only; the pooled remainder one pair per entry);
+    None where the variant does not measure them (its ``flops_after`` from shapes stands)."""
     rel_l2: Optional[float] = None
     """Measured on the first call: ``||out - exact|| / ||exact||`` of the site's output (None: not measured)."""
     cosine: Optional[float] = None
@@ -65,7 +72,16 @@ class SiteReport:
             dtype=str(site.dtype).replace("torch.", ""),
             graph=site.graph_index, min_len=site.min_len, flops_before=before, flops_after=after,
             rel_l2=None if error is None else error.rel_l2, cosine=None if error is None else error.cosine,
+            flops_before_real=_whole(getattr(error, "flops_dense_real", None)),
+            flops_after_measured=_whole(getattr(error, "flops_measured", None)),
         )
+
+    @property
+    def measured_saving(self) -> Optional[float]:
+        """flops_before_real / flops_after_measured where both were measured."""
+        if self.flops_before_real is not None and self.flops_after_measured:
+            return self.flops_before_real / self.flops_after_measured
+        return None
 
     @property
     def saving(self) -> Optional[float]:
@@ -88,6 +104,10 @@ def site_flops(site: AttentionSite) -> tuple[Any, Any]:
     except Exception:  # a cost that cannot be evaluated at these sizes is left out, not guessed
         after = None
     return before, after
+
+
+def _whole(value: Optional[float]) -> Optional[int]:
+    return None if value is None else int(round(value))
 
 
 def _number(expr) -> Any:
@@ -251,6 +271,24 @@ class Report:
                           f"{s.saving:.1f}x" if s.saving is not None else "-", *_error_cells(s))
         return table
 
+    def measured_table(self):
+        """The attention FLOPs measured on the first call, for the sites whose variant measures what it ran
+        (``flops_after_measured``): dense attention over the real tokens -> what the variant ran; None when no
+        site has them."""
+        rows = [s for s in self.sites if s.flops_after_measured is not None]
+        if not rows:
+            return None
+        from rich.table import Table
+
+        table = Table(title="measured attention FLOPs (first call, padding excluded)", title_justify="left",
+                      caption=MEASURED_CAPTION, caption_justify="left")
+        for col in ("#", "variant", "measured GFLOP", "measured ratio"):
+            table.add_column(col, overflow="fold", justify="left" if col == "variant" else "right")
+        for s in rows:
+            table.add_row(str(s.index), s.variant, f"{_gflop(s.flops_before_real)} -> {_gflop(s.flops_after_measured)}",
+                          f"{s.measured_saving:.1f}x" if s.measured_saving is not None else "-")
+        return table
+
     def reasons_table(self):
         """Why each site got its variant (the policy rule, or why a variant did not apply)."""
         return _text_table("why", ("#", "reason"), [(str(s.index), s.reason) for s in self.sites])
@@ -276,6 +314,9 @@ class Report:
                 console.print(self.rejected_table())
         else:
             console.print(self.table())
+            measured = self.measured_table()
+            if measured is not None:
+                console.print(measured)
             if any(s.reason and s.reason != f"policy: {self.policy}" for s in self.sites):
                 console.print(self.reasons_table())
             if self.rejected:
@@ -293,6 +334,8 @@ class Report:
 
 FLOPS_CAPTION = ("attn GFLOP: attention FLOPs, model -> attncc, counted from shapes; attn FLOPs ratio: model / attncc, "
                  "an estimate, not a measured speedup. rel. error, cosine: measured on the first call.")
+MEASURED_CAPTION = ("measured GFLOP: dense attention over the real (non-padding) tokens -> the attention FLOPs the "
+                    "variant ran on the first call (its selection counted; a pooled remainder entry one pair).")
 
 
 def _text_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]):

@@ -121,3 +121,61 @@ def test_mask_column_names_the_structure_and_what_is_left():
     site = _site(band=(4095, 0), mask_residual="padding", has_bias=True)
     assert SiteReport.from_site(site, 0).mask == "causal+window 4096+padding+bias"
     assert SiteReport.from_site(_site(causal=False, segments=True, mask_residual="dense"), 0).mask == "segments+dense"
+
+
+class _PaddedLayer(torch.nn.Module):
+    """Self-attention through SDPA with a key-padding mask ``[B, 1, 1, N]`` (fx-traceable, quick to capture)."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x, mask):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return x + self.out(y.transpose(1, 2).reshape(b, n, -1))
+
+
+class _PaddedModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_PaddedLayer(), _PaddedLayer()])
+
+    def forward(self, x, mask):
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+def test_measured_flops_on_a_padded_batch():
+    """A small model on a padded batch (64 and 20 real tokens): dense FLOPs over real tokens, and the FLOPs top-k
+    actually ran, counted by hand; an exact site measures no variant FLOPs."""
+    import attncc
+
+    torch.manual_seed(0)
+    model = _PaddedModel().eval()
+    x = torch.randn(2, 64, 32)
+    mask = (torch.arange(64)[None, :] < torch.tensor([64, 20])[:, None]).view(2, 1, 1, 64)
+    width = 4 * 2 * (8 + 8)  # heads * 2 * (D + Dv)
+    dense_real = width * (64 * 64 + 20 * 20)
+    # diagonal blocks only: row 0 has 4 blocks of 16 x 16; row 1 a full block (16 x 16) and 4 real of block 1
+    diagonal = width * (4 * 16 * 16 + 16 * 16 + 4 * 4)
+    cm = attncc.compile(model, "topk(block=16, k=1, sinks=0, local=1)")
+    with torch.no_grad():
+        cm(x, mask)
+    report = cm.report()
+    sites = report.to_dict()["sites"]
+    assert len(sites) == 2
+    for s in sites:
+        assert s["mask"] == "padding"
+        assert s["flops_before_real"] == dense_real
+        assert s["flops_after_measured"] == diagonal
+        assert s["flops_before"] == width * 2 * 64 * 64  # the shape figures stand beside them
+    assert report.sites[0].measured_saving == dense_real / diagonal
+    assert "measured GFLOP" in report.render(width=250)
+    # an exact site measures no variant FLOPs: no measured columns
+    exact_row = SiteReport.from_site(_site(spec=parse_variant("exact")), 0, SiteError(0.0, 1.0, None, 123.0))
+    assert exact_row.flops_after_measured is None and exact_row.flops_before_real == 123
+    assert "measured GFLOP" not in Report([exact_row], policy="exact").render(width=250)

@@ -571,7 +571,10 @@ def exact_kernel(spec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tens
 
 def local_covers(spec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> str:
     """'' when the band kernel runs this call: as many queries as keys. A decode call (Nq < Nk, queries at the
-    last positions) runs the PyTorch path, which gathers only the window and sink keys of the cache."""
+    last positions) runs the PyTorch path, which gathers only the window and sink keys of the cache; so does
+    ``remainder=True`` (the band kernel has no pooled entries)."""
+    if getattr(spec, "remainder", False):
+        return "remainder=True: the pooled remainder entries run on the PyTorch path (no kernel adds them yet)"
     if q.shape[-2] != k.shape[-2]:
         return f"fewer queries than keys (Nq={q.shape[-2]}, Nk={k.shape[-2]}): the band kernel aligns queries " \
                f"with keys; the PyTorch path gathers the window of the cache"

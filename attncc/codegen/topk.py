@@ -41,6 +41,7 @@ from attncc.errors import AttnccError
 from attncc.util import cdiv
 from attncc.variants.base import ScoreMods
 from attncc.variants.blocks import BlockLayout
+from attncc.variants.remainder import pool_blocks as pool_real_blocks, real_keys, real_queries
 from attncc.variants.topk import TopKSpec
 
 HEADER = ["import triton", "import triton.language as tl", ""]
@@ -295,6 +296,7 @@ def _select_source(desc: dict) -> str:
             row_ok = (qb < nqb)[:, None]
             s = tl.load(scores + row[:, None] * nkb + kb, mask=row_ok & (kb < nkb), other=float('-inf'))
             allowed = s > float('-inf')
+            kept_row = tl.load(kept + bh // q_heads)  # the batch row's k/density budget (padding blocks not counted)
             # Order-preserving integer of the float bits, then the lower block index first among equal scores:
             # every key of a row is distinct, so "the m largest keys" is an exact set.
             bits = s.to(tl.int32, bitcast=True).to(tl.int64)
@@ -347,12 +349,12 @@ def _select_by_count(w: SourceWriter, has_forced: bool) -> None:
     if has_forced:
         w.lines("""
             cand = allowed & ~forced
-            budget = kept - tl.sum(forced.to(tl.int32), axis=1)
+            budget = kept_row - tl.sum(forced.to(tl.int32), axis=1)
         """)
     else:
         w.lines("""
             cand = allowed
-            budget = tl.full([ROWS], kept, tl.int32)
+            budget = tl.zeros([ROWS], tl.int32) + kept_row
         """)
     w.lines("""
         want = tl.minimum(tl.maximum(budget, 0), tl.sum(cand.to(tl.int32), axis=1))
@@ -369,43 +371,59 @@ def _select_by_count(w: SourceWriter, has_forced: bool) -> None:
 
 
 def _select_by_mass(w: SourceWriter, has_forced: bool, threshold: float) -> None:
-    """``keep``: the fewest best blocks whose softmax mass reaches ``threshold`` (a block is kept when the mass
-    ranked above it is below the threshold), plus the forced blocks."""
-    w.lines(f"""
+    """``keep``: the forced blocks, then the fewest best other blocks whose softmax mass, added to the forced
+    blocks' mass, reaches ``threshold`` (a block is kept when the mass ranked above it, forced blocks first, is
+    below the threshold)."""
+    w.lines("""
         top = tl.max(s, axis=1)
         top = tl.where(top > float('-inf'), top, 0.0)  # a row with nothing allowed has no mass anywhere
         e = tl.where(allowed, tl.exp(s - top[:, None]), 0.0)
         z = tl.sum(e, axis=1)
         p = e / tl.where(z > 0, z, 1.0)[:, None]
-        key = tl.where(allowed, key, -1)
-        # cut = the largest key value whose mass at or above it still reaches the threshold; the keys at or
-        # above cut are exactly those with less than the threshold ranked strictly above them.
+    """)
+    if has_forced:
+        w.lines("""
+            cand = allowed & ~forced
+            forced_mass = tl.sum(tl.where(forced, p, 0.0), axis=1)
+        """)
+    else:
+        w.lines("""
+            cand = allowed
+            forced_mass = tl.zeros([ROWS], dtype=tl.float32)
+        """)
+    w.lines(f"""
+        key = tl.where(cand, key, -1)
+        # cut = the largest key value whose mass at or above it (plus the forced mass) still reaches the
+        # threshold; the keys at or above cut are exactly those with less than the threshold ranked above them.
         cut = tl.zeros([ROWS], dtype=tl.int64)
         for i in range(KEY_BITS):
             trial = cut | (tl.full([ROWS], 1, tl.int64) << (KEY_BITS - 1 - i))
-            mass = tl.sum(tl.where(key >= trial[:, None], p, 0.0), axis=1)
+            mass = forced_mass + tl.sum(tl.where(key >= trial[:, None], p, 0.0), axis=1)
             cut = tl.where(mass >= {float(threshold)!r}, trial, cut)
-        chosen = allowed & (key >= cut[:, None])
+        chosen = cand & (key >= cut[:, None])
     """)
     w.line("keep = forced | chosen" if has_forced else "keep = chosen")
 
 
 def select_blocks(spec: TopKSpec, scores: Tensor, nk: int, causal: bool,
-                  mask_all: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                  mask_all: Optional[Tensor] = None, budget: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The key blocks each query block keeps, from block scores.
 
     scores float32 ``[B, Hq, nQB, nKB]`` (from :func:`block_scores`, ``-inf`` where not allowed), ``mask_all``
     bool ``[b, h, nQB|1, nKB|1]`` (from :func:`mask_blocks`) -> ``kv_blocks`` int64 ``[B, Hq, nQB, K]``
     (ascending, ``-1`` padding last) and ``partial`` bool of the same shape. ``K`` is the most blocks a row can
     keep (``k``/``density``: the budget or the forced count; ``threshold``: nKB), known without reading the
-    scores back to the host.
+    scores back to the host. ``budget`` int32 ``[B]``: each batch row's k/density budget (``TopKSpec.budget``:
+    blocks of padding only not counted); None: ``spec.blocks_kept(nKB)`` for every row.
     """
     batch, hq, nqb, nkb = scores.shape
     if spec.threshold is None:
-        kept = spec.blocks_kept(nkb)
-        width = min(nkb, max(kept, spec.local + spec.sinks))
+        width = min(nkb, max(spec.blocks_kept(nkb), spec.local + spec.sinks))
     else:
-        kept, width = 0, nkb
+        width = nkb
+    if budget is None:
+        budget = torch.full((batch,), spec.blocks_kept(nkb), dtype=torch.int32, device=scores.device)
+    kept = budget.to(device=scores.device, dtype=torch.int32).expand(batch).contiguous()
     kv_blocks = torch.empty(batch, hq, nqb, width, dtype=torch.int64, device=scores.device)
     partial = torch.empty(batch, hq, nqb, width, dtype=torch.int8, device=scores.device)
     desc = {"family": "topk_select", "block": spec.block, "sinks": spec.sinks, "local": spec.local,
@@ -466,15 +484,25 @@ def topk_layout(spec: TopKSpec, q: Tensor, k: Tensor, mods: ScoreMods) -> BlockL
     mask_any = mask_all = None
     if mods.mask is not None:
         mask_any, mask_all = mask_blocks(mods.mask.to(q.device), block, (batch, hq, nq, nk))
-    pooled_q, pooled_k = pool_blocks(q, block), pool_blocks(k, block)
+    keys = real_keys(mods.mask, nk)
+    if keys is None:
+        pooled_q, pooled_k = pool_blocks(q, block), pool_blocks(k, block)
+    else:  # a key-padding mask: the block means of the selection leave padding out (as TopKSpec.select does)
+        queries = real_queries(keys, nq, nk, self_attention=nq == nk)
+        pooled_q = pool_real_blocks(q, block, queries).contiguous()
+        pooled_k = pool_real_blocks(k, block, keys).expand(batch, k.shape[1], -1, -1).contiguous()
     scores = block_scores(pooled_q, pooled_k, nq, block, mods.scale, mods.causal, mask_any)
-    kv_blocks, partial = select_blocks(spec, scores, nk, mods.causal, mask_all)
+    budget = spec.budget(None if keys is None else keys.to(q.device), nk).reshape(-1)
+    kv_blocks, partial = select_blocks(spec, scores, nk, mods.causal, mask_all, budget)
     return BlockLayout(block, block, nq, nk, kv_blocks, partial)
 
 
 def _topk_covers(spec, q: Tensor, k: Tensor, v: Tensor, mods) -> str:
-    """'' when the kernels run this call: a power-of-two block >= 16, and no decode alignment (``decode=True``
-    with Nq < Nk places query blocks bottom-right: the PyTorch path does that; the kernels align top-left)."""
+    """'' when the kernels run this call: a power-of-two block >= 16, no decode alignment (``decode=True``
+    with Nq < Nk places query blocks bottom-right: the PyTorch path does that; the kernels align top-left), and
+    no pooled remainder (the attention kernel has no pooled entries; the PyTorch path adds them)."""
+    if spec.remainder:
+        return "remainder=True: the pooled remainder entries run on the PyTorch path (no kernel adds them yet)"
     if spec.decode and q.shape[-2] != k.shape[-2]:
         return f"fewer queries than keys (Nq={q.shape[-2]}, Nk={k.shape[-2]}): the PyTorch path aligns them bottom-right"
     return block_fits_tiles(spec, q, k, v, mods)

@@ -151,6 +151,14 @@ class VariantSpec:
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         raise NotImplementedError
 
+    def measured_pairs(self, q: Tensor, k: Tensor, mods: ScoreMods) -> Optional[Tensor]:
+        """The (query, key) pairs this variant actually scores on these inputs, float ``[B, Hq]`` per batch row
+        and query head, counting only real queries and keys (padding = ``mods.mask`` of shape
+        ``[B, 1, 1, Nk]``); a pooled entry counts as one pair. None (the default) where the variant does not
+        measure it: its ``cost()`` then stands. Data-dependent variants override it; the report and the
+        calibrator count ``2 * pairs * (D + Dv)`` as the attention FLOPs actually run."""
+        return None
+
     def __str__(self) -> str:
         """Canonical text: the name and every parameter that differs from its default (``local(window=256)``);
         ``exact`` has none. ``parse_variant(str(spec)) == spec``."""

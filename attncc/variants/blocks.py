@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,9 @@ backward (``-inf`` would give NaN gradients that leak into k and v); such rows a
 
 DEAD = MASKED / 2
 """A row whose largest score is below this saw no visible key."""
+
+if TYPE_CHECKING:
+    from attncc.variants.remainder import Remainder
 
 KeepFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -127,9 +130,25 @@ def layout_from_keep(keep: KeepFn, nq: int, nk: int, block_q: int, block_k: int,
     return BlockLayout(block_q, block_k, nq, nk, kv_blocks, partial)
 
 
+def layout_from_block_mask(visits: Tensor, full: Optional[Tensor], block_q: int, block_k: int, nq: int,
+                           nk: int) -> BlockLayout:
+    """The layout visiting the key blocks ``visits`` marks (bool ``[*lead, nQB, nKB]``), in increasing block
+    order; ``full`` (same shape, or None: every visit partial) marks blocks visible everywhere, which need no
+    element predicate. ``kv_blocks`` is ``[*lead, nQB, K]`` with K the most blocks any query block visits."""
+    nkb = visits.shape[-1]
+    k = max(1, int(visits.sum(-1).max().item())) if visits.numel() else 1
+    order = torch.sort((~visits).to(torch.int8), dim=-1, stable=True).indices[..., :k]
+    taken = visits.gather(-1, order)
+    kv_blocks = torch.where(taken, order, torch.full_like(order, -1))
+    partial = None if full is None else taken & ~full.gather(-1, order)
+    if nkb == 0:
+        raise AttnccError("layout_from_block_mask: no key blocks")
+    return BlockLayout(block_q, block_k, nq, nk, kv_blocks, partial)
+
+
 def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, mods: ScoreMods, keep: Optional[KeepFn] = None,
-    chunk_bytes: Optional[int] = None,
+    chunk_bytes: Optional[int] = None, remainder: Optional["Remainder"] = None,
 ) -> Tensor:
     """Softmax attention over the key blocks ``layout`` lists for each query block.
 
@@ -140,6 +159,10 @@ def block_sparse_attention(
     Differentiable. Work is chunked over query blocks so temporaries stay near ``chunk_bytes`` (default: 8 MB
     on CPU, where cache-resident chunks are fastest; 256 MB elsewhere); on CPU the chunks run on
     :func:`run_tasks` worker threads, so ``keep`` must be a pure tensor function.
+
+    ``remainder`` (a :class:`attncc.variants.remainder.Remainder`): pooled key blocks that each query block adds
+    to its softmax as one entry each (score ``log(count) + softcap(q . mean_k * scale)``, value ``mean_v``);
+    ``mods.bias`` does not reach them (callers decline a bias with a remainder).
     """
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -156,22 +179,60 @@ def block_sparse_attention(
     kk = kv_blocks.shape[-1] * bk
 
     # Queries as [B, Hkv, nQB, g, bq, D] so a group's heads share one gathered key block.
-    qs = F.pad(q.float() * mods.scale, (0, 0, 0, nqb * bq - nq)).view(b, hkv, g, nqb, bq, d).transpose(2, 3)
-    kb = F.pad(k.float(), (0, 0, 0, nkb * bk - nk)).view(b, hkv, nkb, bk, d)
-    vb = F.pad(v.float(), (0, 0, 0, nkb * bk - nk)).view(b, hkv, nkb, bk, dv)
+    qs = _pad_seq(q.float() * mods.scale, nqb * bq - nq).view(b, hkv, g, nqb, bq, d).transpose(2, 3)
+    kb = _pad_seq(k.float(), nkb * bk - nk).view(b, hkv, nkb, bk, d)
+    vb = _pad_seq(v.float(), nkb * bk - nk).view(b, hkv, nkb, bk, dv)
 
     if chunk_bytes is None:
         chunk_bytes = (8 << 20) if q.device.type == "cpu" else (256 << 20)
-    per_block = 4 * b * hq * bq * kk * 3 + 4 * b * hkv * (g if per_head else 1) * kk * (d + dv)
-    step = max(1, min(chunk_bytes // per_block, cdiv(nqb, torch.get_num_threads())))
+    # Temporaries of one query block of one batch row (scores, probabilities, gathered keys and values).
+    per_block = 4 * hq * bq * kk * 3 + 4 * hkv * (g if per_head else 1) * kk * (d + dv)
+    # A task takes whole batch rows while one query block of all of them fits the budget, else one batch row
+    # and as many query blocks as fit: chunks stay cache-sized (small blocks gather many small pieces, and
+    # fresh multi-MB temporaries cost page faults on every chunk).
+    if per_block * b <= chunk_bytes:
+        rows, step = b, max(1, min(chunk_bytes // (per_block * b), cdiv(nqb, torch.get_num_threads())))
+    else:
+        rows, step = 1, max(1, min(nqb, chunk_bytes // per_block))
+    tasks = [(b0, min(b, b0 + rows), c0, min(nqb, c0 + step)) for b0 in range(0, b, rows) for c0 in range(0, nqb, step)]
 
-    def chunk(c0: int) -> Tensor:
-        c1 = min(nqb, c0 + step)
-        return _chunk(qs[:, :, c0:c1], kb, vb, kv_blocks[:, :, c0:c1], None if partial is None
-                      else partial[:, :, c0:c1], c0, layout, mods, keep, g, per_head)
+    pooled = None if remainder is None else _remainder_heads(remainder, b, hq, hkv, nqb)
 
-    out = torch.cat(run_tasks(chunk, range(0, nqb, step), q.device), dim=2)  # [B, Hkv, nQB, g, bq, Dv]
-    return out.transpose(2, 3).reshape(b, hq, nqb * bq, dv)[:, :, :nq].to(q.dtype)
+    def chunk(task) -> Tensor:
+        b0, b1, c0, c1 = task
+        lb = slice(b0, b1) if kv_blocks.shape[0] > 1 else slice(None)
+        rem = None
+        if pooled is not None:
+            pk, pv, log_count, entries = pooled
+            rem = (pk[b0:b1], pv[b0:b1], log_count[b0:b1] if log_count.shape[0] > 1 else log_count,
+                   entries[slice(b0, b1) if entries.shape[0] > 1 else slice(None), :, c0:c1])
+        return _chunk(qs[b0:b1, :, c0:c1], kb[b0:b1], vb[b0:b1], kv_blocks[lb, :, c0:c1],
+                      None if partial is None else partial[lb, :, c0:c1], c0, layout,
+                      _batch_rows(mods, b0, b1, b), keep, g, per_head, rem)
+
+    pieces = run_tasks(chunk, tasks, q.device)
+    per_row = cdiv(nqb, step)
+    out = torch.cat([torch.cat(pieces[i:i + per_row], dim=2) for i in range(0, len(pieces), per_row)], dim=0)
+    return out.transpose(2, 3).reshape(b, hq, nqb * bq, dv)[:, :, :nq].to(q.dtype)  # from [B, Hkv, nQB, g, bq, Dv]
+
+
+def _pad_seq(x: Tensor, rows: int) -> Tensor:
+    """``x`` ``[B, H, N, D]`` with ``rows`` zero rows after its sequence, contiguous (no copy when it already is
+    and needs none: the blocks view it as it is)."""
+    return F.pad(x, (0, 0, 0, rows)) if rows else x.contiguous()
+
+
+def _batch_rows(mods: ScoreMods, b0: int, b1: int, b: int) -> ScoreMods:
+    """``mods`` for batch rows ``[b0, b1)`` of ``b``: bias and mask sliced where they have a batch dim."""
+    if b0 == 0 and b1 == b:
+        return mods
+
+    def rows(t: Optional[Tensor]) -> Optional[Tensor]:
+        if t is None or t.dim() < 4 or t.shape[0] == 1:
+            return t
+        return t[b0:b1]
+
+    return replace(mods, bias=rows(mods.bias), mask=rows(mods.mask))
 
 
 def _layout_heads(layout: BlockLayout, b: int, hq: int, hkv: int) -> tuple[Tensor, Optional[Tensor]]:
@@ -195,16 +256,34 @@ def _layout_heads(layout: BlockLayout, b: int, hq: int, hkv: int) -> tuple[Tenso
     return kv_blocks, partial
 
 
-def _chunk(qs, kb, vb, kv_blocks, partial, c0, layout, mods, keep, g, per_head) -> Tensor:
-    """Attention of query blocks ``[c0, c0 + c)``: qs ``[B, Hkv, c, g, bq, D]`` -> ``[B, Hkv, c, g, bq, Dv]``."""
+def _remainder_heads(remainder, b: int, hq: int, hkv: int, nqb: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A Remainder in the executor's layout: pooled keys ``[B, Hkv, nR, D]`` and values (float32), log counts
+    ``[b|1, 1, 1, 1, 1, nR]`` and entries ``[b|1, Hkv|1, nQB, g|1, nR]``."""
+    g = hq // hkv
+    keys, values = remainder.keys.float(), remainder.values.float()
+    n_r = keys.shape[-2]
+    if keys.shape[:2] != (b, hkv) or values.shape[:3] != keys.shape[:3]:
+        raise AttnccError(f"block_sparse_attention: remainder keys {tuple(keys.shape)} / values "
+                          f"{tuple(values.shape)} are not [B={b}, Hkv={hkv}, nR, D]")
+    log_count = remainder.log_count.float().reshape(-1, 1, 1, 1, 1, n_r)
+    entries = remainder.entries
+    if entries.dim() != 4 or entries.shape[-2:] != (nqb, n_r) or entries.shape[1] not in (1, hq):
+        raise AttnccError(f"block_sparse_attention: remainder entries {tuple(entries.shape)} are not "
+                          f"[B|1, Hq|1, nQB={nqb}, nR={n_r}]")
+    if entries.shape[1] == hq and g > 1:
+        entries = entries.view(entries.shape[0], hkv, g, nqb, n_r).transpose(2, 3)
+    else:
+        entries = entries.unsqueeze(3)
+    return keys, values, log_count, entries
+
+
+def _chunk(qs, kb, vb, kv_blocks, partial, c0, layout, mods, keep, g, per_head, rem=None) -> Tensor:
+    """Attention of query blocks ``[c0, c0 + c)``: qs ``[B, Hkv, c, g, bq, D]`` -> ``[B, Hkv, c, g, bq, Dv]``;
+    ``rem``: the chunk's pooled remainder (``_remainder_heads``) or None."""
     b, hkv, c, _, bq, d = qs.shape
     bk, dv = kb.shape[3], vb.shape[-1]
     idx = kv_blocks.clamp_min(0)  # [lb, Hkv|1, c, g|1, K]
-    bi = torch.arange(b, device=kb.device).view(b, 1, 1, 1, 1)
-    hi = torch.arange(hkv, device=kb.device).view(1, hkv, 1, 1, 1)
-    # [B, Hkv, c, g|1, K, bk, D] -> keys of a query block laid out in one row of K*bk
-    kg = kb[bi, hi, idx].flatten(4, 5)
-    vg = vb[bi, hi, idx].flatten(4, 5)
+    kg, vg = _gather_blocks(kb, idx), _gather_blocks(vb, idx)  # [B, Hkv, c, g|1, K*bk, D|Dv]
     if per_head:
         s = qs @ kg.transpose(-1, -2)  # [B, Hkv, c, g, bq, K*bk]
     else:
@@ -222,10 +301,48 @@ def _chunk(qs, kb, vb, kv_blocks, partial, c0, layout, mods, keep, g, per_head) 
     if mods.mask is not None:
         m = gather_pairs(mods.mask, q_pos, k_pos, hkv, g)
         keep_mask = m if keep_mask is None else keep_mask & m
-    p = masked_softmax(s, keep_mask, sink_rows(mods.sinks, 1, hkv, 1, g, 1, 1))
+    sink = sink_rows(mods.sinks, 1, hkv, 1, g, 1, 1)
+    if rem is not None:
+        return _chunk_with_remainder(qs, s, keep_mask, vg, rem, mods, sink, per_head)
+    p = masked_softmax(s, keep_mask, sink)
     if per_head:
         return p @ vg
     return (p.view(b, hkv, c, g * bq, -1) @ vg.squeeze(3)).view(b, hkv, c, g, bq, dv)
+
+
+def _chunk_with_remainder(qs, s, keep_mask, vg, rem, mods, sink, per_head) -> Tensor:
+    """The chunk's softmax over its visited keys (scores ``s`` ``[B, Hkv, c, g, bq, KK]``, visibility
+    ``keep_mask``) and its pooled entries together: ``[B, Hkv, c, g, bq, Dv]``."""
+    pk, pv, log_count, entries = rem
+    b, hkv, c, g, bq, d = qs.shape
+    kk, n_r, dv = s.shape[-1], pk.shape[-2], pv.shape[-1]
+    sr = (qs.reshape(b, hkv, c * g * bq, d) @ pk.transpose(-1, -2)).view(b, hkv, c, g, bq, n_r)
+    if mods.softcap > 0:
+        sr = mods.softcap * torch.tanh(sr / mods.softcap)
+    sr = sr + log_count
+    visible = torch.ones_like(s, dtype=torch.bool) if keep_mask is None else keep_mask.expand(s.shape)
+    keep_all = torch.cat([visible, entries.unsqueeze(-2).expand(sr.shape)], dim=-1)
+    p = masked_softmax(torch.cat([s, sr], dim=-1), keep_all, sink)
+    pr = (p[..., kk:].reshape(b, hkv, c * g * bq, n_r) @ pv).view(b, hkv, c, g, bq, dv)
+    p = p[..., :kk]
+    if per_head:
+        return p @ vg + pr
+    return (p.reshape(b, hkv, c, g * bq, kk) @ vg.squeeze(3)).view(b, hkv, c, g, bq, dv) + pr
+
+
+def _gather_blocks(xb: Tensor, idx: Tensor) -> Tensor:
+    """The key (or value) blocks ``idx`` lists, each query block's laid out in one row of ``K * bk``.
+
+    xb ``[B, Hkv, nKB, bk, D]``, idx int64 ``[lb, Hkv|1, c, g|1, K]`` (valid block indices) ->
+    ``[B, Hkv, c, g|1, K * bk, D]``. One ``index_select`` of whole blocks from the flattened tensor: a block is
+    one contiguous row of ``bk * D`` floats, so this is a row copy, about 3x faster on CPU than advanced
+    indexing with broadcast index tensors (which dominated the time of 16-key blocks).
+    """
+    b, hkv, nkb, bk, d = xb.shape
+    rows = torch.arange(b, device=xb.device).view(b, 1, 1, 1, 1) * (hkv * nkb)
+    rows = rows + torch.arange(hkv, device=xb.device).view(1, hkv, 1, 1, 1) * nkb + idx
+    flat = xb.reshape(b * hkv * nkb, bk * d)
+    return flat.index_select(0, rows.reshape(-1)).view(*rows.shape[:-1], rows.shape[-1] * bk, d)
 
 
 def _element_keep(kv_blocks, partial, q6, k6, layout, mods, keep, bk) -> Optional[Tensor]:
@@ -384,5 +501,5 @@ def visited_fraction(layout: BlockLayout) -> float:
 
 __all__ = [
     "BlockLayout", "DEAD", "MASKED", "block_sparse_attention", "dense_layout", "dense_rows", "gather_pairs",
-    "layout_from_keep", "run_tasks", "visited_fraction",
+    "layout_from_block_mask", "layout_from_keep", "run_tasks", "visited_fraction",
 ]

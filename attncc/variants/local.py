@@ -13,6 +13,14 @@ learns the call's causality from ``mods.causal`` at run time). Give either ``win
 
 A query row with no visible key (possible only through ``mods.mask``) returns zeros.
 
+``remainder=True`` (with ``remainder_block``, default 16): queries and keys go in blocks of ``remainder_block``
+positions, and every key block with no pair in a query block's pattern enters that block's softmax as one
+pooled entry (``attncc.variants.remainder``: score ``log(count) + softcap(q . mean(k) * scale)``, value
+``mean(v)``, real keys only); under causality only blocks entirely visible to all its queries. A block partly
+inside the window is visited with the pattern per element (its keys outside the window stay out). This path
+runs the band through ``block_sparse_attention`` (not the banded kernel below); bias and masks other than key
+padding are declined. A window over every key gives exact attention.
+
 Fewer queries than keys (decode with a KV cache, chunked prefill): the queries are the *last* ``Nq`` tokens,
 query ``i`` at absolute position ``p = Nk - Nq + i`` (bottom-right alignment), and the pattern above holds with
 ``p`` for ``i``: a decode step attends the keys ``p - left .. p`` of the cache plus the ``sinks`` first keys,
@@ -30,7 +38,7 @@ threads on CPU; chunks of about 2 MB of scores stay in cache.
 from __future__ import annotations
 
 from bisect import bisect_left
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Optional, Union
 
 import sympy
@@ -47,7 +55,10 @@ from attncc.variants.base import (
 from attncc.variants.exact import exact_spec, masked_reference
 from attncc.variants.registry import register_variant
 from attncc.variants.blocks import (
-    DEAD, MASKED, block_sparse_attention, dense_layout, dense_rows, gather_pairs, run_tasks,
+    DEAD, MASKED, block_sparse_attention, dense_layout, dense_rows, gather_pairs, layout_from_block_mask, run_tasks,
+)
+from attncc.variants.remainder import (
+    Remainder, block_counts, check_poolable, fully_visible, pooled_keys_values, real_keys, remainder_reference,
 )
 
 CHUNK_FLOATS = 1 << 19
@@ -71,13 +82,19 @@ class LocalSpec(VariantSpec):
     right: Optional[int] = None
     sinks: int = 0
     globals: int = 0
+    remainder: bool = False
+    """Every key block (of ``remainder_block`` keys) outside a query block's window enters its softmax as one
+    pooled entry (see :meth:`remainder_layout`)."""
+    remainder_block: int = 16
+    """Block size of the remainder: query blocks and the pooled key blocks (``remainder=True`` only)."""
 
     name: ClassVar[str] = "local"
     listed: ClassVar[int] = 10
 
     @classmethod
     def examples(cls) -> tuple[VariantSpec, ...]:
-        return cls(window=3), cls(left=2, right=1, sinks=2), cls(window=2, globals=2)
+        return (cls(window=3), cls(left=2, right=1, sinks=2), cls(window=2, globals=2),
+                cls(window=3, sinks=1, remainder=True, remainder_block=4))
 
     @classmethod
     def exact_limit(cls, n: int) -> VariantSpec:
@@ -99,6 +116,11 @@ class LocalSpec(VariantSpec):
             check_int(self, "right", self.right)
         check_int(self, "sinks", self.sinks)
         check_int(self, "globals", self.globals)
+        if not isinstance(self.remainder, bool):
+            raise self.invalid("remainder", f"must be True or False, got {self.remainder!r}")
+        check_int(self, "remainder_block", self.remainder_block, minimum=1)
+        if self.remainder_block != 16 and not self.remainder:
+            raise self.invalid("remainder_block", "needs remainder=True")
 
     # ------------------------------------------------------------------------------------------ pattern
 
@@ -160,12 +182,18 @@ class LocalSpec(VariantSpec):
         reason = unapplied_site_features(self, site, band=False)
         if reason:
             return False, reason
+        if self.remainder and site.has_bias:
+            return False, "local(remainder=True) cannot pool an additive bias into its remainder (it differs per key)"
+        if self.remainder and site.mask_residual == "dense":
+            return False, "local(remainder=True) pools key-padding masks only, this site has a dense mask"
         left, right = self.bounds(site.causal)
         extra = []
         if self.sinks:
             extra.append(f"{self.sinks} sink keys")
         if self.globals:
             extra.append(f"{self.globals} global tokens")
+        if self.remainder:
+            extra.append(f"pooled remainder of {self.remainder_block}-key blocks")
         return True, f"sliding window of {left} keys left, {right} right" + (f" + {', '.join(extra)}" if extra else "")
 
     def specialize(self, site) -> Union[VariantSpec, str]:
@@ -174,6 +202,8 @@ class LocalSpec(VariantSpec):
         the model's window (one band cannot say that)."""
         if site.band is None:
             return self
+        if self.remainder:
+            return "the model already limits this site to a window: a remainder would add keys it hides"
         own_left, _ = self.bounds(site.causal)
         if own_left >= site.band[0]:
             return exact_spec(site)  # the model's window is already narrower: nothing to add
@@ -212,14 +242,24 @@ class LocalSpec(VariantSpec):
         return sympy.simplify(total) if not isinstance(total, int) else sympy.Integer(total)
 
     def cost(self, site) -> dict[str, sympy.Expr]:
-        """FLOPs and bytes of the visible pairs (see :meth:`pairs`)."""
-        return attention_cost(site, self.pairs(site))
+        """FLOPs and bytes of the visible pairs (see :meth:`pairs`); with ``remainder``, plus pooling k and v
+        and one score and value per (query, pooled key block), an upper bound: about ``1 / remainder_block``
+        of dense attention."""
+        out = attention_cost(site, self.pairs(site))
+        if self.remainder:
+            s = site_sizes(site)
+            nkb = sympy.ceiling(s["Nk"] / self.remainder_block)
+            out["flops"] = out["flops"] + s["B"] * s["Hkv"] * s["Nk"] * (s["D"] + s["Dv"]) \
+                + 2 * s["B"] * s["Hq"] * s["Nq"] * nkb * (s["D"] + s["Dv"])
+        return out
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         """Banded attention: q ``[B, Hq, N, Dqk]``, k ``[B, Hkv, N, Dqk]``, v ``[B, Hkv, N, Dv]`` ->
         ``[B, Hq, N, Dv]`` in q's dtype (float32 math). Differentiable. With Nq < Nk (decode), the queries are
         the last Nq tokens and attend only their windows and the prefix (``local_decode_attention``)."""
         n, nk = check_decode_queries(self, q, k, v)
+        if self.remainder:
+            return self._forward_with_remainder(q, k, v, mods)
         if n < nk:
             return local_decode_attention(self, q, k, v, mods)
         if self.covers(n, mods.causal):
@@ -233,7 +273,108 @@ class LocalSpec(VariantSpec):
         nq, nk = check_decode_queries(self, q, k, v)
         keys = torch.arange(nk, device=q.device)
         keep = self.keep(query_positions(nq, nk, q.device)[:, None], keys[None, :], mods.causal)
-        return masked_reference(q, k, v, mods, keep)
+        if not self.remainder:
+            return masked_reference(q, k, v, mods, keep)
+        # The blocks each query block visits, read off the dense pattern (independently of remainder_layout).
+        rb, pad = self.remainder_block, (nk - nq) % self.remainder_block
+        grid = F.pad(keep, (0, cdiv(nk, rb) * rb - nk, pad, cdiv(nq + pad, rb) * rb - nq - pad))
+        visits = grid.unflatten(0, (-1, rb)).unflatten(-1, (-1, rb)).any(-1).any(1)
+        entries = self._entries(visits, mods, nq + pad, nk, pad)
+        return remainder_reference(q, k, v, mods, keep, rb, entries, pad)
+
+    # ----------------------------------------------------------------------------------------- remainder
+
+    def remainder_layout(self, nq: int, nk: int, causal: bool, device=None) -> tuple[Tensor, Tensor]:
+        """``(visits, full)``, bool ``[nQB, nKB]`` over blocks of ``remainder_block`` positions: whether any /
+        every (query, key) pair of the block pair is in the pattern (band, sinks, globals; causality and masks
+        apply on top). Queries are the last ``nq`` of ``nk`` tokens; query block I holds absolute positions
+        ``(first + I) * block ..`` with ``first = (nk - nq) // block`` (the first block has ``pad`` fewer rows).
+
+        A key block with no pair in a query block's pattern is pooled for it (``remainder=True``); a block
+        partly inside the window of some of its queries is visited, with the pattern applied per element, so
+        its keys outside the window are neither attended nor pooled for those queries.
+        """
+        rb = self.remainder_block
+        pad, first = (nk - nq) % rb, (nk - nq) // rb
+        nqb, nkb = cdiv(nq + pad, rb), cdiv(nk, rb)
+        q_lo = (first + torch.arange(nqb, device=device)) * rb
+        q_lo = torch.maximum(q_lo, torch.full_like(q_lo, nk - nq))[:, None]  # first real query of each block
+        q_hi = torch.clamp((first + torch.arange(1, nqb + 1, device=device)) * rb, max=nk)[:, None] - 1
+        k_lo = torch.arange(nkb, device=device)[None, :] * rb
+        k_hi = torch.clamp(k_lo + rb, max=nk) - 1
+        left, right = self.bounds(causal)
+        prefix = max(self.sinks, self.globals)
+        visits = (k_lo <= q_hi + right) & (k_hi >= q_lo - left) | (k_lo < prefix) | (q_lo < self.globals)
+        full = (k_lo >= q_hi - left) & (k_hi <= q_lo + right) | (k_hi < prefix) | (q_hi < self.globals)
+        return visits, full & visits
+
+    def _entries(self, visits: Tensor, mods: ScoreMods, nq_rows: int, nk: int, pad: int) -> Tensor:
+        """Bool ``[b, 1, nQB, nKB]``: the pooled blocks of each query block: not visited, holding a real key,
+        and entirely visible to each of its queries (under causality; ``nq_rows`` counts the ``pad`` rows)."""
+        rb = self.remainder_block
+        nqb, nkb = visits.shape
+        counts = block_counts(real_keys(mods.mask, nk), nk, rb, visits.device)  # [b, nKB]
+        visible = fully_visible(nqb, nkb, rb, nq_rows - pad, nk, mods.causal, pad, visits.device)
+        return (~visits & visible)[None, None] & (counts > 0)[:, None, None, :]
+
+    def _forward_with_remainder(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
+        """The band (``block_sparse_attention`` over the blocks of :meth:`remainder_layout`, the pattern applied
+        inside partial blocks) plus one pooled entry per block outside each query block's window."""
+        nq, nk = q.shape[-2], k.shape[-2]
+        if mods.causal and nq != nk:
+            raise AttnccError(f"{self.name}: remainder=True with a top-left causal mask over fewer queries than "
+                              f"keys ({TOP_LEFT_CAUSAL})")
+        check_poolable(self.name, mods, nk)
+        rb = self.remainder_block
+        pad = (nk - nq) % rb
+        visits, full = self.remainder_layout(nq, nk, mods.causal, q.device)
+        layout = layout_from_block_mask(visits, full, rb, rb, nq + pad, nk)
+        offset = nk - nq - pad  # absolute position of padded row 0
+
+        def keep(q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return self.keep(q_idx + offset, kv_idx, mods.causal)
+
+        keys, values, log_count = pooled_keys_values(k, v, rb, mods.mask)
+        remainder = Remainder(keys, values, log_count, self._entries(visits, mods, nq + pad, nk, pad))
+        if pad:
+            q = F.pad(q, (0, 0, pad, 0))
+            mods = replace(mods, mask=_front_rows(mods.mask, pad))
+        out = block_sparse_attention(q, k, v, layout, mods, keep=keep, remainder=remainder)
+        return out[..., pad:, :]
+
+    @torch.no_grad()
+    def measured_pairs(self, q: Tensor, k: Tensor, mods: ScoreMods) -> Tensor:
+        """(query, key) pairs scored per batch row and query head, float64 ``[B, Hq]``: for each real query, the
+        real keys of its band, sinks and globals it sees (causality applied), plus one pair per pooled block
+        (``remainder=True``). Real tokens: ``mods.mask`` where it is key padding; all tokens otherwise."""
+        nq, nk = q.shape[-2], k.shape[-2]
+        keys = real_keys(mods.mask, nk)
+        keys = torch.ones(1, nk, dtype=torch.bool, device=q.device) if keys is None else keys.to(q.device)
+        queries = keys[:, nk - nq:].double()  # [b, Nq]: queries are the last Nq tokens
+        cum = F.pad(keys.double().cumsum(-1), (1, 0))  # [b, Nk + 1]
+        pos = query_positions(nq, nk, q.device)
+        left, right = self.bounds(mods.causal)
+        lo = (pos - left).clamp(0, nk)
+        hi = (pos + right + 1).clamp(0, nk)
+        if mods.causal:  # top-left: key j <= query index i
+            hi = torch.minimum(hi, torch.arange(1, nq + 1, device=q.device))
+        lo = torch.minimum(lo, hi)
+        prefix = min(max(self.sinks, self.globals), nk)
+        seen = cum[:, hi] - cum[:, lo] + cum[:, torch.minimum(lo, torch.full_like(lo, prefix))]
+        if not mods.causal:  # prefix keys right of the band
+            after = torch.maximum(hi, torch.full_like(hi, prefix))
+            seen = seen + cum[:, after] - cum[:, hi]
+        if self.globals:  # a global query row sees every key (up to itself under causality)
+            last = torch.arange(1, nq + 1, device=q.device) if mods.causal else torch.full_like(pos, nk)
+            seen = torch.where(pos < self.globals, cum[:, last], seen)
+        pairs = (seen * queries).sum(-1)  # [b]
+        if self.remainder:
+            rb = self.remainder_block
+            pad = (nk - nq) % rb
+            visits, _ = self.remainder_layout(nq, nk, mods.causal, q.device)
+            entries = self._entries(visits, mods, nq + pad, nk, pad)[:, 0].double().sum(-1)  # [b, nQB]
+            pairs = pairs + (entries[:, (torch.arange(nq, device=q.device) + pad) // rb] * queries).sum(-1)
+        return pairs[:, None].expand(q.shape[0], q.shape[1]).clone()
 
 
 DECODE_QUERY_BLOCK = 64
@@ -267,6 +408,17 @@ def local_decode_attention(spec: LocalSpec, q: Tensor, k: Tensor, v: Tensor, mod
         outs.append(masked_reference(q[:, :, q0:q1], k.index_select(2, keys), v.index_select(2, keys),
                                      block_mods, keep))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _front_rows(mask: Optional[Tensor], rows: int) -> Optional[Tensor]:
+    """A key-padding (or None) mask for queries with ``rows`` more rows in front: a mask with a query dim of
+    size 1 broadcasts as it is; a per-query mask gets ``rows`` rows of True in front."""
+    if mask is None:
+        return None
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
+    if m.shape[-2] == 1:
+        return m
+    return torch.cat([torch.ones(*m.shape[:-2], rows, m.shape[-1], dtype=m.dtype, device=m.device), m], dim=-2)
 
 
 def _block_size(left: int, right: int, n: int) -> int:

@@ -5,14 +5,21 @@ sinks=1, local=1)``. Per (batch, query head), each query block picks the key blo
 estimate of the block-level attention:
 
 1. mean-pool q over each query block and k over each key block (the ragged last block averages its real
-   tokens); a GQA query head is scored against the pooled keys of the kv head it reads;
+   tokens); a GQA query head is scored against the pooled keys of the kv head it reads. Padding is left out:
+   where ``mods.mask`` is a key-padding mask (``[B, 1, 1, Nk]``), a key block averages only its real keys and
+   a query block only its real queries (self-attention: query ``i`` is the token at ``Nk - Nq + i``; Nq == Nk
+   is taken as self-attention); a query block of padding only averages all its rows (its rows are computed
+   like any other, as exact attention computes padded query rows, and their outputs follow the reference);
 2. score every (query block, key block) pair as ``pooled_q . pooled_k * scale`` (bias, softcap, dropout and
    learned sink logits do not enter the estimate; causality and the mask do: a key block that is entirely in
    the future, or entirely masked for the query block, is never picked);
 3. keep the ``local`` diagonal blocks (the query block's own key block and the ``local - 1`` before it) and
    the first ``sinks`` key blocks, then fill up by score: up to ``k`` blocks in all, or
    ``ceil(density * nKB)`` (at least 1), or the fewest blocks whose softmax mass over the pooled scores
-   reaches ``threshold`` (plus the forced ones). Forced blocks count toward ``k``/``density``.
+   reaches ``threshold``. Forced blocks count toward ``k``/``density``, and their mass counts toward
+   ``threshold`` (they are ranked first: the fill adds only the mass still missing). With a key-padding mask,
+   ``nKB`` counts the key blocks of each batch row that hold a real key (a block of padding only is neither
+   counted nor ever selected).
 
 Fewer queries than keys with ``decode=True`` (decode, chunked prefill; the plan sets it): the queries are the last Nq tokens (query ``i`` at
 position ``Nk - Nq + i``); query blocks are blocks of those absolute positions, so a decode step scores its one
@@ -23,6 +30,16 @@ The chosen blocks are computed exactly (every pair inside them, under the ScoreM
 included) by ``block_sparse_attention``; a query that sees no key returns zeros. With ``density=1`` every
 allowed block is kept and the result equals exact attention. The selection is not differentiated (it is a
 discrete choice); gradients flow through the attention over the chosen blocks.
+
+``remainder=True`` adds, to each query block's softmax, one pooled entry for every key block it skips
+(``attncc.variants.remainder``): score ``log(count) + softcap(q . mean(k) * scale)``, value ``mean(v)``, over
+the block's real keys. Under causality only key blocks entirely visible to every query of the query block are
+pooled; a partly visible one (the diagonal, when ``local=0`` leaves it out) is skipped without an entry. A bias
+cannot be pooled (it differs per key): such sites are declined, as are masks other than key padding. With
+``density=1`` nothing is skipped and the result is exact attention.
+
+``measured_pairs`` counts what a call actually scored: the visible pairs of the selected blocks between real
+queries and real keys, plus one pair per pooled entry and real query (the report's measured FLOPs).
 """
 
 from __future__ import annotations
@@ -46,6 +63,10 @@ from attncc.variants.exact import masked_reference
 from attncc.variants.local import TOP_LEFT_CAUSAL
 from attncc.variants.registry import register_variant
 from attncc.variants.blocks import BlockLayout, block_sparse_attention
+from attncc.variants.remainder import (
+    Remainder, block_counts, check_poolable, fully_visible, pool_blocks, pooled_keys_values, real_keys, real_queries,
+    remainder_reference,
+)
 
 
 def _pool(x: Tensor, block: int) -> Tensor:
@@ -102,12 +123,17 @@ class TopKSpec(VariantSpec):
     """Fewer queries than keys are the *last* tokens (bottom-right): query blocks are blocks of absolute positions
     (see the module docstring); the plan sets it on self-attention sites with fewer queries than keys (decode
     with a KV cache). Without it such calls are aligned top-left, as before."""
+    remainder: bool = False
+    """Every key block a query block skips enters its softmax as one pooled entry (``attncc.variants.remainder``:
+    score ``log(count) + q . mean(k) * scale``, value ``mean(v)``, padding excluded). Declines sites with a bias
+    or a mask other than key padding."""
 
     listed: ClassVar[int] = 40
 
     @classmethod
     def examples(cls) -> tuple[VariantSpec, ...]:
-        return cls(block=4, density=0.5), cls(block=2, k=2, sinks=0, local=1), cls(block=4, threshold=0.8)
+        return (cls(block=4, density=0.5), cls(block=2, k=2, sinks=0, local=1), cls(block=4, threshold=0.8),
+                cls(block=4, density=0.25, remainder=True))
 
     @classmethod
     def exact_limit(cls, n: int) -> VariantSpec:
@@ -129,6 +155,8 @@ class TopKSpec(VariantSpec):
         check_int(self, "local", self.local)
         if not isinstance(self.decode, bool):
             raise self.invalid("decode", f"must be True or False, got {self.decode!r}")
+        if not isinstance(self.remainder, bool):
+            raise self.invalid("remainder", f"must be True or False, got {self.remainder!r}")
 
     def aligns_last_queries(self) -> bool:
         return self.decode
@@ -157,7 +185,12 @@ class TopKSpec(VariantSpec):
             return False, f"topk needs at most as many queries as keys (Nq={site.q_len}, Nk={site.kv_len})"
         if site.causal and site.q_len != site.kv_len:
             return False, TOP_LEFT_CAUSAL
-        return True, f"dynamic top-k block sparsity ({self._budget_text()})"
+        if self.remainder and site.has_bias:
+            return False, "topk(remainder=True) cannot pool an additive bias into its remainder (it differs per key)"
+        if self.remainder and site.mask_residual == "dense":
+            return False, "topk(remainder=True) pools key-padding masks only, this site has a dense mask"
+        more = " + pooled remainder" if self.remainder else ""
+        return True, f"dynamic top-k block sparsity ({self._budget_text()}){more}"
 
     def _budget_text(self) -> str:
         if self.density is not None:
@@ -201,7 +234,9 @@ class TopKSpec(VariantSpec):
         return nq * nk
 
     def cost(self, site) -> dict[str, sympy.Expr]:
-        """Attention over the kept blocks, plus pooling q and k and scoring every block pair."""
+        """Attention over the kept blocks, plus pooling q and k and scoring every block pair (with
+        ``remainder``: plus pooling v and scoring each query against every pooled key block, an upper bound
+        on the pooled entries)."""
         out = attention_cost(site, self.pairs(site))
         s = site_sizes(site)
         b = self.block
@@ -210,6 +245,9 @@ class TopKSpec(VariantSpec):
         out["flops"] = out["flops"] + pooled + 2 * s["B"] * s["Hq"] * nqb * nkb * s["D"]
         itemsize = site.dtype.itemsize if getattr(site, "dtype", None) is not None else 4
         out["bytes"] = out["bytes"] + itemsize * pooled
+        if self.remainder:  # pooling v, and one pooled entry per (query, key block): about 1/block of dense
+            out["flops"] = out["flops"] + s["B"] * s["Hkv"] * s["Nk"] * s["Dv"] \
+                + 2 * s["B"] * s["Hq"] * s["Nq"] * nkb * (s["D"] + s["Dv"])
         return out
 
     # ----------------------------------------------------------------------------------------- selection
@@ -223,15 +261,20 @@ class TopKSpec(VariantSpec):
         (the first one holds ``(Nk - Nq) % block`` fewer rows), so a decode step's one query block is the block
         of its position; ``nQB`` counts those blocks (``decode_rows(...)`` gives the row padding).
         """
+        return _to_lists(self.select_blocks(q, k, mods))
+
+    @torch.no_grad()
+    def select_blocks(self, q: Tensor, k: Tensor, mods: ScoreMods) -> Tensor:
+        """The selection of :meth:`select` as a bool block mask ``[B, Hq, nQB, nKB]``."""
         b = self.block
         batch, hq, nq, d = q.shape
         hkv, nk = k.shape[-3], k.shape[-2]
         pad, first = self._decode_rows(nq, nk)
         nqb, nkb = cdiv(nq + pad, b), cdiv(nk, b)
-        pq = _pool(F.pad(q, (0, 0, pad, 0)) if pad else q, b)  # [B, Hq, nQB, D], [B, Hkv, nKB, D]
-        if pad:  # the first block averages its real rows only
-            pq[..., 0, :] *= min(b, nq + pad) / (min(b, nq + pad) - pad)
-        pk = _pool(k, b)
+        keys = real_keys(mods.mask, nk)  # [b, Nk] where the mask is key padding: pooling skips padding
+        queries = real_queries(keys, nq, nk, self_attention=nq == nk or self.decode)
+        pq = pool_blocks(q, b, queries, front=pad)  # [B, Hq, nQB, D], [B, Hkv, nKB, D]
+        pk = pool_blocks(k, b, keys).expand(batch, hkv, nkb, d)
         # Query head h reads kv head h // g: group the g query heads' rows under their kv head.
         pq = pq.reshape(batch, hkv, (hq // hkv) * nqb, d)
         scores = ((pq @ pk.transpose(-2, -1)) * mods.scale).reshape(batch, hq, nqb, nkb)
@@ -251,22 +294,37 @@ class TopKSpec(VariantSpec):
 
         scores = scores.masked_fill(~allowed, float("-inf"))
         if self.threshold is not None:
-            keep = self._by_mass(scores, allowed)
+            keep = self._by_mass(scores, allowed, forced)
         else:
-            kept = self.blocks_kept(nkb)
-            width = min(nkb, max(kept, self.local + self.sinks))
+            kept = self.budget(keys, nk)  # int64 [b, 1, 1, 1]: per batch row, over its key blocks with a real key
+            width = min(nkb, max(self.blocks_kept(nkb), self.local + self.sinks))
             top = scores.masked_fill(forced, float("inf")).topk(width, dim=-1)
             # Forced blocks (+inf) come first; past the budget only forced ones stay.
             take = top.values > float("-inf")
             take &= (torch.arange(width, device=q.device) < kept) | (top.values == float("inf"))
             keep = torch.zeros_like(allowed)
             keep.scatter_(-1, top.indices, take)
-        keep = (keep | forced) & allowed
-        return _to_lists(keep)
+        return (keep | forced) & allowed
 
-    def _by_mass(self, scores: Tensor, allowed: Tensor) -> Tensor:
+    def budget(self, keys: Optional[Tensor], nk: int) -> Tensor:
+        """Key blocks the k/density budget keeps per query block, int64 ``[b, 1, 1, 1]``: ``blocks_kept`` of the
+        number of key blocks holding a real key in each batch row (``keys`` bool ``[b, Nk]``; None: all of
+        them). A block of padding only is never counted (nor selected)."""
+        nkb = cdiv(nk, self.block)
+        device = keys.device if keys is not None else None
+        if keys is None:
+            return torch.full((1, 1, 1, 1), self.blocks_kept(nkb), dtype=torch.int64, device=device)
+        real_blocks = (block_counts(keys, nk, self.block, keys.device) > 0).sum(-1)  # [b]
+        table = torch.tensor([self.blocks_kept(n) for n in range(nkb + 1)], device=keys.device)
+        return table[real_blocks].view(-1, 1, 1, 1)
+
+    def _by_mass(self, scores: Tensor, allowed: Tensor, forced: Tensor) -> Tensor:
+        """The fewest blocks whose softmax mass (over the pooled scores) reaches the threshold, counting the
+        forced blocks first: they are kept whatever their scores, so their mass counts toward the threshold
+        and the fill by score adds only what is still missing."""
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with nothing allowed: no mass anywhere
-        p, order = probs.sort(dim=-1, descending=True)
+        order = scores.masked_fill(forced, float("inf")).argsort(dim=-1, descending=True)
+        p = probs.gather(-1, order)
         before = p.cumsum(dim=-1) - p
         keep = torch.zeros_like(allowed)
         keep.scatter_(-1, order, before < self.threshold)
@@ -275,36 +333,111 @@ class TopKSpec(VariantSpec):
     # ------------------------------------------------------------------------------------------- forward
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
-        """Select blocks, then run exact attention over them. q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``,
-        v ``[B, Hkv, Nk, Dv]`` -> ``[B, Hq, Nq, Dv]`` in q's dtype; no N x N tensor is built. Nq < Nk: the
-        queries are the last tokens (``select``); q gets ``pad`` leading zero rows so that its blocks are
-        blocks of absolute positions, and their output is dropped."""
-        blocks = self.select(q, k, mods)
+        """Select blocks, then run exact attention over them (plus, with ``remainder``, one pooled entry per
+        skipped key block). q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``, v ``[B, Hkv, Nk, Dv]`` ->
+        ``[B, Hq, Nq, Dv]`` in q's dtype; no N x N tensor is built. Nq < Nk: the queries are the last tokens
+        (``select``); q gets ``pad`` leading zero rows so that its blocks are blocks of absolute positions, and
+        their output is dropped."""
+        keep = self.select_blocks(q, k, mods)
+        blocks = _to_lists(keep)
         pad, _ = self._decode_rows(q.shape[-2], k.shape[-2])
+        remainder = self.pooled_remainder(q, k, v, mods, keep) if self.remainder else None
         if not pad:
             layout = BlockLayout(self.block, self.block, q.shape[-2], k.shape[-2], blocks)
-            return block_sparse_attention(q, k, v, layout, mods)
+            return block_sparse_attention(q, k, v, layout, mods, remainder=remainder)
         if mods.causal:  # top-left causality at the unpadded rows, as a mask (rare: dispatch runs exact here)
             rows, cols = torch.arange(q.shape[-2], device=q.device), torch.arange(k.shape[-2], device=q.device)
             causal = cols[None, :] <= rows[:, None]
             mods = replace(mods, causal=False, mask=causal if mods.mask is None else mods.mask & causal)
         padded = replace(mods, bias=_pad_rows(mods.bias, pad, 0.0), mask=_pad_rows(mods.mask, pad, True))
         layout = BlockLayout(self.block, self.block, q.shape[-2] + pad, k.shape[-2], blocks)
-        out = block_sparse_attention(F.pad(q, (0, 0, pad, 0)), k, v, layout, padded)
+        out = block_sparse_attention(F.pad(q, (0, 0, pad, 0)), k, v, layout, padded, remainder=remainder)
         return out[..., pad:, :]
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
-        """Float32 oracle: the same selection as a dense ``[B, Hq, Nq, Nk]`` mask over exact attention."""
-        blocks = self.select(q, k, mods)
-        pad, _ = self._decode_rows(q.shape[-2], k.shape[-2])
-        keep = block_keep_to_elements(blocks_to_keep(blocks, cdiv(k.shape[-2], self.block)),
-                                      self.block, self.block, q.shape[-2] + pad, k.shape[-2])
-        return masked_reference(q, k, v, mods, keep[..., pad:, :])
+        """Float32 oracle: the same selection as a dense ``[B, Hq, Nq, Nk]`` mask over exact attention (with
+        ``remainder``: plus the pooled entries, built densely by ``remainder_reference``)."""
+        keep_blocks = self.select_blocks(q, k, mods)
+        nq, nk = q.shape[-2], k.shape[-2]
+        pad, _ = self._decode_rows(nq, nk)
+        keep = block_keep_to_elements(keep_blocks, self.block, self.block, nq + pad, nk)[..., pad:, :]
+        if not self.remainder:
+            return masked_reference(q, k, v, mods, keep)
+        entries = self.remainder_entries(keep_blocks, mods, nq, nk)
+        return remainder_reference(q, k, v, mods, keep, self.block, entries, pad)
 
+    # ----------------------------------------------------------------------------------------- remainder
+
+    def remainder_entries(self, keep: Tensor, mods: ScoreMods, nq: int, nk: int) -> Tensor:
+        """Bool ``[B, Hq, nQB, nKB]``: the key blocks each query block pools (``remainder=True``): those it does
+        not visit (``keep``, from :meth:`select_blocks`) that hold a real key and are visible to every one of
+        its queries. Under causality a block partly in the future of the query block (its diagonal block,
+        where ``local=0`` leaves it out) is skipped without a pooled entry: part of it must stay hidden."""
+        b = self.block
+        nqb, nkb = keep.shape[-2:]
+        pad, _ = self._decode_rows(nq, nk)
+        counts = block_counts(real_keys(mods.mask, nk), nk, b, keep.device)  # [b, nKB]
+        visible = fully_visible(nqb, nkb, b, nq, nk, mods.causal, pad, keep.device)
+        return ~keep & visible & (counts > 0)[:, None, None, :]
+
+    def pooled_remainder(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, keep: Tensor) -> Remainder:
+        """The :class:`Remainder` of a selection ``keep`` (bool ``[B, Hq, nQB, nKB]``): pooled keys and values
+        of every key block over its real keys, and the entries of :meth:`remainder_entries`."""
+        check_poolable(self.name, mods, k.shape[-2])
+        keys, values, log_count = pooled_keys_values(k, v, self.block, mods.mask)
+        entries = self.remainder_entries(keep, mods, q.shape[-2], k.shape[-2])
+        return Remainder(keys, values, log_count, entries)
+
+    # ---------------------------------------------------------------------------------------- measured
+
+    @torch.no_grad()
+    def measured_pairs(self, q: Tensor, k: Tensor, mods: ScoreMods) -> Tensor:
+        """(query, key) pairs scored per batch row and query head, float64 ``[B, Hq]``: the visible pairs of
+        the selected blocks between real queries and real keys (padding excluded, causality applied), plus
+        one pair per pooled remainder entry of each real query."""
+        keep = self.select_blocks(q, k, mods)
+        nq, nk = q.shape[-2], k.shape[-2]
+        pad, _ = self._decode_rows(nq, nk)
+        entries = self.remainder_entries(keep, mods, nq, nk) if self.remainder else None
+        return selected_pairs(keep, self.block, pad, nq, nk, mods, entries)
 
     def _decode_rows(self, nq: int, nk: int) -> tuple[int, int]:
         """``decode_rows`` with ``decode=True``, ``(0, 0)`` (top-left) otherwise."""
         return decode_rows(nq, nk, self.block) if self.decode else (0, 0)
+
+
+def selected_pairs(keep: Tensor, block: int, pad: int, nq: int, nk: int, mods: ScoreMods,
+                   entries: Optional[Tensor] = None) -> Tensor:
+    """Pairs a block selection scores, float64 ``[B, Hq]``: for each query block (``keep`` bool
+    ``[B, Hq, nQB, nKB]``, query row ``i`` in block ``(i + pad) // block``), its real queries times the real
+    keys of its selected blocks that they see (top-left causality under ``mods.causal``), plus one pair per
+    pooled ``entries`` block (same shape as ``keep``) and real query. Real tokens: ``mods.mask`` where it is
+    key padding (the queries of Nq <= Nk self-attention are the last Nq tokens); all tokens otherwise."""
+    device = keep.device
+    keys = real_keys(mods.mask, nk)
+    keys = torch.ones(1, nk, dtype=torch.bool, device=device) if keys is None else keys.to(device)
+    queries = keys[:, nk - nq:] if nq <= nk else torch.ones(1, nq, dtype=torch.bool, device=device)
+    nkb = keep.shape[-1]
+    cum = F.pad(keys.double().cumsum(-1), (1, 0))  # [b, Nk + 1]: real keys before each position
+    starts = torch.arange(nkb, device=device) * block
+    ends = torch.clamp(starts + block, max=nk)
+    if mods.causal:  # real keys j <= i of each block, per query row i
+        upto = torch.maximum(torch.minimum(torch.arange(nq, device=device)[:, None] + 1, ends), starts)
+        seen = cum[:, upto] - cum[:, starts][:, None, :]  # [b, Nq, nKB]
+    else:
+        seen = (cum[:, ends] - cum[:, starts])[:, None, :].expand(-1, nq, -1)
+    row_block = (torch.arange(nq, device=device) + pad) // block
+    weight = queries.double()[:, :, None]
+    per_block = torch.zeros(seen.shape[0], keep.shape[-2], nkb, dtype=torch.float64, device=device)
+    per_block.index_add_(1, row_block, seen * weight)  # [b, nQB, nKB]: sum over the real rows of each block
+    batch = keep.shape[0]
+    pairs = torch.einsum("bhqk,bqk->bh", keep.double(), per_block.expand(batch, -1, -1))
+    if entries is not None:
+        rows = torch.zeros(queries.shape[0], keep.shape[-2], dtype=torch.float64, device=device)
+        rows.index_add_(1, row_block, queries.double())
+        pairs = pairs + torch.einsum("bhqk,bq->bh", entries.double().expand(batch, *entries.shape[1:]),
+                                     rows.expand(batch, -1))
+    return pairs
 
 
 def decode_rows(nq: int, nk: int, block: int) -> tuple[int, int]:

@@ -267,3 +267,31 @@ def test_real_size_attention_matches_torch_path(causal):
     mods = ScoreMods(scale=128 ** -0.5, causal=causal)
     out = topk_attention(spec, q, k, v, mods)
     assert rel_rms(out, spec.forward(q.float(), k.float(), v.float(), mods)) < 2e-2
+
+
+@pytest.mark.parametrize("spec", [
+    pytest.param(TopKSpec(block=16, density=0.5), id="density"),
+    pytest.param(TopKSpec(block=16, threshold=0.7), id="threshold"),
+])
+def test_layout_leaves_padding_out_of_pooling_and_budget(device, spec):
+    # Batch row 1 has 37 real tokens (key blocks 0..2 of 7): its budget is ceil(0.5 * 3) = 2, not 4, and the
+    # block means skip the padded rows, as TopKSpec.select does.
+    q, k, _ = random_qkv(2, 2, 1, 100, 16, seed=13)
+    q[1, :, 37:], k[1, :, 37:] = 30.0, -30.0  # padding that would dominate the block means if pooled
+    mask = (torch.arange(100)[None, :] < torch.tensor([100, 37])[:, None]).view(2, 1, 1, 100)
+    layout = check_layout(spec, q.to(device), k.to(device), ScoreMods(scale=0.25, mask=mask.to(device)))
+    kept = (layout.kv_blocks.cpu() >= 0).sum(-1)
+    if spec.density is not None:
+        assert bool((kept[0] == 4).all()) and bool((kept[1] == 2).all())
+
+
+def test_threshold_counts_forced_mass_in_the_kernel(device):
+    # Query block 2 scores the 4 key blocks 1, 1.1, 1, -10; sinks=1 and local=1 force blocks 0 and 2 (mass 0.63).
+    k = torch.zeros(1, 1, 64, 16)
+    k[..., 0] = torch.tensor([1.0, 1.1, 1.0, -10.0]).repeat_interleave(16)
+    q = torch.zeros(1, 1, 64, 16)
+    q[..., 0] = 1.0
+    for threshold, want in ((0.6, {0, 2}), (0.7, {0, 1, 2})):
+        spec = TopKSpec(block=16, threshold=threshold)
+        layout = check_layout(spec, q.to(device), k.to(device), ScoreMods(scale=1.0))
+        assert row_sets(layout.kv_blocks[0, 0])[2] == want

@@ -35,16 +35,28 @@ def block_sets(blocks):
 
 
 def naive_selection(spec: TopKSpec, q, k, mods: ScoreMods):
-    """The definition, one (batch, head, query block) at a time: {(b, h, qb): set of key blocks}."""
+    """The definition, one (batch, head, query block) at a time: {(b, h, qb): set of key blocks}.
+
+    Padding (a key-padding mask ``[B, 1, 1, N]``) is left out of the block means of keys and of queries (a
+    query block of padding only averages all its rows), and the k/density budget counts only key blocks
+    holding a real key; the threshold counts the forced blocks' mass first."""
     bs, n = spec.block, q.shape[-2]
     nb = -(-n // bs)
     g = q.shape[1] // k.shape[1]
+    padding = mods.mask is not None and mods.mask.dim() == 4 and mods.mask.shape[1:3] == (1, 1)
     out = {}
     for b in range(q.shape[0]):
+        real = mods.mask[b % mods.mask.shape[0], 0, 0] if padding else torch.ones(n, dtype=torch.bool)
+
+        def mean(x, j):
+            rows, ok = x[j * bs:(j + 1) * bs].float(), real[j * bs:(j + 1) * bs]
+            return rows[ok].mean(0) if ok.any() else rows.mean(0)
+
+        real_blocks = sum(bool(real[j * bs:(j + 1) * bs].any()) for j in range(nb))
         for h in range(q.shape[1]):
-            pk = [k[b, h // g, j * bs:(j + 1) * bs].float().mean(0) for j in range(nb)]
+            pk = [mean(k[b, h // g], j) for j in range(nb)]
             for i in range(nb):
-                pq = q[b, h, i * bs:(i + 1) * bs].float().mean(0)
+                pq = mean(q[b, h], i)
                 allowed = []
                 for j in range(nb):
                     if mods.causal and j * bs > min(n, (i + 1) * bs) - 1:
@@ -59,13 +71,13 @@ def naive_selection(spec: TopKSpec, q, k, mods: ScoreMods):
                 score = {j: float(pq @ pk[j]) * mods.scale for j in allowed}
                 ranked = sorted((j for j in allowed if j not in forced), key=lambda j: -score[j])
                 if spec.threshold is None:
-                    kept = spec.k if spec.k is not None else max(1, math.ceil(round(spec.density * nb, 9)))
-                    chosen = set(ranked[: max(0, min(kept, nb) - len(forced))])
+                    kept = spec.k if spec.k is not None else max(1, math.ceil(round(spec.density * real_blocks, 9)))
+                    chosen = set(ranked[: max(0, min(kept, real_blocks) - len(forced))])
                 else:
                     top = max(score.values()) if score else 0.0
                     z = sum(math.exp(s - top) for s in score.values())
-                    chosen, mass = set(), 0.0
-                    for j in sorted(allowed, key=lambda j: -score[j]):
+                    chosen, mass = set(), sum(math.exp(score[j] - top) / z for j in forced)
+                    for j in ranked:
                         if mass >= spec.threshold - 1e-6:
                             break
                         chosen.add(j)
@@ -313,3 +325,79 @@ def test_cost_at_dynamic_site():
         assert flops.free_symbols == {n}
         dense = 2 * 2 * 8 * 2 ** 32 * 128
         assert float(flops.subs(n, 2 ** 16)) < dense / 4
+
+
+# ------------------------------------------------------------------------------------ padding excluded
+
+
+def padded_batch(n=128, lengths=(128, 40), hq=4, hkv=2, d=16, seed=0):
+    q, k, v = random_qkv(len(lengths), hq, hkv, n, d, seed=seed)
+    mask = (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).view(len(lengths), 1, 1, n)
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_padding_blocks_are_never_selected_and_not_counted(causal):
+    q, k, v, mask = padded_batch()  # 8 key blocks of 16; batch row 1 has 40 real tokens: blocks 0..2
+    spec = TopKSpec(block=16, density=0.5)
+    mods = ScoreMods(scale=0.25, causal=causal, mask=mask)
+    keep = spec.select_blocks(q, k, mods)
+    assert not keep[1, ..., 3:].any()  # blocks of padding only: never selected
+    per_row = keep.sum(-1)  # [B, Hq, nQB]
+    if not causal:
+        # budget: ceil(0.5 * 8) = 4 blocks on the unpadded row, ceil(0.5 * 3) = 2 (not 4) on the padded one
+        assert bool((per_row[0] == 4).all()) and bool((per_row[1] == 2).all())
+    else:  # query block i sees i + 1 blocks (at most 3 real ones on the padded row)
+        visible = torch.arange(1, 9)
+        assert torch.equal(per_row[0], torch.minimum(visible, torch.tensor(4)).expand(4, 8))
+        assert torch.equal(per_row[1], torch.minimum(visible, torch.tensor(2)).expand(4, 8))
+    assert torch.equal(spec.budget(mask[:, 0, 0], 128).flatten(), torch.tensor([4, 2]))
+
+
+def test_padding_content_changes_nothing_for_real_rows():
+    # Before: padded keys and queries entered the block means, so what padding held changed the selection.
+    q, k, v, mask = padded_batch(lengths=(128, 37))
+    spec = TopKSpec(block=16, density=0.25)
+    mods = ScoreMods(scale=0.25, mask=mask)
+    gen = torch.Generator().manual_seed(5)
+    q2, k2, v2 = (t.clone() for t in (q, k, v))
+    for t in (q2, k2, v2):
+        t[1, :, 37:] = 50 * torch.randn(t[1, :, 37:].shape, generator=gen)
+    keep, keep2 = spec.select_blocks(q, k, mods), spec.select_blocks(q2, k2, mods)
+    assert torch.equal(keep[:, :, :3], keep2[:, :, :3])  # every query block holding a real query
+    out, out2 = spec.forward(q, k, v, mods), spec.forward(q2, k2, v2, mods)
+    torch.testing.assert_close(out[1, :, :37], out2[1, :, :37], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, spec.reference(q, k, v, mods), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_rows_follow_the_reference():
+    q, k, v, mask = padded_batch(n=100, lengths=(100, 37))
+    for spec in (TopKSpec(block=16, density=0.25), TopKSpec(block=16, threshold=0.7), TopKSpec(block=16, k=2)):
+        for causal in (False, True):
+            mods = ScoreMods(scale=0.25, causal=causal, mask=mask)
+            out = spec.forward(q, k, v, mods)
+            torch.testing.assert_close(out, spec.reference(q, k, v, mods), rtol=1e-5, atol=1e-5)
+            # a padded query row gets what exact gives it approximately: attention over the real keys, finite
+            assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------- threshold counts forced mass
+
+
+def forced_mass_case(threshold):
+    """4 key blocks of 4 constant keys; query block 2 scores them 1, 1.1, 1, -10 (sinks=1 forces block 0,
+    local=1 forces block 2): forced mass 2e / (2e + e^1.1) = 0.63 of the pooled softmax."""
+    d, bs = 4, 4
+    level = torch.tensor([1.0, 1.1, 1.0, -10.0]).repeat_interleave(bs)
+    k = torch.zeros(1, 1, 16, d)
+    k[..., 0] = level
+    q = torch.zeros(1, 1, 16, d)
+    q[..., 0] = 1.0
+    spec = TopKSpec(block=bs, threshold=threshold, sinks=1, local=1)
+    return block_sets(spec.select(q, k, ScoreMods(scale=1.0))[0, 0])[2]
+
+
+def test_threshold_counts_forced_blocks():
+    assert forced_mass_case(0.6) == {0, 2}  # the forced blocks already hold 0.63 >= 0.6: nothing added
+    assert forced_mass_case(0.7) == {0, 1, 2}  # 0.63 < 0.7: the best other block fills up
+    assert forced_mass_case(1.0) == {0, 1, 2, 3}
