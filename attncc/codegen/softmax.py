@@ -51,7 +51,13 @@ M_INIT = -1.0e30
 """Initial running max (log2 units): finite, so a block whose scores are all hidden (-inf) gives
 ``exp2(-inf - M_INIT) = 0`` instead of ``exp2(-inf + inf) = nan``."""
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+
+FLOAT32_DOT_PRECISION = "tf32x3"
+"""``input_precision`` of the dots of float32 inputs on a GPU. ``"ieee"`` runs on FMA units (no wgmma) and
+spills; ``"tf32"`` alone errs ~4e-4 (relative rms of the attention output), beyond the exact policy's 1e-5;
+``"tf32x3"`` (three TF32 products, fp32 accumulation) stays at the ieee error (emulated on the CPU:
+``tests/codegen/test_sm90_readiness.py::test_tf32x3_keeps_float32_accuracy``)."""
 
 
 # ----------------------------------------------------------------------------------------------- the plan
@@ -107,7 +113,12 @@ class SoftmaxPlan:
     dot_f32: bool = False
     """Cast dot operands to float32 (the interpreter's bf16 ``tl.dot`` is wrong)."""
     dot_precision: Optional[str] = None
-    """``input_precision`` of float32 dots on a GPU (``"ieee"``: no TF32 rounding)."""
+    """``input_precision`` of float32 dots on a GPU (``"tf32x3"``: float32 accuracy on tensor cores)."""
+    scale_in_exp: bool = False
+    """The scores stay raw (``q . k``) through masking and the row max, and the scale is applied once, in the
+    FMA ``s * qk_scale - m`` inside exp2 (FlashAttention's form). Only without softcap and bias (they need
+    scaled scores) and with a positive scale (``max(s) * scale`` is the max of the scaled scores only then,
+    and ``-inf * scale`` stays ``-inf``)."""
 
     def descriptor(self) -> dict:
         """The JSON-able cache descriptor (determines the generated source completely)."""
@@ -315,6 +326,8 @@ def _emit_scores(w: SourceWriter, plan: SoftmaxPlan, k_in: Optional[str] = None)
     w.line(f"qk = tl.dot(q, kt{_dot_args(plan)})")
     if plan.softcap:
         emit_softcap(w, "qk", "s")
+    elif plan.scale_in_exp:
+        w.line("s = qk  # raw scores: the scale is applied once, inside exp2 (see SoftmaxPlan.scale_in_exp)")
     else:
         w.line("s = qk * qk_scale")
     if plan.bias is not None:
@@ -346,9 +359,18 @@ def emit_online_softmax_update(w: SourceWriter, plan: SoftmaxPlan, k_in: Optiona
     load = _masked_load("V_base + k_row[:, None] * stride_vn + offs_dv[None, :]",
                         all_of(k_in and f"{k_in}[:, None]", dmask))
     p_dtype = "tl.float32" if plan.dot_f32 else plan.dtype
+    if plan.scale_in_exp:
+        # raw scores: max(s) * scale is the max of the scaled scores (scale > 0), and s * scale - m is one FMA
+        w.lines("""
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
+        """)
+    else:
+        w.lines("""
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+        """)
     w.lines(f"""
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -450,22 +472,38 @@ def _emit_layout_loop(w: SourceWriter, plan: SoftmaxPlan) -> None:
     """)
     # With a token map, causality is on tokens and cannot be decided per block: it applies in every block.
     full_terms = _causal_term(plan) if plan.token_map is not None else []
-    with w.block("for i in range(0, n_full):"):
-        w.line("start_n = tl.multiple_of(tl.load(lay_row + 3 + n_partial + n_edge + i) * BLOCK_N, BLOCK_N)")
-        emit_key_block(w, plan, False, full_terms)
+    _emit_layout_group(w, plan, "lay_row + 3 + n_partial + n_edge", "n_full", False, full_terms)
     terms = _causal_term(plan)
     if plan.token_map is None:
         terms = ["k_pos < NK"] + (["k_pos <= q_pos"] if plan.causal else [])
-    with w.block("for i in range(0, n_edge):"):
-        w.line("start_n = tl.multiple_of(tl.load(lay_row + 3 + n_partial + i) * BLOCK_N, BLOCK_N)")
-        emit_key_block(w, plan, True, terms)
+    _emit_layout_group(w, plan, "lay_row + 3 + n_partial", "n_edge", True, terms)
     if plan.predicate is None and plan.token_map is None:
         return  # partial entries mean nothing without a predicate or tile padding: the launcher sends none
-    with w.block("for i in range(0, n_partial):"):
-        w.line("start_n = tl.multiple_of(tl.load(lay_row + 3 + i) * BLOCK_N, BLOCK_N)")
-        if plan.predicate is not None:
-            w.line("slot = tl.load(lay_row + 3 + LAY_K + i)")
-        emit_key_block(w, plan, True, terms, predicate=plan.predicate is not None)
+    _emit_layout_group(w, plan, "lay_row + 3", "n_partial", True, terms, predicate=plan.predicate is not None)
+
+
+def _emit_layout_group(w: SourceWriter, plan: SoftmaxPlan, first: str, count: str, masked: bool,
+                       terms: list[str], predicate: bool = False) -> None:
+    """The loop over ``count`` layout entries starting at pointer ``first``.
+
+    The next entry's block index (and slot) is loaded one iteration ahead (as FlexAttention does): loaded in
+    the iteration that uses it, the 4-byte index joins the software pipeline's copy queue and each iteration
+    waits for every outstanding copy (``cp.async.wait_group 0`` on sm_90), so K/V loads stop overlapping the
+    math. Reading one entry past the group is in bounds: a row holds ``3 + 2 * LAY_K`` int32 and the groups
+    fill at most its ``LAY_K`` block entries, so the index read past a group's last entry is still in the row
+    (its value is never used); the slot read ahead is masked (slots end the row).
+    """
+    w.line(f"next_block = tl.load({first})")
+    if predicate:
+        w.line(f"next_slot = tl.load({first} + LAY_K)")
+    with w.block(f"for i in range(0, {count}):"):
+        w.line("start_n = tl.multiple_of(next_block * BLOCK_N, BLOCK_N)")
+        w.line(f"next_block = tl.load({first} + i + 1)")
+        if predicate:
+            w.line("slot = next_slot")
+            # masked: past the last partial entry's slot the row may end
+            w.line(f"next_slot = tl.load({first} + LAY_K + i + 1, mask=i + 1 < {count}, other=0)")
+        emit_key_block(w, plan, masked, terms, predicate=predicate)
 
 
 def _emit_epilogue(w: SourceWriter, plan: SoftmaxPlan) -> None:
@@ -739,7 +777,7 @@ _RESERVED = {
     "l_safe", "q_pos", "k_pos", "q_tok", "k_tok", "q_ok", "k_ok", "q_row", "k_row", "k_idx", "k_in",
     "q_store", "start_m", "start_n", "pid_m", "pid_bh", "off_b", "off_h", "off_hkv", "offs_m", "offs_n",
     "offs_d", "offs_dv", "Q_base", "K_base", "V_base", "O_base", "bias_base", "mask_base", "bias_hoisted",
-    "mask_hoisted", "slot", "i", "lay_row", "n_partial", "n_edge", "n_full", "hi", "lo", "hi_all",
+    "mask_hoisted", "slot", "i", "lay_row", "next_block", "next_slot", "n_partial", "n_edge", "n_full", "hi", "lo", "hi_all",
     "end_m", "full_end", "full_lo", "full_hi", "pre_full", "pre_end",
 }
 
@@ -755,13 +793,25 @@ def _json_text(d: dict) -> str:
 
 def _make_plan(q: Tensor, d: int, dv: int, group: int, mods: ScoreMods, bias_pattern, mask_pattern, visit,
                dtype: str) -> SoftmaxPlan:
-    interp = interpreting() or q.device.type != "cuda"
+    return make_plan(q.dtype, d, dv, group, mods, bias_pattern, mask_pattern, visit,
+                     gpu=not interpreting() and q.device.type == "cuda")
+
+
+def make_plan(q_dtype: torch.dtype, d: int, dv: int, group: int, mods: ScoreMods, bias_pattern=None,
+              mask_pattern=None, visit=DenseVisit(), *, gpu: bool) -> SoftmaxPlan:
+    """The plan of a call with inputs of ``q_dtype``, head dims ``d``/``dv``, ``group`` query heads per kv
+    head, ``mods`` and ``visit``, for a GPU (``gpu``) or the interpreter. ``bias_pattern``/``mask_pattern``:
+    see :class:`SoftmaxPlan` (None without a bias / mask). Needs no tensors (the readiness check plans
+    kernels it only compiles)."""
+    interp = not gpu
     common = dict(
-        dtype=dtype, d=d, block_d=next_power_of_2(d), dv=dv, block_dv=next_power_of_2(dv), group=group,
+        dtype=torch_to_triton_dtype(q_dtype), d=d, block_d=next_power_of_2(d), dv=dv,
+        block_dv=next_power_of_2(dv), group=group,
         causal=bool(mods.causal), softcap=mods.softcap > 0, bias=bias_pattern, mask=mask_pattern,
         sinks=mods.sinks is not None,
-        dot_f32=interp and q.dtype == torch.bfloat16,
-        dot_precision="ieee" if (q.dtype == torch.float32 and not interp) else None,
+        dot_f32=interp and q_dtype == torch.bfloat16,
+        dot_precision=FLOAT32_DOT_PRECISION if (q_dtype == torch.float32 and not interp) else None,
+        scale_in_exp=mods.softcap <= 0 and bias_pattern is None and mods.scale > 0,
     )
     if isinstance(visit, DenseVisit):
         return SoftmaxPlan(visit="dense", **common)
@@ -885,15 +935,16 @@ def shared_limit(device: torch.device) -> int:
 
 
 def candidate_configs(plan: SoftmaxPlan, n_q: int, n_k: int, visit=DenseVisit(),
-                      smem_limit: int = SHARED_BYTES_DEFAULT) -> list[Config]:
+                      smem_limit: int = SHARED_BYTES_DEFAULT, gpu: Optional[bool] = None) -> list[Config]:
     """The pruned configs :func:`choose` times: tiles no larger than the problem (and the band), fewer and
     smaller tiles for large head dims, none needing more than ``smem_limit`` bytes of shared memory; in the
-    interpreter one small tile (timings mean nothing there, and small tiles keep it fast)."""
+    interpreter one small tile (timings mean nothing there, and small tiles keep it fast). ``gpu`` forces the
+    GPU list (True) or the interpreter's (False); None: whichever this process runs."""
     cap_m, cap_n = next_power_of_2(n_q), next_power_of_2(n_k)
     if isinstance(visit, BandVisit):
         cap_n = min(cap_n, max(32, next_power_of_2(visit.left + visit.right + 1)))
     fixed = visit.block_sizes if isinstance(visit, LayoutVisit) else None
-    if interpreting():
+    if not (gpu if gpu is not None else not interpreting()):
         bm, bn = fixed or (min(32, cap_m), min(32, cap_n))
         return [Config.of(4, 2, BLOCK_M=bm, BLOCK_N=bn)]
     if fixed is not None:
@@ -921,5 +972,5 @@ def candidate_configs(plan: SoftmaxPlan, n_q: int, n_k: int, visit=DenseVisit(),
 __all__ = [
     "BandVisit", "DenseVisit", "LayoutVisit", "Predicate", "SoftmaxPlan", "TokenMap", "candidate_configs",
     "emit_key_block", "emit_online_softmax_update", "emit_softcap", "exact_kernel", "generate_source",
-    "kernel_params", "local_kernel", "shared_bytes", "softmax_attention",
+    "kernel_params", "local_kernel", "make_plan", "shared_bytes", "softmax_attention",
 ]
