@@ -17,7 +17,7 @@ IEEE float32 dot runs on FMA units instead); a ``cp.async.wait_group 0`` inside 
 pipeline stages (every iteration waits for all outstanding copies: loads stop overlapping compute).
 
 ``python -m attncc.codegen.readiness`` prints the figures as a markdown table (``--json``: as JSON;
-``--quick``: the subset the test suite compiles). Compiling needs Triton without ``TRITON_INTERPRET`` (the
+``--scope suite|quick|full``: which kernels, see :func:`cases`). Compiling needs Triton without ``TRITON_INTERPRET`` (the
 interpreter patches ``triton.language``): the test runs this module in a subprocess.
 """
 
@@ -158,11 +158,42 @@ def _linear_cases(d: int) -> list[KernelCase]:
     ]
 
 
-def cases(quick: bool = False) -> list[KernelCase]:
-    """The representative set: the softmax family on each visit kind (dense, causal, band with sinks,
-    block-sparse, top-k, neighborhood, learned sinks), head dims 64/80/128, bf16 and fp32, the top-k block
-    scores and (figures only) the linear scan and state. ``quick``: the subset the test suite compiles
-    (bf16 at d=128, every visit kind, every config)."""
+SCOPES = ("suite", "quick", "full")
+
+
+def cases(scope: str = "full") -> list[KernelCase]:
+    """The representative set (``"full"``): the softmax family on each visit kind (dense, causal, band with
+    sinks, block-sparse, top-k, neighborhood, learned sinks), head dims 64/80/128, bf16 and fp32, the top-k
+    block scores and (figures only) the linear scan and state. ``"quick"``: bf16 at d=128, every visit kind,
+    every config. ``"suite"`` (what the test suite compiles, ~8 kernels): one kernel per failure kind the
+    check found on the code before issue 11's fixes: dense bf16 d=128 at every config (spills of 128x64 with
+    4 warps), top-k's configs with 3 stages (wait_group 0 in layout loops), fp32 and top-k block scores at
+    their first config (no wgmma; spilling tiles)."""
+    if scope not in SCOPES:
+        raise ValueError(f"readiness: scope must be one of {SCOPES}, got {scope!r}")
+    if scope == "suite":
+        return _suite_cases()
+    return _cases(quick=scope == "quick")
+
+
+def _suite_cases() -> list[KernelCase]:
+    import dataclasses
+
+    from attncc.codegen.visits import DenseVisit
+
+    bf16 = torch.bfloat16
+    topk = _softmax_case("topk(64) bf16 d128", bf16, 128, _layout_visit(64, {"variant": "topk"}))
+    fp32 = _softmax_case("dense fp32 d64", torch.float32, 64, DenseVisit())
+    scores = _topk_scores_case(128)
+    return [
+        _softmax_case("dense bf16 d128", bf16, 128, DenseVisit()),
+        dataclasses.replace(topk, configs=tuple(c for c in topk.configs if c.num_stages >= 3)),
+        dataclasses.replace(fp32, configs=fp32.configs[:1]),
+        dataclasses.replace(scores, configs=scores.configs[:1]),
+    ]
+
+
+def _cases(quick: bool) -> list[KernelCase]:
     from attncc.codegen.visits import BandVisit, DenseVisit
 
     bf16, fp32 = torch.bfloat16, torch.float32
@@ -326,6 +357,14 @@ def measure(selected: list[KernelCase], progress: Optional[Callable[[str], None]
     return out
 
 
+KNOWN_SPILLS = {
+    "dense fp32 d128": "float32 inputs at head dims 65-128 spill 64-80 bytes per thread with tf32x3 in every tile "
+                       "tried (64x16, 64x32, 128x16, 128x32, 64x64; 4 and 8 warps); ieee spilled 0.7-9.8 KB and "
+                       "used no tensor cores, tf32 alone breaks the exact policy's 1e-5",
+}
+"""Spills the check reports but does not fail on, with the reason (the figures stay in the table)."""
+
+
 def problems(figures: list[Figures]) -> list[str]:
     """Readiness failures among ``figures`` (asserted cases only), one line each."""
     out = []
@@ -333,7 +372,7 @@ def problems(figures: list[Figures]) -> list[str]:
         if not f.asserted:
             continue
         where = f"{f.case} [{f.config}]"
-        if f.spill:
+        if f.spill and f.case not in KNOWN_SPILLS:
             out.append(f"{where}: spills ({f.spill} bytes of local memory per thread, {f.regs} registers)")
         mma_loops = sum(1 for loop in f.loops if loop["wgmma"])
         if mma_loops < f.dot_loops:
@@ -355,6 +394,7 @@ def markdown(figures: list[Figures]) -> str:
     for f in figures:
         waits = "; ".join(",".join(str(w) for w in loop["waits"]) or "-" for loop in f.loops) or "-"
         mark = "" if f.asserted else " (not asserted)"
+        mark += " (known spill)" if f.spill and f.case in KNOWN_SPILLS else ""
         mma = sum(1 for loop in f.loops if loop["wgmma"])
         rows.append(f"| {f.case}{mark} | {f.config} | {f.regs} | {f.spill} | {f.shared / 1024:.0f} | "
                     f"{mma} / {f.dot_loops} | {waits} |")
@@ -363,7 +403,9 @@ def markdown(figures: list[Figures]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m attncc.codegen.readiness", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="only the subset the test suite compiles")
+    parser.add_argument("--scope", choices=SCOPES, default="full",
+                        help="full: every representative kernel; quick: bf16 d=128, every visit kind; suite: the "
+                             "few kernels the test suite compiles")
     parser.add_argument("--json", action="store_true", help="print the figures and problems as JSON")
     parser.add_argument("--only", default="", help="only the kernels whose name contains this text")
     args = parser.parse_args(argv)
@@ -371,7 +413,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("readiness: unset TRITON_INTERPRET (the interpreter patches triton.language)", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    figures = measure([c for c in cases(quick=args.quick) if args.only in c.name], progress=lambda what: print(what, file=sys.stderr, flush=True))
+    figures = measure([c for c in cases(args.scope) if args.only in c.name], progress=lambda what: print(what, file=sys.stderr, flush=True))
     found = problems(figures)
     if args.json:
         print(json.dumps({"figures": [asdict(f) for f in figures], "problems": found,

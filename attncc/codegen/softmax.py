@@ -923,7 +923,9 @@ def shared_bytes(plan: SoftmaxPlan, block_m: int, block_n: int, num_stages: int)
     for pattern, pair_bytes in ((plan.bias, 4), (plan.mask, 1)):
         if pattern is not None and pattern[1]:
             per_stage += (block_m if pattern[0] else 1) * block_n * pair_bytes
-    return sets * num_stages * per_stage + block_m * plan.block_d * item
+    # tf32x3 keeps the q tile twice (its high and low TF32 parts)
+    q_tiles = 2 if plan.dot_precision == "tf32x3" else 1
+    return sets * num_stages * per_stage + q_tiles * block_m * plan.block_d * item
 
 
 def shared_limit(device: torch.device) -> int:
@@ -932,6 +934,28 @@ def shared_limit(device: torch.device) -> int:
         props = torch.cuda.get_device_properties(device)
         return int(getattr(props, "shared_memory_per_block_optin", 0) or SHARED_BYTES_DEFAULT)
     return SHARED_BYTES_DEFAULT
+
+
+def _tile_table(plan: SoftmaxPlan, visit) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, warps, stages) candidates by head dim and dtype, likeliest winners first, none that
+    spills on sm_90 (``python -m attncc.codegen.readiness`` compiles them all and shows the figures)."""
+    head = max(plan.block_d, plan.block_dv)
+    if plan.dtype == "tl.float32":  # tf32x3: three products and two q tiles per dot, so smaller tiles
+        if head <= 64:
+            return [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 4)]
+        if head <= 128:  # every tile tried spills 64-80 bytes here (see readiness.KNOWN_SPILLS)
+            return [(64, 16, 4, 3), (64, 32, 4, 3), (128, 16, 8, 3)]
+        return [(64, 16, 4, 2), (64, 16, 4, 1)]
+    if head <= 64:
+        return [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)]
+    if head <= 128:
+        # 128x64 with 4 warps spills at head dims above 64: not offered. 128x128 with 8 warps pipelines
+        # 3 stages (224 KB of shared memory at 128) where the visit's code leaves the registers for it.
+        table = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
+        if isinstance(visit, DenseVisit):
+            table.insert(2, (128, 128, 8, 3))
+        return table
+    return [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2)]
 
 
 def candidate_configs(plan: SoftmaxPlan, n_q: int, n_k: int, visit=DenseVisit(),
@@ -950,14 +974,7 @@ def candidate_configs(plan: SoftmaxPlan, n_q: int, n_k: int, visit=DenseVisit(),
     if fixed is not None:
         table = [(*fixed, w, s) for w, s in ((4, 3), (8, 3), (4, 2), (8, 2))]
     else:
-        head = max(plan.block_d, plan.block_dv)
-        if head <= 64:
-            table = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)]
-        elif head <= 128:
-            table = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4)]
-        else:
-            table = [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2)]
-        table = [(min(bm, cap_m), min(bn, cap_n), w, s) for bm, bn, w, s in table]
+        table = [(min(bm, cap_m), min(bn, cap_n), w, s) for bm, bn, w, s in _tile_table(plan, visit)]
     configs: list[Config] = []
     for bm, bn, warps, stages in table:
         cfg = Config.of(warps, stages, BLOCK_M=bm, BLOCK_N=bn)

@@ -242,6 +242,10 @@ def _scores_source(desc: dict) -> str:
     return w.text()
 
 
+SCORE_PRODUCTS_PER_4_WARPS = 65536
+"""Most ``BQ * BK * D_pad`` of a spill-free ``topk_scores`` tile at 4 warps on sm_90."""
+
+
 def scores_descriptor(block: int, d: int, causal: bool, mask: bool) -> dict:
     """The cache descriptor of the ``topk_scores`` kernel (determines its source)."""
     return {"family": "topk_scores", "block": block, "d": d, "d_pad": next_power_of_2(d), "causal": bool(causal),
@@ -257,6 +261,11 @@ def score_configs(desc: dict, nqb: int, nkb: int, gpu: bool) -> list[Config]:
     bq_opts = [t for t in tiles if t <= max(16, next_power_of_2(nqb))]
     bk_opts = [t for t in tiles if t <= max(16, next_power_of_2(nkb))]
     configs = [Config.of(4, 1, BQ=bq, BK=bk) for bq in bq_opts for bk in bk_opts]
+    if gpu:
+        # The IEEE float32 product runs on FMA units with the whole [BQ, BK] x D work in registers: past
+        # 64K multiply-adds per 4 warps it spills (sm_90: 0.2-6.8 KB per thread at D = 128), so larger tiles
+        # are not offered.
+        configs = [c for c in configs if c["BQ"] * c["BK"] * desc["d_pad"] <= SCORE_PRODUCTS_PER_4_WARPS]
     if gpu:
         configs.reverse()  # on a GPU the largest tiles are the likely winners: try them first
     return configs
