@@ -84,7 +84,8 @@ class SoftmaxPlan:
     """``tl`` dtype of q, k, v and the output, e.g. ``"tl.bfloat16"``."""
     d: int
     block_d: int
-    """Dqk padded to a power of two (>= 16); loads are masked along it when ``block_d != d``."""
+    """Dqk padded (the sum of ``d_pieces``, or a power of two >= 16); loads are masked along it when
+    ``block_d != d``."""
     dv: int
     block_dv: int
     group: int
@@ -114,6 +115,12 @@ class SoftmaxPlan:
     """Cast dot operands to float32 (the interpreter's bf16 ``tl.dot`` is wrong)."""
     dot_precision: Optional[str] = None
     """``input_precision`` of float32 dots on a GPU (``"tf32x3"``: float32 accuracy on tensor cores)."""
+    d_pieces: tuple[int, ...] = ()
+    """Power-of-two widths (>= 16) the padded Dqk is split into, each its own tile and ``tl.dot`` (which
+    takes power-of-two shapes only): ``(64, 16)`` for 80 pads to 80, not 128. Empty: one piece of
+    ``block_d``."""
+    dv_pieces: tuple[int, ...] = ()
+    """Like ``d_pieces``, for Dv (the output accumulator is one tile per piece)."""
     scale_in_exp: bool = False
     """The scores stay raw (``q . k``) through masking and the row max, and the scale is applied once, in the
     FMA ``s * qk_scale - m`` inside exp2 (FlashAttention's form). Only without softcap and bias (they need
@@ -209,8 +216,6 @@ def _emit_prologue(w: SourceWriter, plan: SoftmaxPlan) -> None:
         start_m = pid_m * BLOCK_M
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, {plan.block_d})
-        offs_dv = tl.arange(0, {plan.block_dv})
         # int64 batch/head offsets: B * H * N * D can exceed 2**31 elements
         Q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
         K_base = K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh
@@ -218,6 +223,9 @@ def _emit_prologue(w: SourceWriter, plan: SoftmaxPlan) -> None:
         O_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
         q_pos = start_m + offs_m[:, None]
     """)
+    for name, pieces, padded in (("offs_d", plan.d_pieces, plan.block_d), ("offs_dv", plan.dv_pieces, plan.block_dv)):
+        for suffix, start, width in _piece_spans(pieces, padded):
+            w.line(f"{name}{suffix} = {f'{start} + ' if start else ''}tl.arange(0, {width})")
     if plan.token_map is not None:
         w.line("k_pos = offs_n[None, :]  # the token map computes both sides; only its query side is used here")
         w.lines(plan.token_map.code)
@@ -233,10 +241,12 @@ def _emit_prologue(w: SourceWriter, plan: SoftmaxPlan) -> None:
             q_row = tl.minimum(q_pos, NQ - 1)
             q_store = q_pos < NQ
         """)
-    dmask = f", mask=offs_d[None, :] < {plan.d}, other=0.0" if plan.block_d != plan.d else ""
-    w.line(f"q = tl.load(Q_base + q_row * stride_qn + offs_d[None, :]{dmask})")
-    if plan.dot_f32:
-        w.line("q = q.to(tl.float32)")
+    for suffix, start, width in _piece_spans(plan.d_pieces, plan.block_d):
+        offs = f"offs_d{suffix}"
+        dmask = f", mask={offs}[None, :] < {plan.d}, other=0.0" if start + width > plan.d else ""
+        w.line(f"q{suffix} = tl.load(Q_base + q_row * stride_qn + {offs}[None, :]{dmask})")
+        if plan.dot_f32:
+            w.line(f"q{suffix} = q{suffix}.to(tl.float32)")
     for prefix, pattern in (("bias", plan.bias), ("mask", plan.mask)):
         if pattern is None:
             continue
@@ -250,8 +260,9 @@ def _emit_prologue(w: SourceWriter, plan: SoftmaxPlan) -> None:
     w.lines(f"""
         m_i = tl.full([BLOCK_M], {M_INIT}, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, {plan.block_dv}], tl.float32)
     """)
+    for suffix, _, width in _piece_spans(plan.dv_pieces, plan.block_dv):
+        w.line(f"acc{suffix} = tl.zeros([BLOCK_M, {width}], tl.float32)")
 
 
 def _bias_or_mask_value(prefix: str, loaded: str) -> str:
@@ -317,13 +328,16 @@ def _parenthesized(term: str) -> str:
 def _emit_scores(w: SourceWriter, plan: SoftmaxPlan, k_in: Optional[str] = None) -> None:
     """``s`` [BLOCK_M, BLOCK_N] float32 in log2 units: q K^T * scale, softcap, + bias. Key loads are masked
     with ``k_in`` when given."""
-    dmask = f"offs_d[:, None] < {plan.d}" if plan.block_d != plan.d else None
-    load = _masked_load("K_base + offs_d[:, None] + k_row[None, :] * stride_kn",
-                        all_of(dmask, k_in and f"{k_in}[None, :]"))
-    w.line(f"kt = {load}")
-    if plan.dot_f32:
-        w.line("kt = kt.to(tl.float32)")
-    w.line(f"qk = tl.dot(q, kt{_dot_args(plan)})")
+    for suffix, start, width in _piece_spans(plan.d_pieces, plan.block_d):
+        offs = f"offs_d{suffix}"
+        dmask = f"{offs}[:, None] < {plan.d}" if start + width > plan.d else None
+        load = _masked_load(f"K_base + {offs}[:, None] + k_row[None, :] * stride_kn",
+                            all_of(dmask, k_in and f"{k_in}[None, :]"))
+        w.line(f"kt{suffix} = {load}")
+        if plan.dot_f32:
+            w.line(f"kt{suffix} = kt{suffix}.to(tl.float32)")
+        acc = ", qk" if start else ""  # the pieces of the head dim sum into one score tile
+        w.line(f"qk = tl.dot(q{suffix}, kt{suffix}{acc}{_dot_args(plan)})")
     if plan.softcap:
         emit_softcap(w, "qk", "s")
     elif plan.scale_in_exp:
@@ -355,9 +369,6 @@ def emit_softcap(w: SourceWriter, qk: str, out: str) -> None:
 def emit_online_softmax_update(w: SourceWriter, plan: SoftmaxPlan, k_in: Optional[str] = None) -> None:
     """Fold the scores ``s`` (log2 units, hidden = -inf) of one key block into ``m_i``, ``l_i``, ``acc``,
     reading the block's V rows at ``k_row`` (loads masked with ``k_in`` when given)."""
-    dmask = f"offs_dv[None, :] < {plan.dv}" if plan.block_dv != plan.dv else None
-    load = _masked_load("V_base + k_row[:, None] * stride_vn + offs_dv[None, :]",
-                        all_of(k_in and f"{k_in}[:, None]", dmask))
     p_dtype = "tl.float32" if plan.dot_f32 else plan.dtype
     if plan.scale_in_exp:
         # raw scores: max(s) * scale is the max of the scaled scores (scale > 0), and s * scale - m is one FMA
@@ -370,15 +381,24 @@ def emit_online_softmax_update(w: SourceWriter, plan: SoftmaxPlan, k_in: Optiona
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
         """)
-    w.lines(f"""
+    w.lines("""
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = {load}
     """)
-    if plan.dot_f32:
-        w.line("v = v.to(tl.float32)")
-    w.line(f"acc = tl.dot(p.to({p_dtype}), v, acc{_dot_args(plan)})")
+    spans = _piece_spans(plan.dv_pieces, plan.block_dv)
+    if len(spans) > 1:
+        w.line(f"p = p.to({p_dtype})")
+    for suffix, start, width in spans:
+        offs = f"offs_dv{suffix}"
+        dmask = f"{offs}[None, :] < {plan.dv}" if start + width > plan.dv else None
+        load = _masked_load(f"V_base + k_row[:, None] * stride_vn + {offs}[None, :]",
+                            all_of(k_in and f"{k_in}[:, None]", dmask))
+        w.line(f"acc{suffix} = acc{suffix} * alpha[:, None]")
+        w.line(f"v{suffix} = {load}")
+        if plan.dot_f32:
+            w.line(f"v{suffix} = v{suffix}.to(tl.float32)")
+        p = "p" if len(spans) > 1 else f"p.to({p_dtype})"
+        w.line(f"acc{suffix} = tl.dot({p}, v{suffix}, acc{suffix}{_dot_args(plan)})")
     w.line("m_i = m_new")
 
 
@@ -507,7 +527,7 @@ def _emit_layout_group(w: SourceWriter, plan: SoftmaxPlan, first: str, count: st
 
 
 def _emit_epilogue(w: SourceWriter, plan: SoftmaxPlan) -> None:
-    dmask = f" & (offs_dv[None, :] < {plan.dv})" if plan.block_dv != plan.dv else ""
+    spans = _piece_spans(plan.dv_pieces, plan.block_dv)
     if plan.sinks:
         # the learned sink: one more denominator term exp2(sink - m), after m moved to cover it (no overflow)
         w.lines(f"""
@@ -515,15 +535,39 @@ def _emit_epilogue(w: SourceWriter, plan: SoftmaxPlan) -> None:
             m_new = tl.maximum(m_i, sink)
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.exp2(sink - m_new)
-            acc = acc * alpha[:, None]
             m_i = m_new
         """)
-    w.lines(f"""
+        for suffix, _, _ in spans:
+            w.line(f"acc{suffix} = acc{suffix} * alpha[:, None]")
+    w.lines("""
         # a row that saw no visible key has l == 0 and acc == 0: it is written as zeros
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        tl.store(O_base + q_row * stride_on + offs_dv[None, :], out.to({plan.dtype}), mask=q_store{dmask})
     """)
+    for suffix, start, width in spans:
+        offs = f"offs_dv{suffix}"
+        dmask = f" & ({offs}[None, :] < {plan.dv})" if start + width > plan.dv else ""
+        w.line(f"out = acc{suffix} / l_safe[:, None]")
+        w.line(f"tl.store(O_base + q_row * stride_on + {offs}[None, :], out.to({plan.dtype}), mask=q_store{dmask})")
+
+
+def _piece_spans(pieces: tuple[int, ...], padded: int) -> list[tuple[str, int, int]]:
+    """``(name suffix, first column, width)`` of each piece of a head dim (one piece of ``padded`` when
+    ``pieces`` is empty); the first piece has no suffix, so a one-piece kernel reads ``q``, ``acc``, ..."""
+    spans, start = [], 0
+    for j, width in enumerate(pieces or (padded,)):
+        spans.append(("" if j == 0 else f"_p{j}", start, width))
+        start += width
+    return spans
+
+
+def head_pieces(d: int) -> tuple[int, ...]:
+    """The power-of-two tile widths (>= 16) a head dim of ``d`` is split into: ``d`` rounded up to a
+    multiple of 16 when that is two powers of two (80 -> (64, 16), 96 -> (64, 32), 48 -> (32, 16), 160 ->
+    (128, 32)), else one power of two (112 -> (128,): a third dot costs more than 16 padded columns save).
+    ``tl.dot`` takes power-of-two shapes only, so this is the least padding two tiles allow."""
+    padded = max(16, -(-d // 16) * 16)
+    pieces = tuple(1 << bit for bit in reversed(range(padded.bit_length())) if padded >> bit & 1)
+    return pieces if len(pieces) <= 2 else (next_power_of_2(d),)
 
 
 # ------------------------------------------------------------------------------------------- the launcher
@@ -776,7 +820,7 @@ _RESERVED = {
     "q", "k", "v", "s", "p", "qk", "kt", "t", "th", "acc", "m_i", "l_i", "m_new", "alpha", "keep", "out", "sink",
     "l_safe", "q_pos", "k_pos", "q_tok", "k_tok", "q_ok", "k_ok", "q_row", "k_row", "k_idx", "k_in",
     "q_store", "start_m", "start_n", "pid_m", "pid_bh", "off_b", "off_h", "off_hkv", "offs_m", "offs_n",
-    "offs_d", "offs_dv", "Q_base", "K_base", "V_base", "O_base", "bias_base", "mask_base", "bias_hoisted",
+    "offs_d", "offs_dv", "offs_d_p1", "offs_dv_p1", "q_p1", "kt_p1", "v_p1", "acc_p1", "Q_base", "K_base", "V_base", "O_base", "bias_base", "mask_base", "bias_hoisted",
     "mask_hoisted", "slot", "i", "lay_row", "next_block", "next_slot", "n_partial", "n_edge", "n_full", "hi", "lo", "hi_all",
     "end_m", "full_end", "full_lo", "full_hi", "pre_full", "pre_end",
 }
@@ -797,6 +841,11 @@ def _make_plan(q: Tensor, d: int, dv: int, group: int, mods: ScoreMods, bias_pat
                      gpu=not interpreting() and q.device.type == "cuda")
 
 
+def _split(pieces: tuple[int, ...]) -> tuple[int, ...]:
+    """``SoftmaxPlan.d_pieces`` of a split: empty for one piece (the plan then reads as before splits)."""
+    return pieces if len(pieces) > 1 else ()
+
+
 def make_plan(q_dtype: torch.dtype, d: int, dv: int, group: int, mods: ScoreMods, bias_pattern=None,
               mask_pattern=None, visit=DenseVisit(), *, gpu: bool) -> SoftmaxPlan:
     """The plan of a call with inputs of ``q_dtype``, head dims ``d``/``dv``, ``group`` query heads per kv
@@ -805,8 +854,9 @@ def make_plan(q_dtype: torch.dtype, d: int, dv: int, group: int, mods: ScoreMods
     kernels it only compiles)."""
     interp = not gpu
     common = dict(
-        dtype=torch_to_triton_dtype(q_dtype), d=d, block_d=next_power_of_2(d), dv=dv,
-        block_dv=next_power_of_2(dv), group=group,
+        dtype=torch_to_triton_dtype(q_dtype), d=d, block_d=sum(head_pieces(d)), dv=dv,
+        block_dv=sum(head_pieces(dv)), d_pieces=_split(head_pieces(d)), dv_pieces=_split(head_pieces(dv)),
+        group=group,
         causal=bool(mods.causal), softcap=mods.softcap > 0, bias=bias_pattern, mask=mask_pattern,
         sinks=mods.sinks is not None,
         dot_f32=interp and q_dtype == torch.bfloat16,
