@@ -17,8 +17,9 @@ IEEE float32 dot runs on FMA units instead); a ``cp.async.wait_group 0`` inside 
 pipeline stages (every iteration waits for all outstanding copies: loads stop overlapping compute).
 
 ``python -m attncc.codegen.readiness`` prints the figures as a markdown table (``--json``: as JSON;
-``--scope suite|quick|full``: which kernels, see :func:`cases`). Compiling needs Triton without ``TRITON_INTERPRET`` (the
-interpreter patches ``triton.language``): the test runs this module in a subprocess.
+``--scope suite|quick|full``: which kernels, see :func:`cases`; ``--write``: into docs/benchmarks.md). Compiling
+needs Triton without ``TRITON_INTERPRET`` (the interpreter patches ``triton.language``): the test runs this
+module in a subprocess.
 """
 
 from __future__ import annotations
@@ -335,7 +336,8 @@ def compile_case(case: KernelCase, config: Config) -> Figures:
     fn = _jit_function(case.source, case.entry)
     signature, constexprs, attrs = _signature(fn, case, config)
     started = time.perf_counter()
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", TARGET_ARCH, WARP_SIZE),
+    target = GPUTarget("cuda", TARGET_ARCH, WARP_SIZE)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                               options=config.compile_options())
     seconds = time.perf_counter() - started
     regs, spill = _resources(compiled.asm["cubin"])
@@ -450,7 +452,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("readiness: unset TRITON_INTERPRET (the interpreter patches triton.language)", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    figures = measure([c for c in cases(args.scope) if args.only in c.name], progress=lambda what: print(what, file=sys.stderr, flush=True))
+    selected = [c for c in cases(args.scope) if args.only in c.name]
+    figures = measure(selected, progress=lambda what: print(what, file=sys.stderr, flush=True))
     found = problems(figures)
     seconds = time.perf_counter() - started
     if args.write:

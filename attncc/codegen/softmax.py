@@ -820,8 +820,9 @@ _RESERVED = {
     "q", "k", "v", "s", "p", "qk", "kt", "t", "th", "acc", "m_i", "l_i", "m_new", "alpha", "keep", "out", "sink",
     "l_safe", "q_pos", "k_pos", "q_tok", "k_tok", "q_ok", "k_ok", "q_row", "k_row", "k_idx", "k_in",
     "q_store", "start_m", "start_n", "pid_m", "pid_bh", "off_b", "off_h", "off_hkv", "offs_m", "offs_n",
-    "offs_d", "offs_dv", "offs_d_p1", "offs_dv_p1", "q_p1", "kt_p1", "v_p1", "acc_p1", "Q_base", "K_base", "V_base", "O_base", "bias_base", "mask_base", "bias_hoisted",
-    "mask_hoisted", "slot", "i", "lay_row", "next_block", "next_slot", "n_partial", "n_edge", "n_full", "hi", "lo", "hi_all",
+    "offs_d", "offs_dv", "offs_d_p1", "offs_dv_p1", "q_p1", "kt_p1", "v_p1", "acc_p1", "Q_base", "K_base",
+    "V_base", "O_base", "bias_base", "mask_base", "bias_hoisted", "mask_hoisted", "slot", "i", "lay_row",
+    "next_block", "next_slot", "n_partial", "n_edge", "n_full", "hi", "lo", "hi_all",
     "end_m", "full_end", "full_lo", "full_hi", "pre_full", "pre_end",
 }
 
