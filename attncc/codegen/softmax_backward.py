@@ -162,7 +162,8 @@ def _dmask(plan: BackwardPlan, axis: str, transposed: bool = False) -> Optional[
     size, block = (plan.d, plan.block_d) if axis == "d" else (plan.dv, plan.block_dv)
     if size == block:
         return None
-    return f"offs_{axis}[:, None] < {size}" if transposed else f"offs_{axis}[None, :] < {size}"
+    # parenthesized: `&` binds tighter than `<` where callers combine it with other terms
+    return f"(offs_{axis}[:, None] < {size})" if transposed else f"(offs_{axis}[None, :] < {size})"
 
 
 def _emit_common_prologue(w: SourceWriter, plan: BackwardPlan) -> None:
