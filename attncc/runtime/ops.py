@@ -1,7 +1,9 @@
 """The attncc custom op (``torch.ops.attncc.attention``) and the functional ``attncc.attention``.
 
 The op is a ``torch.library.custom_op`` with a fake implementation, so rewritten graphs survive
-``torch.compile`` (no graph break) and ``torch.export``; backward recomputes through the torch path.
+``torch.compile`` (no graph break) and ``torch.export``. Backward runs the backward kernels
+(``attncc.codegen.softmax_backward``) on the triton backend where the variant has them, and otherwise
+recomputes through the torch path.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import Tensor
 
 from attncc.errors import AttnccError
 from attncc.runtime.call import FIELD_NAMES, AttentionCall
-from attncc.runtime.dispatch import run_attention
+from attncc.runtime.dispatch import backend_for, resolve_spec, run_attention
 from attncc.variants.exact import expand_kv_heads
 from attncc.variants.parse import parse_variant
 
@@ -45,23 +47,76 @@ def _attention_fake(*args, **kwargs):
 
 def _setup_context(ctx, inputs, output):
     call = AttentionCall(*inputs)
-    ctx.save_for_backward(*call.tensors())
+    # the backward kernels also read the output (delta = rowsum(dO * O)); the torch path does not need it
+    ctx.save_for_backward(*call.tensors(), output if _kernel_backward_may_run(call) else None)
     ctx.options = call.options()
 
 
 def _backward(ctx, grad_out):
-    call = AttentionCall.from_saved(ctx.saved_tensors, ctx.options)
+    *tensors, out = ctx.saved_tensors
+    call = AttentionCall.from_saved(tuple(tensors), ctx.options)
     # needs_input_grad covers the arguments the call passed (trailing defaults, e.g. sinks, may be absent)
     needs = dict(zip(FIELD_NAMES, ctx.needs_input_grad))
     wants = {name: t is not None and t.is_floating_point() and needs.get(name, False)
              for name, t in call.differentiable().items()}
+    targets = [name for name, want in wants.items() if want]
+    grads = _kernel_gradients(call, out, grad_out, targets) if out is not None and targets else None
+    if grads is None:
+        grads = _recomputed_gradients(call, grad_out, wants, targets)
+    return AttentionCall.grads(grads)[:len(ctx.needs_input_grad)]
+
+
+def _recomputed_gradients(call: AttentionCall, grad_out: Tensor, wants: dict, targets: list) -> dict:
+    """The gradients of ``targets`` by autograd through a recomputed forward (the torch path)."""
     with torch.enable_grad():
         leaves = {name: t.detach().requires_grad_(wants[name]) if t is not None else None
                   for name, t in call.differentiable().items()}
         out = run_attention(call.replace(**leaves))
-        targets = [name for name, want in wants.items() if want]
         grads = torch.autograd.grad(out, [leaves[name] for name in targets], grad_out) if targets else ()
-    return AttentionCall.grads(dict(zip(targets, grads)))[:len(ctx.needs_input_grad)]
+    return dict(zip(targets, grads))
+
+
+def _kernel_backward_may_run(call: AttentionCall) -> bool:
+    """Whether the backward kernels may take this call (triton backend, no dropout, no region labels, 4-D)."""
+    if call.dropout_p > 0 or call.segments is not None or call.q.dim() != 4:
+        return False
+    try:
+        return backend_for(call.q) == "triton"
+    except AttnccError:
+        return False
+
+
+def _kernel_gradients(call: AttentionCall, out: Tensor, grad_out: Tensor, targets: list) -> Optional[dict]:
+    """The gradients of ``targets`` (names of differentiable fields) by the backward kernels; None when they do
+    not cover the call (see ``triton_attention_backward``)."""
+    from dataclasses import replace
+
+    from attncc.runtime.dispatch import _sink_vector
+    from attncc.runtime.triton_backend import triton_attention_backward
+
+    q, k, v = call.q, call.k, call.v
+    if not _kernel_backward_may_run(call) or (call.bias is not None and call.bias.dim() > 4):
+        return None
+    spec = resolve_spec(call)
+    sinks = _sink_vector(call.sinks, q)
+    mods = replace(call.score_mods(), sinks=None if sinks is None else sinks.expand(q.shape[1]))
+    found = triton_attention_backward(spec, q, k, v, out, grad_out, mods, bias_grad="bias" in targets)
+    if found is None:
+        return None
+    grads = {"q": found.dq, "k": found.dk, "v": found.dv}
+    if "bias" in targets:
+        grads["bias"] = _reduced_to(found.dscores, call.bias.shape).to(call.bias.dtype)
+    if "sinks" in targets:
+        dsinks = found.dsinks if call.sinks.numel() == q.shape[1] else found.dsinks.sum()
+        grads["sinks"] = dsinks.reshape(call.sinks.shape).to(call.sinks.dtype)
+    return {name: grads[name] for name in targets}
+
+
+def _reduced_to(full: Tensor, shape: torch.Size) -> Tensor:
+    """``full`` ``[B, Hq, Nq, Nk]`` summed over the dims a tensor of ``shape`` broadcasts along, in ``shape``."""
+    padded = (1,) * (full.dim() - len(shape)) + tuple(shape)
+    dims = tuple(i for i, (n, m) in enumerate(zip(padded, full.shape)) if n == 1 and m != 1)
+    return (full.sum(dims, keepdim=True) if dims else full).reshape(shape)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)

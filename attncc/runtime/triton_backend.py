@@ -46,6 +46,39 @@ def triton_attention(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: S
         return None
 
 
+def triton_attention_backward(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, out: Tensor, grad_out: Tensor,
+                              mods: ScoreMods, bias_grad: bool = False):
+    """The gradients of ``spec``'s attention by the backward kernels (:mod:`attncc.codegen.softmax_backward`):
+    a ``BackwardGrads`` (dq, dk, dv, dscores when ``bias_grad``, dsinks), or None when no backward kernel
+    covers this call (the caller then recomputes through the torch path). Shapes as in
+    :func:`triton_attention`; ``out`` and ``grad_out`` ``[B, Hq, Nq, Dv]``."""
+    reason = _uncovered(spec, _kernel_of(spec), q, k, v, mods)
+    visit = None
+    if not reason:
+        from attncc.codegen.backward_visits import backward_visit
+
+        visit, reason = backward_visit(spec, q, k, v, mods)
+    if reason:
+        _say_once(f"attncc: the backward of {spec} recomputes on the torch path: {reason}", log.debug)
+        return None
+    from attncc.codegen.softmax_backward import softmax_backward
+
+    try:
+        return softmax_backward(q, k, v, out, grad_out, mods, visit, bias_grad=bias_grad)
+    except Exception as error:
+        if not _out_of_resources(error):
+            raise
+        _say_once(f"attncc: the backward of {spec} recomputes on the torch path: no kernel config fits this GPU "
+                  f"({type(error).__name__}: {str(error).splitlines()[0][:120]})", warnings.warn)
+        return None
+
+
+def _say_once(message: str, say) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        say(message)
+
+
 def _out_of_resources(error: BaseException) -> bool:
     from attncc.codegen.autotune import NoRunnableConfig
 
