@@ -587,7 +587,7 @@ def tile_sizes(visit, nq: int, nk: int, device: torch.device) -> tuple[int, int,
     if fixed is not None:
         bm, bn = fixed
     elif interpreting() or device.type != "cuda":
-        bm, bn = min(32, next_power_of_2(nq)), min(32, next_power_of_2(nk))
+        bm, bn = min(64, next_power_of_2(nq)), min(64, next_power_of_2(nk))  # few, large tiles: fast there
     else:
         bm, bn = 64, 64
     return bm, bn, 8 if bm * bn >= 128 * 128 else 4, 2
