@@ -10,11 +10,12 @@ selection is recomputed from the saved q and k: it is deterministic, and gradien
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 from torch import Tensor
 
 from attncc.codegen.visits import BandVisit, DenseVisit, LayoutVisit
+from attncc.errors import AttnccError
 from attncc.variants.base import ScoreMods, VariantSpec
 
 Visit = Union[DenseVisit, BandVisit, LayoutVisit]
@@ -22,33 +23,41 @@ FAMILIES = ("exact", "local", "block_sparse", "topk", "neighborhood")
 """Variant families with backward kernels; every other variant recomputes its backward on the torch path."""
 
 
-def backward_visit(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> tuple[Optional[Visit], str]:
-    """``(visit, '')`` for a call the backward kernels run, else ``(None, why not)``. The caller has already
-    checked that the forward kernel covers the call (ranks, dtypes, heads, the family's own ``covers``).
+def backward_declines(spec: VariantSpec, mods: ScoreMods) -> str:
+    """Why the backward kernels do not run ``spec`` with ``mods`` ('' when they do), from the spec and options
+    alone. The caller has already checked that the forward kernel covers the call (ranks, dtypes, heads,
+    the family's own ``covers``)."""
+    if spec.name not in FAMILIES:
+        return f"no backward kernel for {spec.name}"
+    if mods.dropout_p > 0:
+        return "attention dropout"
+    if getattr(spec, "remainder", False):
+        return "remainder=True (pooled entries) has no backward kernel"
+    return ""
+
+
+def backward_visit(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Visit:
+    """The visit of the forward kernel of ``spec`` for this call (one :func:`backward_declines` accepts).
 
     q ``[B, Hq, Nq, Dqk]``, k ``[B, Hkv, Nk, Dqk]``, v ``[B, Hkv, Nk, Dv]``."""
-    if spec.name not in FAMILIES:
-        return None, f"no backward kernel for {spec.name}"
-    if mods.dropout_p > 0:
-        return None, "attention dropout"
-    if getattr(spec, "remainder", False):
-        return None, "remainder=True (pooled entries) has no backward kernel"
     if spec.name == "exact":
-        return DenseVisit(), ""
+        return DenseVisit()
     if spec.name == "local":
         left, right = spec.bounds(mods.causal)
-        return BandVisit(left, right, spec.sinks, spec.globals), ""
+        return BandVisit(left, right, spec.sinks, spec.globals)
     if spec.name == "block_sparse":
-        return _block_sparse_visit(spec, q, k, mods), ""
+        return _block_sparse_visit(spec, q, k, mods)
     if spec.name == "topk":
         from attncc.codegen.topk import topk_layout
 
         layout = topk_layout(spec, q, k, mods)
         return LayoutVisit(layout_for=lambda bm, bn: layout, descriptor={"variant": str(spec)},
-                           block_sizes=(spec.block, spec.block)), ""
-    from attncc.codegen.neighborhood import neighborhood_visit
+                           block_sizes=(spec.block, spec.block))
+    if spec.name == "neighborhood":
+        from attncc.codegen.neighborhood import neighborhood_visit
 
-    return neighborhood_visit(spec, q.shape[-2], q.device), ""
+        return neighborhood_visit(spec, q.shape[-2], q.device)
+    raise AttnccError(f"backward kernels: no visit for {spec.name} (backward_declines says why)")
 
 
 def _block_sparse_visit(spec, q: Tensor, k: Tensor, mods: ScoreMods) -> LayoutVisit:
@@ -71,4 +80,4 @@ def _block_sparse_visit(spec, q: Tensor, k: Tensor, mods: ScoreMods) -> LayoutVi
     return LayoutVisit(layout_for=lambda bm, bn: layout, descriptor=descriptor, block_sizes=(b, b))
 
 
-__all__ = ["FAMILIES", "backward_visit"]
+__all__ = ["FAMILIES", "backward_declines", "backward_visit"]

@@ -16,7 +16,10 @@ from torch import Tensor
 
 from attncc.errors import AttnccError
 from attncc.runtime.call import FIELD_NAMES, AttentionCall
-from attncc.runtime.dispatch import backend_for, resolve_spec, run_attention
+from attncc.runtime.dispatch import run_attention
+from attncc.runtime.kernel_backward import (
+    kernel_backward, kernel_backward_covers, kernel_backward_may_run, recomputed_gradients,
+)
 from attncc.variants.exact import expand_kv_heads
 from attncc.variants.parse import parse_variant
 
@@ -48,7 +51,7 @@ def _attention_fake(*args, **kwargs):
 def _setup_context(ctx, inputs, output):
     call = AttentionCall(*inputs)
     # the backward kernels also read the output (delta = rowsum(dO * O)); the torch path does not need it
-    ctx.save_for_backward(*call.tensors(), output if _kernel_backward_may_run(call) else None)
+    ctx.save_for_backward(*call.tensors(), output if kernel_backward_may_run(call) else None)
     ctx.options = call.options()
 
 
@@ -60,63 +63,12 @@ def _backward(ctx, grad_out):
     wants = {name: t is not None and t.is_floating_point() and needs.get(name, False)
              for name, t in call.differentiable().items()}
     targets = [name for name, want in wants.items() if want]
-    grads = _kernel_gradients(call, out, grad_out, targets) if out is not None and targets else None
-    if grads is None:
-        grads = _recomputed_gradients(call, grad_out, wants, targets)
+    # create_graph (double backward) needs the recompute: the kernels' op has no derivative of its own
+    if out is not None and targets and not torch.is_grad_enabled() and kernel_backward_covers(call):
+        grads = kernel_backward(call, out, grad_out, targets)
+    else:
+        grads = recomputed_gradients(call, grad_out, targets)
     return AttentionCall.grads(grads)[:len(ctx.needs_input_grad)]
-
-
-def _recomputed_gradients(call: AttentionCall, grad_out: Tensor, wants: dict, targets: list) -> dict:
-    """The gradients of ``targets`` by autograd through a recomputed forward (the torch path)."""
-    with torch.enable_grad():
-        leaves = {name: t.detach().requires_grad_(wants[name]) if t is not None else None
-                  for name, t in call.differentiable().items()}
-        out = run_attention(call.replace(**leaves))
-        grads = torch.autograd.grad(out, [leaves[name] for name in targets], grad_out) if targets else ()
-    return dict(zip(targets, grads))
-
-
-def _kernel_backward_may_run(call: AttentionCall) -> bool:
-    """Whether the backward kernels may take this call (triton backend, no dropout, no region labels, 4-D)."""
-    if call.dropout_p > 0 or call.segments is not None or call.q.dim() != 4:
-        return False
-    try:
-        return backend_for(call.q) == "triton"
-    except AttnccError:
-        return False
-
-
-def _kernel_gradients(call: AttentionCall, out: Tensor, grad_out: Tensor, targets: list) -> Optional[dict]:
-    """The gradients of ``targets`` (names of differentiable fields) by the backward kernels; None when they do
-    not cover the call (see ``triton_attention_backward``)."""
-    from dataclasses import replace
-
-    from attncc.runtime.dispatch import _sink_vector
-    from attncc.runtime.triton_backend import triton_attention_backward
-
-    q, k, v = call.q, call.k, call.v
-    if not _kernel_backward_may_run(call) or (call.bias is not None and call.bias.dim() > 4):
-        return None
-    spec = resolve_spec(call)
-    sinks = _sink_vector(call.sinks, q)
-    mods = replace(call.score_mods(), sinks=None if sinks is None else sinks.expand(q.shape[1]))
-    found = triton_attention_backward(spec, q, k, v, out, grad_out, mods, bias_grad="bias" in targets)
-    if found is None:
-        return None
-    grads = {"q": found.dq, "k": found.dk, "v": found.dv}
-    if "bias" in targets:
-        grads["bias"] = _reduced_to(found.dscores, call.bias.shape).to(call.bias.dtype)
-    if "sinks" in targets:
-        dsinks = found.dsinks if call.sinks.numel() == q.shape[1] else found.dsinks.sum()
-        grads["sinks"] = dsinks.reshape(call.sinks.shape).to(call.sinks.dtype)
-    return {name: grads[name] for name in targets}
-
-
-def _reduced_to(full: Tensor, shape: torch.Size) -> Tensor:
-    """``full`` ``[B, Hq, Nq, Nk]`` summed over the dims a tensor of ``shape`` broadcasts along, in ``shape``."""
-    padded = (1,) * (full.dim() - len(shape)) + tuple(shape)
-    dims = tuple(i for i, (n, m) in enumerate(zip(padded, full.shape)) if n == 1 and m != 1)
-    return (full.sum(dims, keepdim=True) if dims else full).reshape(shape)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -196,3 +196,23 @@ def test_transposed_layout_lists_the_query_blocks_of_each_key_block():
     forward, _ = pack_layout_rows(layout, 16, 16, transposed=False, with_partial=False)
     assert forward[0, 0, :, :2].tolist() == [[0, 2], [0, 3], [0, 1]]
     assert forward[0, 0, 1, 2:5].tolist() == [0, 1, 2]
+
+
+def test_compiled_backward_runs_the_kernels(monkeypatch, kernel_calls, device):
+    """Under torch.compile (AOT autograd traces the backward), the kernels run as the opaque op
+    ``attncc::attention_backward`` and give the torch path's gradients."""
+    leaves, grad_out = make_inputs(20, hq=2, hkv=1, device=device)
+    want = gradients("torch", monkeypatch, leaves, grad_out, causal=True)
+    monkeypatch.setenv("ATTNCC_BACKEND", "triton")
+    inputs = [leaves[name].detach().clone().requires_grad_() for name in "qkv"]
+
+    def attend(q, k, v):
+        return torch.ops.attncc.attention(q, k, v, causal=True, scale=16 ** -0.5)
+
+    torch._dynamo.reset()
+    out = torch.compile(attend, backend="aot_eager", fullgraph=True)(*inputs)
+    got = torch.autograd.grad(out, inputs, grad_out)
+    torch._dynamo.reset()
+    assert len(kernel_calls) == 1
+    for name, grad in zip("qkv", got):
+        torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=2e-5)
