@@ -74,8 +74,11 @@ class BackwardPlan:
     """Hq // Hkv: the dK/dV program sums this many query heads."""
     causal: bool
     softcap: bool
-    bias: bool
-    mask: bool
+    bias: Optional[tuple[bool, bool]]
+    """None, or whether the bias (broadcast to ``[B, Hq, Nq, Nk]``) varies along (queries, keys): only those
+    dims are indexed (a key-padding mask is one ``[1, BLOCK_N]`` row per block, not a pointer tile)."""
+    mask: Optional[tuple[bool, bool]]
+    """Like ``bias``, for the bool mask."""
     sinks: bool
     dbias: bool
     """Write dS (float32 ``[B, Hq, Nq, Nk]``) for the bias gradient."""
@@ -233,8 +236,7 @@ def _emit_scores(w: SourceWriter, plan: BackwardPlan, qk: str, predicate: bool) 
     else:
         w.line(f"s = {qk} * qk_scale")
     if plan.bias:
-        w.line(f"s = s + tl.load(bias_base + q_row[:, None].to(tl.int64) * stride_bias_q + k_row[None, :] * "
-               f"stride_bias_k).to(tl.float32) * {LOG2E}")
+        w.line(f"s = s + tl.load({_operand_pointer('bias', plan.bias)}).to(tl.float32) * {LOG2E}")
     terms = ["q_valid", "k_valid"]
     if plan.causal:
         terms.append("(k_tok <= q_tok)")
@@ -246,13 +248,22 @@ def _emit_scores(w: SourceWriter, plan: BackwardPlan, qk: str, predicate: bool) 
             band = f"({band}) | (q_tok < GLOBALS)"
         terms.append(f"({band})")
     if plan.mask:
-        terms.append("(tl.load(mask_base + q_row[:, None].to(tl.int64) * stride_mask_q + k_row[None, :] * "
-                     "stride_mask_k) != 0)")
+        terms.append(f"(tl.load({_operand_pointer('mask', plan.mask)}) != 0)")
     w.line(f"vis = {' & '.join(terms)}")
     if predicate and plan.predicate is not None:
         w.lines(plan.predicate.code)
         w.line("vis = vis & keep")
     w.line("s = tl.where(vis, s, float('-inf'))")
+
+
+def _operand_pointer(prefix: str, pattern: tuple[bool, bool]) -> str:
+    """Pointers of the bias or mask elements of this tile, indexing only the dims the operand varies along."""
+    terms = [f"{prefix}_base"]
+    if pattern[0]:
+        terms.append(f"q_row[:, None].to(tl.int64) * stride_{prefix}_q")
+    if pattern[1]:
+        terms.append(f"k_row[None, :] * stride_{prefix}_k")
+    return " + ".join(terms)
 
 
 def _emit_dscores(w: SourceWriter, plan: BackwardPlan) -> None:
@@ -580,17 +591,18 @@ class BackwardGrads(NamedTuple):
     """float32 ``[Hq]``, with ``mods.sinks``."""
 
 
-def tile_sizes(visit, nq: int, nk: int, device: torch.device) -> tuple[int, int, int, int]:
+def tile_sizes(visit, nq: int, nk: int, device: torch.device, head_dim: int = 64) -> tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of the backward launches (one fixed config, no autotuning:
-    the layout's block where it fixes the tile, else 64 x 64 on a GPU and small tiles in the interpreter)."""
+    the layout's block where it fixes the tile, else 64 x 64 on a GPU and up to 64 x 64 in the interpreter;
+    8 warps for head dims above 64 or 128 x 128 tiles, where 4 spill in the dK/dV kernel)."""
     fixed = visit.block_sizes if isinstance(visit, LayoutVisit) else None
     if fixed is not None:
         bm, bn = fixed
     elif interpreting() or device.type != "cuda":
         bm, bn = min(64, next_power_of_2(nq)), min(64, next_power_of_2(nk))  # few, large tiles: fast there
     else:
-        bm, bn = 64, 64
-    return bm, bn, 8 if bm * bn >= 128 * 128 else 4, 2
+        bm, bn = 64, 64  # 64 rows per warpgroup: the smallest wgmma M; larger tiles spill in dK/dV (see report)
+    return bm, bn, 8 if bm * bn >= 128 * 128 or head_dim > 64 else 4, 2
 
 
 def softmax_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, grad_out: Tensor, mods: ScoreMods,
@@ -606,11 +618,11 @@ def softmax_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, grad_out: Ten
     if mods.dropout_p > 0:
         raise AttnccError("softmax_backward: attention dropout has no backward kernel")
     q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
-    plan = _make_plan(q, d, dv, hq // hkv, mods, visit, bias_grad)
+    plan = _make_plan(q, d, dv, hq // hkv, mods, visit, bias_grad, nk)
     tm = plan.token_map is not None
     n_q_visit = visit.token_map.n_q_visit if tm else nq
     n_k_visit = visit.token_map.n_k_visit if tm else nk
-    bm, bn, warps, stages = tile_sizes(visit, n_q_visit, n_k_visit, q.device)
+    bm, bn, warps, stages = tile_sizes(visit, n_q_visit, n_k_visit, q.device, max(plan.block_d, plan.block_dv))
     kernels = {name: load_kernel(name, plan.descriptor(), lambda: generate_source(plan), q.device)
                for name in KERNELS}
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -657,12 +669,21 @@ def _sum_per_token(per_position: Tensor, tokens: Tensor, n: int, dtype: torch.dt
     return summed.index_add_(2, index, per_position[:, :, keep]).to(dtype)
 
 
-def _make_plan(q: Tensor, d: int, dv: int, group: int, mods: ScoreMods, visit, bias_grad: bool) -> BackwardPlan:
+def _pattern(t: Optional[Tensor], nq: int, nk: int) -> Optional[tuple[bool, bool]]:
+    """Whether ``t`` (broadcastable to ``[.., Nq, Nk]``) varies along queries and along keys; None without it."""
+    if t is None:
+        return None
+    shape = (1, 1) + tuple(t.shape)
+    return shape[-2] != 1 and nq != 1, shape[-1] != 1 and nk != 1
+
+
+def _make_plan(q: Tensor, d: int, dv: int, group: int, mods: ScoreMods, visit, bias_grad: bool,
+               nk: int) -> BackwardPlan:
     interp = interpreting() or q.device.type != "cuda"
     common = dict(
         dtype=torch_to_triton_dtype(q.dtype), d=d, block_d=next_power_of_2(d), dv=dv, block_dv=next_power_of_2(dv),
-        group=group, causal=bool(mods.causal), softcap=mods.softcap > 0, bias=mods.bias is not None,
-        mask=mods.mask is not None, sinks=mods.sinks is not None, dbias=bool(bias_grad) and mods.bias is not None,
+        group=group, causal=bool(mods.causal), softcap=mods.softcap > 0, bias=_pattern(mods.bias, q.shape[2], nk),
+        mask=_pattern(mods.mask, q.shape[2], nk), sinks=mods.sinks is not None, dbias=bool(bias_grad) and mods.bias is not None,
         dot_f32=interp and q.dtype == torch.bfloat16,
         # float32 on a GPU: three TF32 products (about float32 accuracy, on the tensor cores)
         dot_precision="tf32x3" if (q.dtype == torch.float32 and not interp) else None,
