@@ -355,7 +355,8 @@ def _emit_dq(w: SourceWriter, plan: BackwardPlan) -> None:
         w.line(f"qk = tl.dot(q, kt{_dot_args(plan)})")
         _emit_scores(w, plan, "qk", predicate)
         w.line("p = tl.exp2(s - lse[:, None])")
-        w.line(f"vt = {_load(plan, 'V_base + offs_dv[:, None] + k_row[None, :] * stride_vn', _dmask(plan, 'dv', True))}")
+        vt = _load(plan, "V_base + offs_dv[:, None] + k_row[None, :] * stride_vn", _dmask(plan, "dv", True))
+        w.line(f"vt = {vt}")
         w.line(f"dp = tl.dot(do, vt{_dot_args(plan)})")
         _emit_dscores(w, plan)
         if plan.dbias:
@@ -683,7 +684,8 @@ def _make_plan(q: Tensor, d: int, dv: int, group: int, mods: ScoreMods, visit, b
     common = dict(
         dtype=torch_to_triton_dtype(q.dtype), d=d, block_d=next_power_of_2(d), dv=dv, block_dv=next_power_of_2(dv),
         group=group, causal=bool(mods.causal), softcap=mods.softcap > 0, bias=_pattern(mods.bias, q.shape[2], nk),
-        mask=_pattern(mods.mask, q.shape[2], nk), sinks=mods.sinks is not None, dbias=bool(bias_grad) and mods.bias is not None,
+        mask=_pattern(mods.mask, q.shape[2], nk), sinks=mods.sinks is not None,
+        dbias=bool(bias_grad) and mods.bias is not None,
         dot_f32=interp and q.dtype == torch.bfloat16,
         # float32 on a GPU: three TF32 products (about float32 accuracy, on the tensor cores)
         dot_precision="tf32x3" if (q.dtype == torch.float32 and not interp) else None,
@@ -700,7 +702,8 @@ def _make_plan(q: Tensor, d: int, dv: int, group: int, mods: ScoreMods, visit, b
         visit="layout",
         predicate=None if pred is None else Hook(pred.code, tuple(pred.scalars), tuple(pred.tensors),
                                                  json.dumps(pred.descriptor, sort_keys=True)),
-        token_map=None if tm is None else Hook(tm.code, tuple(tm.scalars), (), json.dumps(tm.descriptor, sort_keys=True)),
+        token_map=None if tm is None else Hook(tm.code, tuple(tm.scalars), (),
+                                               json.dumps(tm.descriptor, sort_keys=True)),
         layout=json.dumps(visit.descriptor, sort_keys=True), **common)
 
 
