@@ -606,19 +606,56 @@ def tile_sizes(visit, nq: int, nk: int, device: torch.device, head_dim: int = 64
     return bm, bn, 8 if bm * bn >= 128 * 128 or head_dim > 64 else 4, 2
 
 
+MAX_LAYOUT_TILE = 64
+"""Layout blocks larger than this (block_sparse / topk with block=128) are walked as sub-tiles of this size: a
+128 x 128 dK/dV tile spills 840 bytes per thread on sm_90, a 64 x 64 one does not (docs/backward_kernels.md)."""
+
+
+def refined_layout(layout, tile: int):
+    """``layout`` (square blocks, a multiple of ``tile``) as the same visited pairs at ``tile x tile`` blocks:
+    query block r becomes rows ``r*f .. r*f+f-1``, key block c becomes ``c*f .. c*f+f-1`` (``f = block/tile``),
+    sub-blocks past the sequence dropped. Every entry is whole (``partial`` None is not used: callers refine
+    only layouts without a predicate)."""
+    from attncc.variants.blocks import BlockLayout
+
+    f = layout.block_k // tile
+    kv = layout.kv_blocks
+    fine = (kv[..., None] * f + torch.arange(f, device=kv.device)).flatten(-2)
+    fine = torch.where(kv.repeat_interleave(f, -1) >= 0, fine, -1)
+    fine = torch.where(fine < cdiv(layout.nk, tile), fine, -1)
+    fine = fine.repeat_interleave(f, -2)[..., :cdiv(layout.nq, tile), :]
+    return BlockLayout(tile, tile, layout.nq, layout.nk, fine, None)
+
+
+def _walkable(visit, max_tile: int):
+    """``visit`` with layout blocks above ``max_tile`` refined (no predicate, no token map: their code reads
+    the forward's block indices)."""
+    if not isinstance(visit, LayoutVisit) or visit.block_sizes is None or visit.predicate is not None \
+            or visit.token_map is not None:
+        return visit
+    bm, bn = visit.block_sizes
+    if bm != bn or bm <= max_tile or bm % max_tile:
+        return visit
+    fine = refined_layout(visit.layout_for(bm, bn), max_tile)
+    return dataclasses.replace(visit, layout_for=lambda m, n: fine, block_sizes=(max_tile, max_tile))
+
+
 def softmax_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, grad_out: Tensor, mods: ScoreMods,
-                     visit=DenseVisit(), *, bias_grad: bool = False) -> BackwardGrads:
+                     visit=DenseVisit(), *, bias_grad: bool = False,
+                     max_tile: int = MAX_LAYOUT_TILE) -> BackwardGrads:
     """Gradients of softmax attention over ``visit`` (the forward's visit) by the generated backward kernels.
 
     q ``[B, Hq, Nq, Dqk]``, k ``[B, Hkv, Nk, Dqk]``, v ``[B, Hkv, Nk, Dv]``, ``out`` and ``grad_out``
     ``[B, Hq, Nq, Dv]``. ``mods``: scale, causal, softcap, bias, mask, sinks as in the forward (no dropout).
     ``bias_grad`` asks for ``dscores`` (float32 ``[B, Hq, Nq, Nk]``; reduce it to the bias's shape).
+    ``max_tile``: larger blocks of a layout without hooks are walked as sub-tiles of this size.
     """
     b, hq, nq, d = q.shape
     _, hkv, nk, dv = v.shape
     if mods.dropout_p > 0:
         raise AttnccError("softmax_backward: attention dropout has no backward kernel")
     q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
+    visit = _walkable(visit, max_tile)
     plan = _make_plan(q, d, dv, hq // hkv, mods, visit, bias_grad, nk)
     tm = plan.token_map is not None
     n_q_visit = visit.token_map.n_q_visit if tm else nq
@@ -744,5 +781,5 @@ def _visit_values(plan: BackwardPlan, mods: ScoreMods, visit, bm: int, bn: int, 
     return values
 
 
-__all__ = ["BackwardGrads", "BackwardPlan", "generate_source", "kernel_params", "pack_layout_rows",
-           "softmax_backward", "tile_sizes"]
+__all__ = ["MAX_LAYOUT_TILE", "BackwardGrads", "BackwardPlan", "generate_source", "kernel_params",
+           "pack_layout_rows", "refined_layout", "softmax_backward", "tile_sizes"]

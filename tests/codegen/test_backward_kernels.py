@@ -216,3 +216,25 @@ def test_compiled_backward_runs_the_kernels(monkeypatch, kernel_calls, device):
     assert len(kernel_calls) == 1
     for name, grad in zip("qkv", got):
         torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=2e-5)
+
+
+def test_large_layout_blocks_are_walked_as_sub_tiles(device):
+    """A topk layout of block 32 walked as 16 x 16 sub-tiles (``max_tile=16``; on a GPU 128 -> 64) gives the
+    gradients of the walk at the layout's own block."""
+    from attncc.codegen.backward_visits import backward_visit
+    from attncc.codegen.softmax_backward import refined_layout, softmax_backward
+    from attncc.variants.base import ScoreMods
+    from attncc.variants.topk import TopKSpec
+
+    leaves, grad_out = make_inputs(50, hq=2, hkv=1, device=device)
+    q, k, v = (leaves[name].detach() for name in "qkv")
+    spec, mods = TopKSpec(block=32, density=0.5), ScoreMods(scale=0.25, causal=True)
+    visit = backward_visit(spec, q, k, v, mods)
+    out = spec.forward(q, k, v, mods)
+    whole = softmax_backward(q, k, v, out, grad_out, mods, visit, max_tile=32)
+    split = softmax_backward(q, k, v, out, grad_out, mods, visit, max_tile=16)
+    for a, b in zip(whole[:3], split[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    fine = refined_layout(visit.layout_for(32, 32), 16)
+    assert (fine.block_q, fine.block_k) == (16, 16) and fine.kv_blocks.shape[-2] == 4  # ceil(50 / 16)
+    assert int(fine.kv_blocks.max()) == 3
