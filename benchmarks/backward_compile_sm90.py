@@ -100,7 +100,7 @@ def plans():
         visit="dense", **{**base, "bias": (True, True), "dbias": True, "softcap": True}), (64, 64, 8, 2)
     yield "layout (topk/block_sparse block 64) bf16 D128", BackwardPlan(visit="layout", **{**base, "causal": True}), \
         (64, 64, 8, 2)
-    yield "layout block 128 bf16 D128", BackwardPlan(visit="layout", **base), (128, 128, 8, 2)
+    # layouts of block 128 are walked as 64 x 64 sub-tiles (softmax_backward.MAX_LAYOUT_TILE): the row above
     from attncc.codegen.block_sparse import TILE_PREDICATE
     pred = Hook(TILE_PREDICATE, ("tile_index_stride", "tile_b"), ("mask_tiles", "tile_index"))
     yield "layout + mask_mod predicate bf16 D64", BackwardPlan(
