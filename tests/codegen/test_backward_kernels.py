@@ -31,17 +31,19 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def make_inputs(n, hq=2, hkv=1, d=16, dv=None, dtype=torch.float32, bias=None, sinks=False, seed=0, device="cpu"):
+def make_inputs(n, hq=2, hkv=1, d=16, dv=None, dtype=torch.float32, bias=None, sinks=False, seed=0, device="cpu",
+                nk=None, batch=1):
     """q, k, v (and bias, sinks) as leaves that need gradients, and a fixed output gradient."""
     gen = torch.Generator().manual_seed(seed)
     dv = d if dv is None else dv
-    tensors = {"q": torch.randn(1, hq, n, d, generator=gen), "k": torch.randn(1, hkv, n, d, generator=gen),
-               "v": torch.randn(1, hkv, n, dv, generator=gen)}
+    nk = n if nk is None else nk
+    tensors = {"q": torch.randn(batch, hq, n, d, generator=gen), "k": torch.randn(batch, hkv, nk, d, generator=gen),
+               "v": torch.randn(batch, hkv, nk, dv, generator=gen)}
     if bias is not None:
         tensors["bias"] = torch.randn(*bias, generator=gen)
     if sinks:
         tensors["sinks"] = torch.randn(hq, generator=gen)
-    grad_out = torch.randn(1, hq, n, dv, generator=gen)
+    grad_out = torch.randn(batch, hq, n, dv, generator=gen)
     leaves = {name: t.to(device=device, dtype=dtype if name in "qkv" else torch.float32).requires_grad_()
               for name, t in tensors.items()}
     return leaves, grad_out.to(device=device, dtype=dtype)
@@ -70,6 +72,7 @@ CASES = {
     # id: (n, input options, attention options)
     "dense_n1": (1, {}, {}),
     "dense_gqa_dv": (63, dict(hq=4, hkv=2, d=16, dv=8), {}),
+    "cross_causal_batch2": (20, dict(nk=33, batch=2, dv=8), dict(causal=True)),
     "causal_n100": (100, {}, dict(causal=True)),
     "dense_bias_mask_softcap": (40, dict(hq=2, bias=(1, 2, 40, 40)), dict(mask=padding(40), softcap=3.0)),
     "causal_bias_rows_sinks": (37, dict(hq=4, hkv=2, d=24, bias=(1, 1, 1, 37), sinks=True),
