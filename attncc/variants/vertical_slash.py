@@ -43,13 +43,14 @@ from typing import ClassVar, NamedTuple, Optional
 
 import sympy
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attncc.variants.base import (
     ScoreMods, VariantSpec, attention_cost, check_decode_queries, check_int, site_sizes, sink_rows,
     softmax_with_sink, unapplied_site_features,
 )
-from attncc.variants.blocks import masked_softmax
+from attncc.variants.blocks import DEAD, MASKED
 from attncc.variants.exact import masked_reference
 from attncc.variants.local import TOP_LEFT_CAUSAL
 from attncc.variants.registry import register_variant
@@ -188,27 +189,30 @@ class VerticalSlashSpec(VariantSpec):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
         """q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``, v ``[B, Hkv, Nk, Dv]`` (Nq <= Nk) -> ``[B, Hq, Nq, Dv]`` in
         q's dtype (float32 math). Differentiable in q, k, v, bias and sinks; no ``Nq x Nk`` tensor is built."""
-        nq, nk = check_decode_queries(self, q, k, v)
+        check_decode_queries(self, q, k, v)
         sel = self.select(q, k, mods)
-        batch, hq, _, d = q.shape
-        dv = v.shape[-1]
-        kf, vf = k.float(), v.float()
-        bi, hi = _batch_head_index(batch, hq, k.shape[1], q.device)
-        k_cols = kf[bi, hi, sel.columns]  # [B, Hq, V, D]
-        v_cols = vf[bi, hi, sel.columns]
-        n_cols = sel.columns.shape[-1]
-        sink = sink_rows(mods.sinks, 1, hq, 1, 1)
+        pairs = SelectedPairs(sel, q, k, mods)
+        k_cols, k_diag = pairs.gather_keys(k)
+        v_cols, v_diag = pairs.gather_keys(v)
+        qs = q.float() * mods.scale
+        sink = sink_rows(mods.sinks, 1, q.shape[1], 1, 1)
         outs = []
-        for r0, r1 in _row_chunks(nq, batch * hq * sel.offsets.shape[-1] * (d + dv)):
-            keys, keep = pair_keys(sel, r0, r1, nq, nk)
-            diag = keys[..., n_cols:]
-            qc = q[:, :, r0:r1].float()
-            s_cols = qc @ k_cols.transpose(-1, -2)  # [B, Hq, rows, V]
-            s_diag = (kf[bi[..., None], hi[..., None], diag] @ qc[..., None]).squeeze(-1)  # [B, Hq, rows, S]
-            s, visible = scores_at(torch.cat([s_cols, s_diag], dim=-1), mods, _rows(r0, r1, q.device), keys)
-            p = masked_softmax(s, keep & visible, sink)
-            o = p[..., :n_cols] @ v_cols + (p[..., None, n_cols:] @ vf[bi[..., None], hi[..., None], diag]).squeeze(-2)
-            outs.append(o)
+        for r0, r1 in pairs.chunks(k.shape[-1] + v.shape[-1]):
+            qc = qs[:, :, r0:r1]
+            s_cols = pairs.finish_columns(qc @ k_cols.transpose(-1, -2), r0, r1)  # [B, Hq, rows, V]
+            index = pairs.diagonal_index(r0, r1)  # [B, Hq, rows, S] into the padded keys
+            s_diag = (F.embedding(index, k_diag) @ qc[..., None]).squeeze(-1)  # q . k[position - offset]
+            s_diag = pairs.finish_diagonals(s_diag, index, r0, r1)
+            # One softmax over both parts (no concatenation): shared max, shared denominator.
+            m = torch.maximum(s_cols.amax(-1, keepdim=True), s_diag.amax(-1, keepdim=True)).detach()
+            if sink is not None:
+                m = torch.maximum(m, sink)
+            e_cols, e_diag = torch.exp(s_cols - m), torch.exp(s_diag - m)
+            denom = e_cols.sum(-1, keepdim=True) + e_diag.sum(-1, keepdim=True)
+            if sink is not None:
+                denom = denom + torch.exp(sink - m)
+            o = e_cols @ v_cols + (e_diag[..., None, :] @ F.embedding(index, v_diag)).squeeze(-2)
+            outs.append(o / denom * (m > DEAD))  # a row that sees no key gives zeros
         return torch.cat(outs, dim=2).to(q.dtype)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
@@ -231,15 +235,18 @@ class VerticalSlashSpec(VariantSpec):
         """The (query, key) pairs this call scores, float ``[B, Hq]``: per real query (see the module docstring),
         its chosen keys that are visible (inside the sequence, not hidden by the mask or causality)."""
         nq, nk = check_decode_queries(self, q, k, k)
-        sel = self.select(q, k, mods)
+        pairs = SelectedPairs(self.select(q, k, mods), q, k, mods)
         real = real_query_rows(mods.mask, nq, nk)
         total = torch.zeros(q.shape[0], q.shape[1], device=q.device)
-        for r0, r1 in _row_chunks(nq, q.shape[0] * q.shape[1] * (sel.columns.shape[-1] + sel.offsets.shape[-1])):
-            keys, keep = pair_keys(sel, r0, r1, nq, nk)
-            keep = keep & visible_at(mods, _rows(r0, r1, q.device), keys)
+        for r0, r1 in pairs.chunks(1):
+            index = pairs.diagonal_index(r0, r1)
+            zeros_cols = torch.zeros(*pairs.columns.shape[:2], r1 - r0, pairs.columns.shape[-1], device=q.device)
+            visible = torch.cat([pairs.finish_columns(zeros_cols, r0, r1),
+                                 pairs.finish_diagonals(torch.zeros(index.shape, device=q.device), index, r0, r1)],
+                                dim=-1) > DEAD
             if real is not None:
-                keep = keep & real[:, None, r0:r1, None]
-            total += keep.sum(dim=(-2, -1))
+                visible = visible & real[:, None, r0:r1, None].to(q.device)
+            total += visible.sum(dim=(-2, -1))
         return total
 
 
@@ -313,26 +320,102 @@ def take_pairs(t: Tensor, rows: Tensor, keys: Tensor) -> Tensor:
     return t[bi, hi, qi, ki]
 
 
-def pair_keys(sel: Selection, r0: int, r1: int, nq: int, nk: int) -> tuple[Tensor, Tensor]:
-    """The keys query rows ``[r0, r1)`` attend: int64 ``[B, Hq, rows, V + S]`` (the columns, then the diagonal
-    keys ``position - offset`` clamped into range) and bool of the same shape, False at a diagonal key outside
-    the sequence or that is one of the columns (attended once, as a column)."""
-    batch, hq, n_cols = sel.columns.shape
-    positions = torch.arange(r0, r1, device=sel.columns.device).view(1, 1, -1, 1) + (nk - nq)
-    diag = positions - sel.offsets[:, :, None, :]
-    inside = (diag >= 0) & (diag < nk)
-    diag = diag.clamp(0, nk - 1)
-    again = sel.is_column.gather(-1, diag.flatten(-2)).view(diag.shape)
-    keys = torch.cat([sel.columns[:, :, None, :].expand(batch, hq, r1 - r0, n_cols), diag], dim=-1)
-    keep = torch.cat([torch.ones(batch, hq, r1 - r0, n_cols, dtype=torch.bool, device=diag.device),
-                      inside & ~again], dim=-1)
-    return keys, keep
+class SelectedPairs:
+    """The pairs a selection scores, laid out for gathers: the columns as one key set per (batch, query head),
+    the diagonal keys as rows of a padded key table (``k`` with ``Nq - 1`` zero rows before and ``2 * Nq - 1``
+    after, per kv head, flattened for ``F.embedding``), so ``k[position - offset]`` is one gather whatever the
+    offset. Hidden pairs get ``MASKED`` added: a per-key penalty (outside the sequence, a chosen column
+    again, a padding key) read with the same index, a per-offset one (causality hides negative offsets: they
+    point at the last padding rows), and, only for masks with a query dim or a bias, a gather at the pairs.
+    """
+
+    def __init__(self, sel: Selection, q: Tensor, k: Tensor, mods: ScoreMods):
+        batch, hq, nq, _ = q.shape
+        hkv, nk = k.shape[1], k.shape[2]
+        dev = q.device
+        self.mods, self.nq, self.nk, self.hkv = mods, nq, nk, hkv
+        self.columns = sel.columns
+        self.pad = nq - 1
+        self.width = self.pad + nk + 2 * nq - 1  # rows per kv head of the padded key table
+        g = hq // hkv
+        kv_head = torch.arange(batch, device=dev).view(batch, 1, 1) * hkv + (torch.arange(hq, device=dev) // g).view(1, hq, 1)
+        q_head = torch.arange(batch * hq, device=dev).view(batch, hq, 1)
+        self.column_index = kv_head * nk + sel.columns  # [B, Hq, V] into k flattened
+        # Diagonal key of row r: position(r) - offset + pad, i.e. r + (Nk - Nq + pad - offset).
+        shift = (nk - nq + self.pad) - sel.offsets
+        if mods.causal:  # top-left causality hides key > row, i.e. offsets below Nk - Nq: point at the padding
+            shift = torch.where(sel.offsets < nk - nq, self.pad + nk + nq - 1, shift)
+        self.diagonal_shift = (kv_head * self.width + shift)[:, :, None, :]  # [B, Hq, 1, S]
+        self.table_start = (kv_head * self.width + self.pad)[:, :, None, :]  # [B, Hq, 1, 1]: key 0's table row
+        self.penalty_shift = ((q_head - kv_head) * self.width)[:, :, None, :]  # kv table row -> penalty row
+        self.penalty = self._penalty(sel, batch, hq, dev)  # [B * Hq * width, 1]
+        key_mask = mods.mask is not None and _as4(mods.mask).shape[-2] == 1
+        self.column_mask = None
+        if key_mask:  # a key mask hides whole columns: gathered once
+            self.column_mask = take_pairs(mods.mask, torch.zeros((), dtype=torch.int64, device=dev),
+                                          sel.columns[:, :, None, :]).bool()
+        self.pair_mask = mods.mask is not None and not key_mask
+
+    def _penalty(self, sel: Selection, batch: int, hq: int, dev) -> Tensor:
+        hidden = torch.ones(batch, hq, self.width, dtype=torch.bool, device=dev)
+        inside = ~sel.is_column
+        if self.mods.mask is not None and _as4(self.mods.mask).shape[-2] == 1:
+            inside = inside & _as4(self.mods.mask)[:, :, 0, :].bool().to(dev)
+        hidden[..., self.pad:self.pad + self.nk] = ~inside
+        return torch.zeros(hidden.shape, device=dev).masked_fill(hidden, MASKED).view(-1, 1)
+
+    def gather_keys(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """k or v ``[B, Hkv, Nk, D]`` -> the column rows ``[B, Hq, V, D]`` and the padded table for the diagonals
+        ``[B * Hkv * width, D]`` (float32)."""
+        batch, hkv, nk, d = x.shape
+        flat = x.float().reshape(batch * hkv * nk, d)
+        table = F.pad(x.float(), (0, 0, self.pad, self.width - self.pad - nk)).reshape(-1, d)
+        return F.embedding(self.column_index, flat), table
+
+    def chunks(self, floats_per_pair: int) -> list[tuple[int, int]]:
+        """Query row ranges whose gathered diagonal keys and values stay about ``CHUNK_FLOATS``."""
+        per_row = self.columns.shape[0] * self.columns.shape[1] * self.diagonal_shift.shape[-1] * floats_per_pair
+        return _row_chunks(self.nq, per_row)
+
+    def diagonal_index(self, r0: int, r1: int) -> Tensor:
+        """int64 ``[B, Hq, rows, S]``: the row of the padded key table each (query row, diagonal) reads."""
+        return torch.arange(r0, r1, device=self.columns.device).view(1, 1, -1, 1) + self.diagonal_shift
+
+    def finish_columns(self, s: Tensor, r0: int, r1: int) -> Tensor:
+        """Plain column scores ``[B, Hq, rows, V]`` (q already scaled) softcapped, biased and masked."""
+        keys = self.columns[:, :, None, :]
+        s = self._modified(s, r0, r1, keys)
+        hidden = None
+        if self.column_mask is not None:
+            hidden = ~self.column_mask
+        if self.pair_mask:
+            hidden = ~take_pairs(self.mods.mask, _rows(r0, r1, s.device), keys).bool()
+        if self.mods.causal:
+            future = keys > _rows(r0, r1, s.device)
+            hidden = future if hidden is None else hidden | future
+        return s if hidden is None else s.masked_fill(hidden, MASKED)
+
+    def finish_diagonals(self, s: Tensor, index: Tensor, r0: int, r1: int) -> Tensor:
+        """Plain diagonal scores ``[B, Hq, rows, S]`` (q already scaled) softcapped, biased and masked."""
+        keys = None
+        if self.mods.bias is not None or self.pair_mask:
+            keys = (index - self.table_start).clamp(0, self.nk - 1)  # the key positions, for gathers at pairs
+        s = self._modified(s, r0, r1, keys)
+        s = s + F.embedding(index + self.penalty_shift, self.penalty).squeeze(-1)
+        if self.pair_mask:
+            s = s.masked_fill(~take_pairs(self.mods.mask, _rows(r0, r1, s.device), keys).bool(), MASKED)
+        return s
+
+    def _modified(self, s: Tensor, r0: int, r1: int, keys: Optional[Tensor]) -> Tensor:
+        if self.mods.softcap > 0:
+            s = self.mods.softcap * torch.tanh(s / self.mods.softcap)
+        if self.mods.bias is not None:
+            s = s + take_pairs(self.mods.bias, _rows(r0, r1, s.device), keys).float()
+        return s
 
 
-def _batch_head_index(batch: int, hq: int, hkv: int, device) -> tuple[Tensor, Tensor]:
-    """Index tensors ``[B, 1, 1]`` and ``[1, Hq, 1]`` selecting each query head's kv head (``h // g``)."""
-    return (torch.arange(batch, device=device).view(batch, 1, 1),
-            (torch.arange(hq, device=device) // (hq // hkv)).view(1, hq, 1))
+def _as4(t: Tensor) -> Tensor:
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
 
 
 def _rows(r0: int, r1: int, device) -> Tensor:
