@@ -50,14 +50,14 @@ from attncc.variants.base import (
     ScoreMods, VariantSpec, attention_cost, check_decode_queries, check_int, site_sizes, sink_rows,
     softmax_with_sink, unapplied_site_features,
 )
-from attncc.variants.blocks import DEAD, MASKED
+from attncc.variants.blocks import DEAD, MASKED, run_tasks
 from attncc.variants.exact import masked_reference
 from attncc.variants.local import TOP_LEFT_CAUSAL
 from attncc.variants.registry import register_variant
 from attncc.variants.score_mods import modified_scores
 
-CHUNK_FLOATS = 1 << 22
-"""Gathered diagonal keys and values per chunk of query rows (16 MB of float32)."""
+CHUNK_FLOATS = 1 << 25
+"""Gathered diagonal keys and values per chunk of query rows (4 MB of float32, cache-sized per worker)."""
 
 
 class Selection(NamedTuple):
@@ -159,13 +159,22 @@ class VerticalSlashSpec(VariantSpec):
                   rows[:, None, :]]  # [B, Hq, L, D]
         s = (q_est.float().reshape(batch, hkv, g * n_est, d) @ k.float().transpose(-1, -2)).view(batch, hq, n_est, nk)
         keys = torch.arange(nk, device=q.device).view(1, 1, 1, nk)
-        s, keep = scores_at(s, mods, rows4, keys)
-        keep = keep & valid[:, None, :, None]
-        p = softmax_with_sink(s.masked_fill(~keep, float("-inf")), sink_rows(mods.sinks, 1, hq, 1, 1))
-        p = p.nan_to_num(0.0).masked_fill(~keep, 0.0)  # rows that see nothing, and invalid estimation rows
+        bias = take_pairs(mods.bias, rows4, keys) if mods.bias is not None else None
+        s = modified_scores(s, ScoreMods(scale=mods.scale, softcap=mods.softcap, bias=bias))
+        hidden = ~visible_at(mods, rows4, keys) if mods.mask is not None or mods.causal else None
+        if real is not None:  # fewer real queries than estimation rows: the extra rows count nothing
+            hidden = ~valid[:, None, :, None] if hidden is None else hidden | ~valid[:, None, :, None]
+        if hidden is not None:
+            s = s.masked_fill(hidden, float("-inf"))
+        p = softmax_with_sink(s, sink_rows(mods.sinks, 1, hq, 1, 1))
+        if hidden is not None:
+            p = p.nan_to_num(0.0)  # a row that sees nothing
+        # A column or diagonal no estimation query sees (or whose every probability underflows) sums to 0: it
+        # ranks after every seen one, and is taken only where the budget exceeds those.
 
-        # Columns: summed probability per key; keys no estimation query sees rank last, the sink first.
-        column_score = p.sum(dim=-2).masked_fill(~keep.any(dim=-2), float("-inf"))
+        # Columns: summed probability per key, the sink first.
+        column_score = p.sum(dim=-2)
+        column_score = column_score.masked_fill(column_score == 0, float("-inf"))
         column_score[..., 0] = float("inf")
         columns = column_score.topk(min(self.vertical, nk), dim=-1).indices.sort(dim=-1).values
 
@@ -174,9 +183,7 @@ class VerticalSlashSpec(VariantSpec):
         n_cand = nq + nk - 1
         cand = (rows4 - keys + (nk - 1)).expand(batch, hq, n_est, nk).reshape(batch, hq, -1)
         diag_score = torch.zeros(batch, hq, n_cand, device=q.device).scatter_add_(-1, cand, p.reshape(batch, hq, -1))
-        seen = torch.zeros(batch, hq, n_cand, device=q.device).scatter_add_(
-            -1, cand, keep.expand(batch, hq, n_est, nk).reshape(batch, hq, -1).float())
-        diag_score = diag_score.masked_fill(seen == 0, float("-inf"))
+        diag_score = diag_score.masked_fill(diag_score == 0, float("-inf"))
         diag_score[..., nq - 1] = float("inf")  # the main diagonal
         offsets = diag_score.topk(min(self.slash, n_cand), dim=-1).indices.sort(dim=-1).values - (nq - 1)
 
@@ -196,8 +203,9 @@ class VerticalSlashSpec(VariantSpec):
         v_cols, v_diag = pairs.gather_keys(v)
         qs = q.float() * mods.scale
         sink = sink_rows(mods.sinks, 1, q.shape[1], 1, 1)
-        outs = []
-        for r0, r1 in pairs.chunks(k.shape[-1] + v.shape[-1]):
+
+        def rows_out(chunk: tuple[int, int]) -> Tensor:
+            r0, r1 = chunk
             qc = qs[:, :, r0:r1]
             s_cols = pairs.finish_columns(qc @ k_cols.transpose(-1, -2), r0, r1)  # [B, Hq, rows, V]
             index = pairs.diagonal_index(r0, r1)  # [B, Hq, rows, S] into the padded keys
@@ -212,7 +220,11 @@ class VerticalSlashSpec(VariantSpec):
             if sink is not None:
                 denom = denom + torch.exp(sink - m)
             o = e_cols @ v_cols + (e_diag[..., None, :] @ F.embedding(index, v_diag)).squeeze(-2)
-            outs.append(o / denom * (m > DEAD))  # a row that sees no key gives zeros
+            return o / denom * (m > DEAD)  # a row that sees no key gives zeros
+
+        # Chunks of rows are independent: single-threaded workers run them side by side (many small ops
+        # with no per-op thread barrier, see blocks.run_tasks).
+        outs = run_tasks(rows_out, pairs.chunks(k.shape[-1] + v.shape[-1]), q.device)
         return torch.cat(outs, dim=2).to(q.dtype)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
@@ -297,14 +309,6 @@ def visible_at(mods: ScoreMods, rows: Tensor, keys: Tensor) -> Tensor:
     if mods.causal:
         visible = visible & (keys <= rows)
     return visible
-
-
-def scores_at(s: Tensor, mods: ScoreMods, rows: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
-    """Plain scores ``s`` (``q . k``, ``[B, Hq, rows, K]``) at query rows ``rows`` and key positions ``keys``
-    scaled, softcapped and biased, and which of them the mask and causality leave visible (bool)."""
-    bias = take_pairs(mods.bias, rows, keys) if mods.bias is not None else None
-    s = modified_scores(s, ScoreMods(scale=mods.scale, softcap=mods.softcap, bias=bias))
-    return s, visible_at(mods, rows, keys).expand(s.shape)
 
 
 def take_pairs(t: Tensor, rows: Tensor, keys: Tensor) -> Tensor:
