@@ -56,8 +56,8 @@ from attncc.variants.local import TOP_LEFT_CAUSAL
 from attncc.variants.registry import register_variant
 from attncc.variants.score_mods import modified_scores
 
-CHUNK_FLOATS = 1 << 25
-"""Gathered diagonal keys and values per chunk of query rows (4 MB of float32, cache-sized per worker)."""
+CHUNK_FLOATS = 1 << 21
+"""Gathered diagonal keys and values per chunk of query rows (8 MB of float32 per worker: measured best of 2^20..2^25)."""
 
 
 class Selection(NamedTuple):
