@@ -84,7 +84,7 @@ class VerticalSlashSpec(VariantSpec):
     """Estimation queries: the last ones (causal) or spread over the sequence (bidirectional)."""
 
     name: ClassVar[str] = "vertical_slash"
-    listed: ClassVar[int] = 45
+    listed: ClassVar[int] = 60
 
     @classmethod
     def examples(cls) -> tuple[VariantSpec, ...]:
