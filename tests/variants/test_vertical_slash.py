@@ -258,3 +258,17 @@ def test_applies_to_tiny_hf_models_with_a_measured_error(model_type, mask, extra
         assert site.rel_l2 is not None and 0 < site.rel_l2 < 2 and site.cosine > 0.5
     with torch.no_grad():
         assert torch.isfinite(cm(**inputs).last_hidden_state).all()
+
+
+def test_the_attention_op_runs_it_and_sends_causal_decode_calls_to_the_fallback():
+    import attncc
+
+    q, k, v = random_qkv(1, 4, 2, 5, 16, nk=12, seed=8)
+    text = "vertical_slash(vertical=3, slash=3, last_q=2)"
+    spec = parse_variant(text)
+    got = attncc.attention(q, k, v, variant=text)
+    torch.testing.assert_close(got, spec.reference(q, k, v, ScoreMods(scale=16 ** -0.5)), **TIGHT)
+    got = attncc.attention(q, k, v, variant=text, causal=True)  # SDPA's top-left is_causal: exact
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(got, want, **TIGHT)
