@@ -21,9 +21,9 @@ those that see some key under the mask (a padded token's query under a key-paddi
 not real), so a right-padded batch estimates from its text, not from its padding.
 
 Budgets are counts: ``vertical >= Nk`` keeps every column and ``slash >= Nq + Nk - 1`` every diagonal, and
-either one makes the variant exact (``exact_limit``). Budget beyond what the call can use (columns or
-diagonals no estimation query sees) is spent on the remaining ones in index order: harmless, they are
-hidden anyway where the mask hides them.
+either one makes the variant exact (``exact_limit``). Budget beyond what the estimate ranks (columns or
+diagonals no estimation query sees) goes to the unranked ones in no particular order; they are attended
+exactly wherever the mask and causality let a query see them.
 
 Fewer queries than keys (decode with a KV cache, chunked prefill): the queries are the last ``Nq`` tokens,
 query ``i`` at position ``Nk - Nq + i`` (bottom-right), its diagonals are placed at that position, and
@@ -33,7 +33,9 @@ dispatch runs such calls on the fallback). A decode step estimates from its own 
 The selection is not differentiated (a discrete choice); gradients flow through the attention over the
 chosen keys. ``forward`` works a chunk of query rows at a time: the columns are one gathered key set
 (``[B, Hq, vertical, D]``, a matmul), the diagonal keys a gather of ``k[position - o]`` per row
-(``[B, Hq, rows, slash, D]``); memory is ``O(rows * slash * D)`` per head, never ``Nq x Nk``.
+(``[B, Hq, rows, slash, D]``); memory is ``O(rows * slash * D)`` per head, never ``Nq x Nk``. Those gathers
+move about ``D + Dv`` floats per pair, which on a CPU costs more per pair than SDPA's tiled matmuls: the torch
+path wins only at long sequences; the Triton kernel (``attncc.codegen.vertical_slash``) is the fast path.
 """
 
 from __future__ import annotations
