@@ -201,8 +201,10 @@ class VerticalSlashSpec(VariantSpec):
         check_decode_queries(self, q, k, v)
         sel = self.select(q, k, mods)
         pairs = SelectedPairs(sel, q, k, mods)
-        k_cols, k_diag = pairs.gather_keys(k)
-        v_cols, v_diag = pairs.gather_keys(v)
+        d = k.shape[-1]
+        # Keys and values side by side: one gather per pair brings both (wider rows copy faster).
+        kv_cols, kv_diag = pairs.gather_keys(torch.cat([k.float(), v.float()], dim=-1))
+        k_cols, v_cols = kv_cols[..., :d], kv_cols[..., d:]
         qs = q.float() * mods.scale
         sink = sink_rows(mods.sinks, 1, q.shape[1], 1, 1)
 
@@ -211,7 +213,8 @@ class VerticalSlashSpec(VariantSpec):
             qc = qs[:, :, r0:r1]
             s_cols = pairs.finish_columns(qc @ k_cols.transpose(-1, -2), r0, r1)  # [B, Hq, rows, V]
             index = pairs.diagonal_index(r0, r1)  # [B, Hq, rows, S] into the padded keys
-            s_diag = (F.embedding(index, k_diag) @ qc[..., None]).squeeze(-1)  # q . k[position - offset]
+            kv = F.embedding(index, kv_diag)  # [B, Hq, rows, S, D + Dv]: k and v at position - offset
+            s_diag = (kv[..., :d] @ qc[..., None]).squeeze(-1)
             s_diag = pairs.finish_diagonals(s_diag, index, r0, r1)
             # One softmax over both parts (no concatenation): shared max, shared denominator.
             m = torch.maximum(s_cols.amax(-1, keepdim=True), s_diag.amax(-1, keepdim=True)).detach()
@@ -221,7 +224,7 @@ class VerticalSlashSpec(VariantSpec):
             denom = e_cols.sum(-1, keepdim=True) + e_diag.sum(-1, keepdim=True)
             if sink is not None:
                 denom = denom + torch.exp(sink - m)
-            o = e_cols @ v_cols + (e_diag[..., None, :] @ F.embedding(index, v_diag)).squeeze(-2)
+            o = e_cols @ v_cols + (e_diag[..., None, :] @ kv[..., d:]).squeeze(-2)
             return o / denom * (m > DEAD)  # a row that sees no key gives zeros
 
         # Chunks of rows are independent: single-threaded workers run them side by side (many small ops
