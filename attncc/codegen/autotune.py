@@ -23,6 +23,10 @@ from attncc.codegen.source import interpreting
 from attncc.errors import AttnccError
 
 
+FP_FUSION = True
+"""``enable_fp_fusion`` of every launch (multiply-adds fused into FMAs)."""
+
+
 class NoRunnableConfig(AttnccError):
     """Every candidate config failed to launch on this GPU (e.g. too much shared memory for a huge head dim)."""
 
@@ -46,8 +50,14 @@ class Config:
         """Keyword arguments for ``kernel[grid](..., **config.launch_kwargs())``."""
         kwargs = dict(self.params)
         if not interpreting():
-            kwargs.update(num_warps=self.num_warps, num_stages=self.num_stages)
+            kwargs.update(self.compile_options())
         return kwargs
+
+    def compile_options(self) -> dict:
+        """Triton's compile options of this config (what a GPU launch passes besides the tile sizes)."""
+        # Floating-point fusion said explicitly (Triton 3.9 warns that its default turns off in 3.10): the
+        # kernels want it, e.g. the softmax's `s * scale - m` is one FMA, more accurate than two roundings.
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": FP_FUSION}
 
     def as_json(self) -> dict:
         return {"params": dict(self.params), "num_warps": self.num_warps, "num_stages": self.num_stages}

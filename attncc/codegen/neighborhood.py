@@ -454,6 +454,24 @@ def _layout(tiling: NeighborhoodTiling, block_m: int, block_n: int, device: str)
                        partial.to(device))
 
 
+def flop_bound(tiling: NeighborhoodTiling, block_m: int, block_n: int) -> float:
+    """The fraction of the kernel's tile work that is useful: the (query, key) pairs neighborhood attention
+    scores (every grid query sees ``prod(kernel)`` keys) over the pairs the visited tiles compute
+    (``block_m * block_n`` per layout entry). It bounds the achievable speed as a share of the FLOP bound.
+
+    Why kernel 31 stays near 2/3 (stride 1): the keys a set of queries needs is the union of their windows,
+    at least ``(t + k - 1)^2`` for ``t x t`` queries in 2-D (a square tile minimizes it), so a tile of 64
+    queries (the least a wgmma warpgroup computes, 8x8) does at most ``k^2 / (8 + k - 1)^2`` useful work:
+    67% at k = 31, 35% at 13, 25% at 7, whatever the tile shape or key tiling. 85% at k = 31 needs ``t <= 3``
+    (9 queries per tile), below any tensor-core tile; only grid borders (clamped windows shared by several
+    queries) or a stride (``stride=(8, 8)``: the queries of a tile share one window) raise it.
+    """
+    layout = tiling.layout(block_m, block_n)
+    visited = int((layout.kv_blocks >= 0).sum()) * block_m * block_n
+    useful = math.prod(tiling.grid) * math.prod(min(k, n) for k, n in zip(tiling.kernel, tiling.grid))
+    return useful / visited if visited else 0.0
+
+
 def neighborhood_visit(spec: NeighborhoodSpec, n: int, device=None) -> LayoutVisit:
     """The kernel visit of ``spec`` over ``n = globals + prod(grid)`` tokens: layouts (built on ``device``
     for each tile size the kernel tries), token map and element predicate."""
@@ -477,5 +495,5 @@ def neighborhood_attention(spec: NeighborhoodSpec, q: Tensor, k: Tensor, v: Tens
     return softmax_attention(q, k, v, mods, neighborhood_visit(spec, n, q.device))
 
 
-__all__ = ["BLOCK_SIZES", "AxisTiles", "NeighborhoodTiling", "neighborhood_attention", "neighborhood_visit",
-           "tile_shape"]
+__all__ = ["BLOCK_SIZES", "AxisTiles", "NeighborhoodTiling", "flop_bound", "neighborhood_attention",
+           "neighborhood_visit", "tile_shape"]

@@ -51,7 +51,13 @@ M_INIT = -1.0e30
 """Initial running max (log2 units): finite, so a block whose scores are all hidden (-inf) gives
 ``exp2(-inf - M_INIT) = 0`` instead of ``exp2(-inf + inf) = nan``."""
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+
+FLOAT32_DOT_PRECISION = "tf32x3"
+"""``input_precision`` of the dots of float32 inputs on a GPU. ``"ieee"`` runs on FMA units (no wgmma) and
+spills; ``"tf32"`` alone errs ~4e-4 (relative rms of the attention output), beyond the exact policy's 1e-5;
+``"tf32x3"`` (three TF32 products, fp32 accumulation) stays at the ieee error (emulated on the CPU:
+``tests/codegen/test_sm90_readiness.py::test_tf32x3_keeps_float32_accuracy``)."""
 
 
 # ----------------------------------------------------------------------------------------------- the plan
@@ -78,7 +84,8 @@ class SoftmaxPlan:
     """``tl`` dtype of q, k, v and the output, e.g. ``"tl.bfloat16"``."""
     d: int
     block_d: int
-    """Dqk padded to a power of two (>= 16); loads are masked along it when ``block_d != d``."""
+    """Dqk padded (the sum of ``d_pieces``, or a power of two >= 16); loads are masked along it when
+    ``block_d != d``."""
     dv: int
     block_dv: int
     group: int
@@ -107,7 +114,18 @@ class SoftmaxPlan:
     dot_f32: bool = False
     """Cast dot operands to float32 (the interpreter's bf16 ``tl.dot`` is wrong)."""
     dot_precision: Optional[str] = None
-    """``input_precision`` of float32 dots on a GPU (``"ieee"``: no TF32 rounding)."""
+    """``input_precision`` of float32 dots on a GPU (``"tf32x3"``: float32 accuracy on tensor cores)."""
+    d_pieces: tuple[int, ...] = ()
+    """Power-of-two widths (>= 16) the padded Dqk is split into, each its own tile and ``tl.dot`` (which
+    takes power-of-two shapes only): ``(64, 16)`` for 80 pads to 80, not 128. Empty: one piece of
+    ``block_d``."""
+    dv_pieces: tuple[int, ...] = ()
+    """Like ``d_pieces``, for Dv (the output accumulator is one tile per piece)."""
+    scale_in_exp: bool = False
+    """The scores stay raw (``q . k``) through masking and the row max, and the scale is applied once, in the
+    FMA ``s * qk_scale - m`` inside exp2 (FlashAttention's form). Only without softcap and bias (they need
+    scaled scores) and with a positive scale (``max(s) * scale`` is the max of the scaled scores only then,
+    and ``-inf * scale`` stays ``-inf``)."""
 
     def descriptor(self) -> dict:
         """The JSON-able cache descriptor (determines the generated source completely)."""
@@ -198,8 +216,6 @@ def _emit_prologue(w: SourceWriter, plan: SoftmaxPlan) -> None:
         start_m = pid_m * BLOCK_M
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, {plan.block_d})
-        offs_dv = tl.arange(0, {plan.block_dv})
         # int64 batch/head offsets: B * H * N * D can exceed 2**31 elements
         Q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
         K_base = K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh
@@ -207,6 +223,9 @@ def _emit_prologue(w: SourceWriter, plan: SoftmaxPlan) -> None:
         O_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
         q_pos = start_m + offs_m[:, None]
     """)
+    for name, pieces, padded in (("offs_d", plan.d_pieces, plan.block_d), ("offs_dv", plan.dv_pieces, plan.block_dv)):
+        for suffix, start, width in _piece_spans(pieces, padded):
+            w.line(f"{name}{suffix} = {f'{start} + ' if start else ''}tl.arange(0, {width})")
     if plan.token_map is not None:
         w.line("k_pos = offs_n[None, :]  # the token map computes both sides; only its query side is used here")
         w.lines(plan.token_map.code)
@@ -222,10 +241,12 @@ def _emit_prologue(w: SourceWriter, plan: SoftmaxPlan) -> None:
             q_row = tl.minimum(q_pos, NQ - 1)
             q_store = q_pos < NQ
         """)
-    dmask = f", mask=offs_d[None, :] < {plan.d}, other=0.0" if plan.block_d != plan.d else ""
-    w.line(f"q = tl.load(Q_base + q_row * stride_qn + offs_d[None, :]{dmask})")
-    if plan.dot_f32:
-        w.line("q = q.to(tl.float32)")
+    for suffix, start, width in _piece_spans(plan.d_pieces, plan.block_d):
+        offs = f"offs_d{suffix}"
+        dmask = f", mask={offs}[None, :] < {plan.d}, other=0.0" if start + width > plan.d else ""
+        w.line(f"q{suffix} = tl.load(Q_base + q_row * stride_qn + {offs}[None, :]{dmask})")
+        if plan.dot_f32:
+            w.line(f"q{suffix} = q{suffix}.to(tl.float32)")
     for prefix, pattern in (("bias", plan.bias), ("mask", plan.mask)):
         if pattern is None:
             continue
@@ -239,8 +260,9 @@ def _emit_prologue(w: SourceWriter, plan: SoftmaxPlan) -> None:
     w.lines(f"""
         m_i = tl.full([BLOCK_M], {M_INIT}, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, {plan.block_dv}], tl.float32)
     """)
+    for suffix, _, width in _piece_spans(plan.dv_pieces, plan.block_dv):
+        w.line(f"acc{suffix} = tl.zeros([BLOCK_M, {width}], tl.float32)")
 
 
 def _bias_or_mask_value(prefix: str, loaded: str) -> str:
@@ -306,15 +328,20 @@ def _parenthesized(term: str) -> str:
 def _emit_scores(w: SourceWriter, plan: SoftmaxPlan, k_in: Optional[str] = None) -> None:
     """``s`` [BLOCK_M, BLOCK_N] float32 in log2 units: q K^T * scale, softcap, + bias. Key loads are masked
     with ``k_in`` when given."""
-    dmask = f"offs_d[:, None] < {plan.d}" if plan.block_d != plan.d else None
-    load = _masked_load("K_base + offs_d[:, None] + k_row[None, :] * stride_kn",
-                        all_of(dmask, k_in and f"{k_in}[None, :]"))
-    w.line(f"kt = {load}")
-    if plan.dot_f32:
-        w.line("kt = kt.to(tl.float32)")
-    w.line(f"qk = tl.dot(q, kt{_dot_args(plan)})")
+    for suffix, start, width in _piece_spans(plan.d_pieces, plan.block_d):
+        offs = f"offs_d{suffix}"
+        dmask = f"{offs}[:, None] < {plan.d}" if start + width > plan.d else None
+        load = _masked_load(f"K_base + {offs}[:, None] + k_row[None, :] * stride_kn",
+                            all_of(dmask, k_in and f"{k_in}[None, :]"))
+        w.line(f"kt{suffix} = {load}")
+        if plan.dot_f32:
+            w.line(f"kt{suffix} = kt{suffix}.to(tl.float32)")
+        acc = ", qk" if start else ""  # the pieces of the head dim sum into one score tile
+        w.line(f"qk = tl.dot(q{suffix}, kt{suffix}{acc}{_dot_args(plan)})")
     if plan.softcap:
         emit_softcap(w, "qk", "s")
+    elif plan.scale_in_exp:
+        w.line("s = qk  # raw scores: the scale is applied once, inside exp2 (see SoftmaxPlan.scale_in_exp)")
     else:
         w.line("s = qk * qk_scale")
     if plan.bias is not None:
@@ -342,21 +369,36 @@ def emit_softcap(w: SourceWriter, qk: str, out: str) -> None:
 def emit_online_softmax_update(w: SourceWriter, plan: SoftmaxPlan, k_in: Optional[str] = None) -> None:
     """Fold the scores ``s`` (log2 units, hidden = -inf) of one key block into ``m_i``, ``l_i``, ``acc``,
     reading the block's V rows at ``k_row`` (loads masked with ``k_in`` when given)."""
-    dmask = f"offs_dv[None, :] < {plan.dv}" if plan.block_dv != plan.dv else None
-    load = _masked_load("V_base + k_row[:, None] * stride_vn + offs_dv[None, :]",
-                        all_of(k_in and f"{k_in}[:, None]", dmask))
     p_dtype = "tl.float32" if plan.dot_f32 else plan.dtype
-    w.lines(f"""
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
+    if plan.scale_in_exp:
+        # raw scores: max(s) * scale is the max of the scaled scores (scale > 0), and s * scale - m is one FMA
+        w.lines("""
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
+        """)
+    else:
+        w.lines("""
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+        """)
+    w.lines("""
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = {load}
     """)
-    if plan.dot_f32:
-        w.line("v = v.to(tl.float32)")
-    w.line(f"acc = tl.dot(p.to({p_dtype}), v, acc{_dot_args(plan)})")
+    spans = _piece_spans(plan.dv_pieces, plan.block_dv)
+    if len(spans) > 1:
+        w.line(f"p = p.to({p_dtype})")
+    for suffix, start, width in spans:
+        offs = f"offs_dv{suffix}"
+        dmask = f"{offs}[None, :] < {plan.dv}" if start + width > plan.dv else None
+        load = _masked_load(f"V_base + k_row[:, None] * stride_vn + {offs}[None, :]",
+                            all_of(k_in and f"{k_in}[:, None]", dmask))
+        w.line(f"acc{suffix} = acc{suffix} * alpha[:, None]")
+        w.line(f"v{suffix} = {load}")
+        if plan.dot_f32:
+            w.line(f"v{suffix} = v{suffix}.to(tl.float32)")
+        p = "p" if len(spans) > 1 else f"p.to({p_dtype})"
+        w.line(f"acc{suffix} = tl.dot({p}, v{suffix}, acc{suffix}{_dot_args(plan)})")
     w.line("m_i = m_new")
 
 
@@ -450,26 +492,42 @@ def _emit_layout_loop(w: SourceWriter, plan: SoftmaxPlan) -> None:
     """)
     # With a token map, causality is on tokens and cannot be decided per block: it applies in every block.
     full_terms = _causal_term(plan) if plan.token_map is not None else []
-    with w.block("for i in range(0, n_full):"):
-        w.line("start_n = tl.multiple_of(tl.load(lay_row + 3 + n_partial + n_edge + i) * BLOCK_N, BLOCK_N)")
-        emit_key_block(w, plan, False, full_terms)
+    _emit_layout_group(w, plan, "lay_row + 3 + n_partial + n_edge", "n_full", False, full_terms)
     terms = _causal_term(plan)
     if plan.token_map is None:
         terms = ["k_pos < NK"] + (["k_pos <= q_pos"] if plan.causal else [])
-    with w.block("for i in range(0, n_edge):"):
-        w.line("start_n = tl.multiple_of(tl.load(lay_row + 3 + n_partial + i) * BLOCK_N, BLOCK_N)")
-        emit_key_block(w, plan, True, terms)
+    _emit_layout_group(w, plan, "lay_row + 3 + n_partial", "n_edge", True, terms)
     if plan.predicate is None and plan.token_map is None:
         return  # partial entries mean nothing without a predicate or tile padding: the launcher sends none
-    with w.block("for i in range(0, n_partial):"):
-        w.line("start_n = tl.multiple_of(tl.load(lay_row + 3 + i) * BLOCK_N, BLOCK_N)")
-        if plan.predicate is not None:
-            w.line("slot = tl.load(lay_row + 3 + LAY_K + i)")
-        emit_key_block(w, plan, True, terms, predicate=plan.predicate is not None)
+    _emit_layout_group(w, plan, "lay_row + 3", "n_partial", True, terms, predicate=plan.predicate is not None)
+
+
+def _emit_layout_group(w: SourceWriter, plan: SoftmaxPlan, first: str, count: str, masked: bool,
+                       terms: list[str], predicate: bool = False) -> None:
+    """The loop over ``count`` layout entries starting at pointer ``first``.
+
+    The next entry's block index (and slot) is loaded one iteration ahead (as FlexAttention does): loaded in
+    the iteration that uses it, the 4-byte index joins the software pipeline's copy queue and each iteration
+    waits for every outstanding copy (``cp.async.wait_group 0`` on sm_90), so K/V loads stop overlapping the
+    math. Reading one entry past the group is in bounds: a row holds ``3 + 2 * LAY_K`` int32 and the groups
+    fill at most its ``LAY_K`` block entries, so the index read past a group's last entry is still in the row
+    (its value is never used); the slot read ahead is masked (slots end the row).
+    """
+    w.line(f"next_block = tl.load({first})")
+    if predicate:
+        w.line(f"next_slot = tl.load({first} + LAY_K)")
+    with w.block(f"for i in range(0, {count}):"):
+        w.line("start_n = tl.multiple_of(next_block * BLOCK_N, BLOCK_N)")
+        w.line(f"next_block = tl.load({first} + i + 1)")
+        if predicate:
+            w.line("slot = next_slot")
+            # masked: past the last partial entry's slot the row may end
+            w.line(f"next_slot = tl.load({first} + LAY_K + i + 1, mask=i + 1 < {count}, other=0)")
+        emit_key_block(w, plan, masked, terms, predicate=predicate)
 
 
 def _emit_epilogue(w: SourceWriter, plan: SoftmaxPlan) -> None:
-    dmask = f" & (offs_dv[None, :] < {plan.dv})" if plan.block_dv != plan.dv else ""
+    spans = _piece_spans(plan.dv_pieces, plan.block_dv)
     if plan.sinks:
         # the learned sink: one more denominator term exp2(sink - m), after m moved to cover it (no overflow)
         w.lines(f"""
@@ -477,15 +535,39 @@ def _emit_epilogue(w: SourceWriter, plan: SoftmaxPlan) -> None:
             m_new = tl.maximum(m_i, sink)
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.exp2(sink - m_new)
-            acc = acc * alpha[:, None]
             m_i = m_new
         """)
-    w.lines(f"""
+        for suffix, _, _ in spans:
+            w.line(f"acc{suffix} = acc{suffix} * alpha[:, None]")
+    w.lines("""
         # a row that saw no visible key has l == 0 and acc == 0: it is written as zeros
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        tl.store(O_base + q_row * stride_on + offs_dv[None, :], out.to({plan.dtype}), mask=q_store{dmask})
     """)
+    for suffix, start, width in spans:
+        offs = f"offs_dv{suffix}"
+        dmask = f" & ({offs}[None, :] < {plan.dv})" if start + width > plan.dv else ""
+        w.line(f"out = acc{suffix} / l_safe[:, None]")
+        w.line(f"tl.store(O_base + q_row * stride_on + {offs}[None, :], out.to({plan.dtype}), mask=q_store{dmask})")
+
+
+def _piece_spans(pieces: tuple[int, ...], padded: int) -> list[tuple[str, int, int]]:
+    """``(name suffix, first column, width)`` of each piece of a head dim (one piece of ``padded`` when
+    ``pieces`` is empty); the first piece has no suffix, so a one-piece kernel reads ``q``, ``acc``, ..."""
+    spans, start = [], 0
+    for j, width in enumerate(pieces or (padded,)):
+        spans.append(("" if j == 0 else f"_p{j}", start, width))
+        start += width
+    return spans
+
+
+def head_pieces(d: int) -> tuple[int, ...]:
+    """The power-of-two tile widths (>= 16) a head dim of ``d`` is split into: ``d`` rounded up to a
+    multiple of 16 when that is two powers of two (80 -> (64, 16), 96 -> (64, 32), 48 -> (32, 16), 160 ->
+    (128, 32)), else one power of two (112 -> (128,): a third dot costs more than 16 padded columns save).
+    ``tl.dot`` takes power-of-two shapes only, so this is the least padding two tiles allow."""
+    padded = max(16, -(-d // 16) * 16)
+    pieces = tuple(1 << bit for bit in reversed(range(padded.bit_length())) if padded >> bit & 1)
+    return pieces if len(pieces) <= 2 else (next_power_of_2(d),)
 
 
 # ------------------------------------------------------------------------------------------- the launcher
@@ -741,8 +823,9 @@ _RESERVED = {
     "q", "k", "v", "s", "p", "qk", "kt", "t", "th", "acc", "m_i", "l_i", "m_new", "alpha", "keep", "out", "sink",
     "l_safe", "q_pos", "k_pos", "q_tok", "k_tok", "q_ok", "k_ok", "q_row", "k_row", "k_idx", "k_in",
     "q_store", "start_m", "start_n", "pid_m", "pid_bh", "off_b", "off_h", "off_hkv", "offs_m", "offs_n",
-    "offs_d", "offs_dv", "Q_base", "K_base", "V_base", "O_base", "bias_base", "mask_base", "bias_hoisted",
-    "mask_hoisted", "slot", "i", "lay_row", "n_partial", "n_edge", "n_full", "hi", "lo", "hi_all",
+    "offs_d", "offs_dv", "offs_d_p1", "offs_dv_p1", "q_p1", "kt_p1", "v_p1", "acc_p1", "Q_base", "K_base",
+    "V_base", "O_base", "bias_base", "mask_base", "bias_hoisted", "mask_hoisted", "slot", "i", "lay_row",
+    "next_block", "next_slot", "n_partial", "n_edge", "n_full", "hi", "lo", "hi_all",
     "end_m", "full_end", "full_lo", "full_hi", "pre_full", "pre_end",
 }
 
@@ -758,13 +841,31 @@ def _json_text(d: dict) -> str:
 
 def _make_plan(q: Tensor, d: int, dv: int, group: int, mods: ScoreMods, bias_pattern, mask_pattern, visit,
                dtype: str) -> SoftmaxPlan:
-    interp = interpreting() or q.device.type != "cuda"
+    return make_plan(q.dtype, d, dv, group, mods, bias_pattern, mask_pattern, visit,
+                     gpu=not interpreting() and q.device.type == "cuda")
+
+
+def _split(pieces: tuple[int, ...]) -> tuple[int, ...]:
+    """``SoftmaxPlan.d_pieces`` of a split: empty for one piece (the plan then reads as before splits)."""
+    return pieces if len(pieces) > 1 else ()
+
+
+def make_plan(q_dtype: torch.dtype, d: int, dv: int, group: int, mods: ScoreMods, bias_pattern=None,
+              mask_pattern=None, visit=DenseVisit(), *, gpu: bool) -> SoftmaxPlan:
+    """The plan of a call with inputs of ``q_dtype``, head dims ``d``/``dv``, ``group`` query heads per kv
+    head, ``mods`` and ``visit``, for a GPU (``gpu``) or the interpreter. ``bias_pattern``/``mask_pattern``:
+    see :class:`SoftmaxPlan` (None without a bias / mask). Needs no tensors (the readiness check plans
+    kernels it only compiles)."""
+    interp = not gpu
     common = dict(
-        dtype=dtype, d=d, block_d=next_power_of_2(d), dv=dv, block_dv=next_power_of_2(dv), group=group,
+        dtype=torch_to_triton_dtype(q_dtype), d=d, block_d=sum(head_pieces(d)), dv=dv,
+        block_dv=sum(head_pieces(dv)), d_pieces=_split(head_pieces(d)), dv_pieces=_split(head_pieces(dv)),
+        group=group,
         causal=bool(mods.causal), softcap=mods.softcap > 0, bias=bias_pattern, mask=mask_pattern,
         sinks=mods.sinks is not None,
-        dot_f32=interp and q.dtype == torch.bfloat16,
-        dot_precision="ieee" if (q.dtype == torch.float32 and not interp) else None,
+        dot_f32=interp and q_dtype == torch.bfloat16,
+        dot_precision=FLOAT32_DOT_PRECISION if (q_dtype == torch.float32 and not interp) else None,
+        scale_in_exp=mods.softcap <= 0 and bias_pattern is None and mods.scale > 0,
     )
     if isinstance(visit, DenseVisit):
         return SoftmaxPlan(visit="dense", **common)
@@ -876,7 +977,9 @@ def shared_bytes(plan: SoftmaxPlan, block_m: int, block_n: int, num_stages: int)
     for pattern, pair_bytes in ((plan.bias, 4), (plan.mask, 1)):
         if pattern is not None and pattern[1]:
             per_stage += (block_m if pattern[0] else 1) * block_n * pair_bytes
-    return sets * num_stages * per_stage + block_m * plan.block_d * item
+    # tf32x3 keeps the q tile twice (its high and low TF32 parts)
+    q_tiles = 2 if plan.dot_precision == "tf32x3" else 1
+    return sets * num_stages * per_stage + q_tiles * block_m * plan.block_d * item
 
 
 def shared_limit(device: torch.device) -> int:
@@ -887,29 +990,45 @@ def shared_limit(device: torch.device) -> int:
     return SHARED_BYTES_DEFAULT
 
 
+def _tile_table(plan: SoftmaxPlan, visit) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, warps, stages) candidates by head dim and dtype, likeliest winners first, none that
+    spills on sm_90 (``python -m attncc.codegen.readiness`` compiles them all and shows the figures)."""
+    head = max(plan.block_d, plan.block_dv)
+    if plan.dtype == "tl.float32":  # tf32x3: three products and two q tiles per dot, so smaller tiles
+        if head <= 64:
+            return [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 4)]
+        if head <= 128:  # every tile tried spills 64-80 bytes here (see readiness.KNOWN_SPILLS)
+            return [(64, 16, 4, 3), (64, 32, 4, 3), (128, 16, 8, 3)]
+        return [(64, 16, 4, 2), (64, 16, 4, 1)]
+    if head <= 64:
+        return [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)]
+    if head <= 128:
+        # 128x64 with 4 warps spills at head dims above 64: not offered. 128x128 with 8 warps pipelines
+        # 3 stages (224 KB of shared memory at 128) where the visit's code leaves the registers for it.
+        table = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
+        if isinstance(visit, DenseVisit):
+            table.insert(2, (128, 128, 8, 3))
+        return table
+    return [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2)]
+
+
 def candidate_configs(plan: SoftmaxPlan, n_q: int, n_k: int, visit=DenseVisit(),
-                      smem_limit: int = SHARED_BYTES_DEFAULT) -> list[Config]:
+                      smem_limit: int = SHARED_BYTES_DEFAULT, gpu: Optional[bool] = None) -> list[Config]:
     """The pruned configs :func:`choose` times: tiles no larger than the problem (and the band), fewer and
     smaller tiles for large head dims, none needing more than ``smem_limit`` bytes of shared memory; in the
-    interpreter one small tile (timings mean nothing there, and small tiles keep it fast)."""
+    interpreter one small tile (timings mean nothing there, and small tiles keep it fast). ``gpu`` forces the
+    GPU list (True) or the interpreter's (False); None: whichever this process runs."""
     cap_m, cap_n = next_power_of_2(n_q), next_power_of_2(n_k)
     if isinstance(visit, BandVisit):
         cap_n = min(cap_n, max(32, next_power_of_2(visit.left + visit.right + 1)))
     fixed = visit.block_sizes if isinstance(visit, LayoutVisit) else None
-    if interpreting():
+    if not (gpu if gpu is not None else not interpreting()):
         bm, bn = fixed or (min(32, cap_m), min(32, cap_n))
         return [Config.of(4, 2, BLOCK_M=bm, BLOCK_N=bn)]
     if fixed is not None:
         table = [(*fixed, w, s) for w, s in ((4, 3), (8, 3), (4, 2), (8, 2))]
     else:
-        head = max(plan.block_d, plan.block_dv)
-        if head <= 64:
-            table = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)]
-        elif head <= 128:
-            table = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4)]
-        else:
-            table = [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2)]
-        table = [(min(bm, cap_m), min(bn, cap_n), w, s) for bm, bn, w, s in table]
+        table = [(min(bm, cap_m), min(bn, cap_n), w, s) for bm, bn, w, s in _tile_table(plan, visit)]
     configs: list[Config] = []
     for bm, bn, warps, stages in table:
         cfg = Config.of(warps, stages, BLOCK_M=bm, BLOCK_N=bn)
@@ -924,5 +1043,5 @@ def candidate_configs(plan: SoftmaxPlan, n_q: int, n_k: int, visit=DenseVisit(),
 __all__ = [
     "BandVisit", "DenseVisit", "LayoutVisit", "Predicate", "SoftmaxPlan", "TokenMap", "candidate_configs",
     "emit_key_block", "emit_online_softmax_update", "emit_softcap", "exact_kernel", "generate_source",
-    "kernel_params", "local_kernel", "shared_bytes", "softmax_attention",
+    "kernel_params", "local_kernel", "make_plan", "shared_bytes", "softmax_attention",
 ]

@@ -243,6 +243,35 @@ def _scores_source(desc: dict) -> str:
     return w.text()
 
 
+SCORE_PRODUCTS_PER_4_WARPS = 65536
+"""Most ``BQ * BK * D_pad`` of a spill-free ``topk_scores`` tile at 4 warps on sm_90."""
+
+
+def scores_descriptor(block: int, d: int, causal: bool, mask: bool) -> dict:
+    """The cache descriptor of the ``topk_scores`` kernel (determines its source)."""
+    return {"family": "topk_scores", "block": block, "d": d, "d_pad": next_power_of_2(d), "causal": bool(causal),
+            "mask": bool(mask)}
+
+
+def score_configs(desc: dict, nqb: int, nkb: int, gpu: bool) -> list[Config]:
+    """The ``topk_scores`` configs the autotuner times for ``nqb x nkb`` block pairs (``gpu``: the GPU list,
+    else the interpreter's)."""
+    # Tiles no larger than the block grid; two fp32 tiles of a wide head must fit in shared memory.
+    widest = 32 if desc["d_pad"] > 128 else 64
+    tiles = [t for t in (16, 32, 64) if t <= widest]
+    bq_opts = [t for t in tiles if t <= max(16, next_power_of_2(nqb))]
+    bk_opts = [t for t in tiles if t <= max(16, next_power_of_2(nkb))]
+    configs = [Config.of(4, 1, BQ=bq, BK=bk) for bq in bq_opts for bk in bk_opts]
+    if gpu:
+        # The IEEE float32 product runs on FMA units with the whole [BQ, BK] x D work in registers: past
+        # 64K multiply-adds per 4 warps it spills (sm_90: 0.2-6.8 KB per thread at D = 128), so larger tiles
+        # are not offered.
+        configs = [c for c in configs if c["BQ"] * c["BK"] * desc["d_pad"] <= SCORE_PRODUCTS_PER_4_WARPS]
+    if gpu:
+        configs.reverse()  # on a GPU the largest tiles are the likely winners: try them first
+    return configs
+
+
 def block_scores(pooled_q: Tensor, pooled_k: Tensor, nq: int, block: int, scale: float, causal: bool,
                  mask_any: Optional[Tensor] = None) -> Tensor:
     """Pooled block scores with the disallowed pairs at ``-inf``.
@@ -255,17 +284,9 @@ def block_scores(pooled_q: Tensor, pooled_k: Tensor, nq: int, block: int, scale:
     batch, hq, nqb, d = pooled_q.shape
     hkv, nkb = pooled_k.shape[1], pooled_k.shape[2]
     scores = torch.empty(batch, hq, nqb, nkb, dtype=torch.float32, device=pooled_q.device)
-    desc = {"family": "topk_scores", "block": block, "d": d, "d_pad": next_power_of_2(d), "causal": bool(causal),
-            "mask": mask_any is not None}
+    desc = scores_descriptor(block, d, causal, mask_any is not None)
     kernel = load_kernel("topk_scores", desc, lambda: _scores_source(desc), pooled_q.device)
-    # Tiles no larger than the block grid; two fp32 tiles of a wide head must fit in shared memory.
-    widest = 32 if desc["d_pad"] > 128 else 64
-    tiles = [t for t in (16, 32, 64) if t <= widest]
-    bq_opts = [t for t in tiles if t <= max(16, next_power_of_2(nqb))]
-    bk_opts = [t for t in tiles if t <= max(16, next_power_of_2(nkb))]
-    configs = [Config.of(4, 1, BQ=bq, BK=bk) for bq in bq_opts for bk in bk_opts]
-    if not interpreting():
-        configs.reverse()  # on a GPU the largest tiles are the likely winners: try them first
+    configs = score_configs(desc, nqb, nkb, gpu=not interpreting())
     m = mask_any.view(torch.int8) if mask_any is not None else scores
     m_strides = _broadcast_strides(mask_any)
 

@@ -1,7 +1,9 @@
 """The attncc custom op (``torch.ops.attncc.attention``) and the functional ``attncc.attention``.
 
 The op is a ``torch.library.custom_op`` with a fake implementation, so rewritten graphs survive
-``torch.compile`` (no graph break) and ``torch.export``; backward recomputes through the torch path.
+``torch.compile`` (no graph break) and ``torch.export``. Backward runs the backward kernels
+(``attncc.codegen.softmax_backward``) on the triton backend where the variant has them, and otherwise
+recomputes through the torch path.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from torch import Tensor
 from attncc.errors import AttnccError
 from attncc.runtime.call import FIELD_NAMES, AttentionCall
 from attncc.runtime.dispatch import run_attention
+from attncc.runtime.kernel_backward import (
+    kernel_backward, kernel_backward_covers, kernel_backward_may_run, recomputed_gradients,
+)
 from attncc.variants.exact import expand_kv_heads
 from attncc.variants.parse import parse_variant
 
@@ -45,23 +50,25 @@ def _attention_fake(*args, **kwargs):
 
 def _setup_context(ctx, inputs, output):
     call = AttentionCall(*inputs)
-    ctx.save_for_backward(*call.tensors())
+    # the backward kernels also read the output (delta = rowsum(dO * O)); the torch path does not need it
+    ctx.save_for_backward(*call.tensors(), output if kernel_backward_may_run(call) else None)
     ctx.options = call.options()
 
 
 def _backward(ctx, grad_out):
-    call = AttentionCall.from_saved(ctx.saved_tensors, ctx.options)
+    *tensors, out = ctx.saved_tensors
+    call = AttentionCall.from_saved(tuple(tensors), ctx.options)
     # needs_input_grad covers the arguments the call passed (trailing defaults, e.g. sinks, may be absent)
     needs = dict(zip(FIELD_NAMES, ctx.needs_input_grad))
     wants = {name: t is not None and t.is_floating_point() and needs.get(name, False)
              for name, t in call.differentiable().items()}
-    with torch.enable_grad():
-        leaves = {name: t.detach().requires_grad_(wants[name]) if t is not None else None
-                  for name, t in call.differentiable().items()}
-        out = run_attention(call.replace(**leaves))
-        targets = [name for name, want in wants.items() if want]
-        grads = torch.autograd.grad(out, [leaves[name] for name in targets], grad_out) if targets else ()
-    return AttentionCall.grads(dict(zip(targets, grads)))[:len(ctx.needs_input_grad)]
+    targets = [name for name, want in wants.items() if want]
+    # create_graph (double backward) needs the recompute: the kernels' op has no derivative of its own
+    if out is not None and targets and not torch.is_grad_enabled() and kernel_backward_covers(call):
+        grads = kernel_backward(call, out, grad_out, targets)
+    else:
+        grads = recomputed_gradients(call, grad_out, targets)
+    return AttentionCall.grads(grads)[:len(ctx.needs_input_grad)]
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)

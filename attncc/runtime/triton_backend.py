@@ -46,6 +46,48 @@ def triton_attention(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: S
         return None
 
 
+def backward_uncovered(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> str:
+    """Why the backward kernels do not run this call ('' when they do), from shapes, dtypes and options only
+    (the autograd glue decides with it while ``torch.compile`` traces): the forward kernel's checks, then the
+    backward's own (``attncc.codegen.backward_visits.backward_declines``)."""
+    reason = _uncovered(spec, _kernel_of(spec), q, k, v, mods)
+    if not reason:
+        from attncc.codegen.backward_visits import backward_declines
+
+        reason = backward_declines(spec, mods)
+    if reason:
+        _say_once(f"attncc: the backward of {spec} recomputes on the torch path: {reason}", log.debug)
+    return reason
+
+
+def triton_attention_backward(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, out: Tensor, grad_out: Tensor,
+                              mods: ScoreMods, bias_grad: bool = False):
+    """The gradients of ``spec``'s attention by the backward kernels (:mod:`attncc.codegen.softmax_backward`):
+    a ``BackwardGrads`` (dq, dk, dv, dscores when ``bias_grad``, dsinks), or None when no backward kernel
+    covers this call or no launch config fits the GPU (the caller then recomputes through the torch path).
+    Shapes as in :func:`triton_attention`; ``out`` and ``grad_out`` ``[B, Hq, Nq, Dv]``."""
+    if backward_uncovered(spec, q, k, v, mods):
+        return None
+    from attncc.codegen.backward_visits import backward_visit
+    from attncc.codegen.softmax_backward import softmax_backward
+
+    try:
+        return softmax_backward(q, k, v, out, grad_out, mods, backward_visit(spec, q, k, v, mods),
+                                bias_grad=bias_grad)
+    except Exception as error:
+        if not _out_of_resources(error):
+            raise
+        _say_once(f"attncc: the backward of {spec} recomputes on the torch path: no kernel config fits this GPU "
+                  f"({type(error).__name__}: {str(error).splitlines()[0][:120]})", warnings.warn)
+        return None
+
+
+def _say_once(message: str, say) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        say(message)
+
+
 def _out_of_resources(error: BaseException) -> bool:
     from attncc.codegen.autotune import NoRunnableConfig
 

@@ -141,7 +141,8 @@ def test_out_of_memory_is_one_line_exit_2(tmp_path, capfd, raise_it):
 @pytest.mark.parametrize("policy, says, never", [
     ("local(windo=3)", "valid parameters are window, left, right, sinks, globals", "none"),
     ("exact(x=1)", "exact takes no parameters", "none"),
-    ("fastest", "valid variants are exact, local, neighborhood, block_sparse, topk, linear, heads, or 'none'", None),
+    ("fastest", "valid variants are exact, local, neighborhood, block_sparse, topk, linear, vertical_slash, heads, "
+     "or 'none'", None),
     ("block_sparse(pattern=nope(x=1))", "valid patterns are bigbird", "none"),
 ], ids=["parameter", "no-parameters", "variant", "pattern"])
 def test_policy_errors_name_the_choices_of_their_field(policy, says, never, capfd):

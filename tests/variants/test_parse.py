@@ -27,7 +27,8 @@ def test_canonical_text_round_trips(text):
 
 
 def test_every_family_is_registered():
-    assert set(VARIANTS) == {"exact", "local", "neighborhood", "block_sparse", "topk", "linear", "heads"}
+    assert set(VARIANTS) == {"exact", "local", "neighborhood", "block_sparse", "topk", "linear",
+                             "vertical_slash", "heads"}
 
 
 @pytest.mark.parametrize("text, message", [
