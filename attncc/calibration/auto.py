@@ -460,7 +460,8 @@ def _shape(site: SiteStats, target_len: int):
 
     s = site.site
     kv_len = target_len if s.kind == "self" or not isinstance(s.kv_len, int) else s.kv_len
-    return AttentionShape(batch=1, q_heads=site.heads, kv_heads=s.kv_heads if isinstance(s.kv_heads, int) else site.heads,
+    kv_heads = s.kv_heads if isinstance(s.kv_heads, int) else site.heads
+    return AttentionShape(batch=1, q_heads=site.heads, kv_heads=kv_heads,
                           q_len=target_len, kv_len=kv_len, head_dim=site.dims[0], value_dim=site.dims[1],
                           causal=bool(s.causal), dtype=str(s.dtype).replace("torch.", "") if s.dtype else "float32",
                           padding=0.0)

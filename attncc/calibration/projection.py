@@ -1,7 +1,8 @@
 """Where a site's output enters the residual stream: the output projection that follows the attention op.
 
 Models write ``out.transpose(1, 2).reshape(B, N, H * Dv)`` and then a linear layer (BERT's ``output.dense``,
-Llama's ``o_proj``, timm's ``proj``). Head ``h``'s part of the projected output is ``out[:, h] @ W[:, h*Dv:(h+1)*Dv]^T``,
+Llama's ``o_proj``, timm's ``proj``). Head ``h``'s part of the projected output is
+``out[:, h] @ W[:, h*Dv:(h+1)*Dv]^T``,
 so an error in head ``h`` costs ``delta_h G_h delta_h^T`` per token with ``G_h = W_h^T W_h`` (``[Dv, Dv]``): the
 error as the rest of the model sees it, which ranks heads far better than the error of the attention output
 (a head whose output the projection nearly ignores costs little).
