@@ -60,7 +60,6 @@ def main(argv=None) -> int:
     parser.add_argument("--cost", default="flops", choices=("flops", "time"))
     parser.add_argument("--check-compiled", action="store_true")
     args = parser.parse_args(argv)
-    import attncc
     from attncc.calibration.auto import Calibrator, auto
 
     texts = [line.strip() for line in TEXTS.read_text().splitlines() if line.strip()]
