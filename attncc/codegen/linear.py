@@ -158,23 +158,29 @@ def linear_attention(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor, mods: Sc
     v ``[B or 1, Hkv, Nk, Dv]`` (GQA by head mapping, no copies) -> ``[B, Hq, Nq, Dv]`` in q's dtype; the same
     result as ``spec.forward`` / ``spec.reference`` (float32 state and sums throughout)."""
     _check(spec, q, k, v, mods)
-    bsz, hq, nq, d = q.shape
+    bsz, hq, nq, _ = q.shape
     nk, dv = k.shape[2], v.shape[3]
     k, v = k.expand(bsz, *k.shape[1:]), v.expand(bsz, *v.shape[1:])  # batch-1 k/v: stride 0, no copy
     keep = key_keep(spec, mods.mask, bsz, nk)
     if nq == 0 or nk == 0:
         return q.new_zeros(bsz, hq, nq, dv)  # no query, or no key to see: the empty-row convention
-    dtype = torch_to_triton_dtype(q.dtype)
-    dot_f32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and interpreting())
-    plan = _Plan(spec_text=str(spec), dtype=dtype, dot_dtype="tl.float32" if dot_f32 else dtype, d=d,
-                 d_pad=next_power_of_2(d), dv=dv, dv_pad=next_power_of_2(dv), fmap=spec.feature_map,
-                 causal=bool(mods.causal), has_keep=keep is not None,
-                 quad_block=256 if interpreting() else QUAD_BLOCK)
+    plan = plan_for(spec, q, v, mods, keep)
     run = _Run(plan, q, k, v, keep, spec.chunk)
     window = min(spec.window, max(nq, nk))  # a wider window sees nothing more
     if window > 0:
         return run.hybrid(window, mods.scale)
     return run.causal() if plan.causal else run.bidirectional()
+
+
+def plan_for(spec: LinearSpec, q: Tensor, v: Tensor, mods: ScoreMods, keep: Optional[Tensor]) -> _Plan:
+    """The kernels' plan for one call (also used by ``attncc.codegen.linear_backward``)."""
+    dtype = torch_to_triton_dtype(q.dtype)
+    dot_f32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and interpreting())
+    d, dv = q.shape[-1], v.shape[-1]
+    return _Plan(spec_text=str(spec), dtype=dtype, dot_dtype="tl.float32" if dot_f32 else dtype, d=d,
+                 d_pad=next_power_of_2(d), dv=dv, dv_pad=next_power_of_2(dv), fmap=spec.feature_map,
+                 causal=bool(mods.causal), has_keep=keep is not None,
+                 quad_block=256 if interpreting() else QUAD_BLOCK)
 
 
 def _check(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> None:
@@ -506,6 +512,8 @@ def _chunk_out_configs(plan: _Plan) -> list[Config]:
     BV = 128 only with 8 warps (4 spill 112 bytes at D = 128; ptxas, sm_90)."""
     if interpreting():
         return [Config.of(4, 1, BV=min(32, plan.dv_pad))]
+    if plan.dot_dtype == "tl.float32":  # tf32x3: three dots per product, narrower tiles
+        return [Config.of(w, 2, BV=bv) for bv in (32, 16) if bv <= plan.dv_pad for w in (8, 4)][:3]
     tiles = [bv for bv in (64, 128) if bv <= plan.dv_pad] or [plan.dv_pad]
     return [Config.of(w, 2, BV=bv) for bv in tiles for w in (8, 4) if bv < 128 or w == 8]
 
