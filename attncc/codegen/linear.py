@@ -512,8 +512,10 @@ def _chunk_out_configs(plan: _Plan) -> list[Config]:
     BV = 128 only with 8 warps (4 spill 112 bytes at D = 128; ptxas, sm_90)."""
     if interpreting():
         return [Config.of(4, 1, BV=min(32, plan.dv_pad))]
-    if plan.dot_dtype == "tl.float32":  # tf32x3: three dots per product, narrower tiles
-        return [Config.of(w, 2, BV=bv) for bv in (32, 16) if bv <= plan.dv_pad for w in (8, 4)][:3]
+    if plan.dot_dtype == "tl.float32":
+        # tf32x3 (three dots per product) spills at D = 128 in every tile tried (ptxas, sm_90: BV 64/8 warps
+        # 256 B, BV 16 224 B, BV 32 280 B; chunk 32 worse, without wgmma): the two least
+        return [Config.of(8, 2, BV=bv) for bv in (64, 16) if bv <= plan.dv_pad] or [Config.of(8, 2, BV=16)]
     tiles = [bv for bv in (64, 128) if bv <= plan.dv_pad] or [plan.dv_pad]
     return [Config.of(w, 2, BV=bv) for bv in tiles for w in (8, 4) if bv < 128 or w == 8]
 

@@ -25,7 +25,8 @@ prefix, for dk/dv). Bidirectional, the states are totals. Kernels:
 * ``linear_bwd_state`` (grid ``(query chunks, B*Hkv)``): each chunk's ``phi(Q)^T gn`` and ``phi(Q)^T gd``,
   summed over the query heads of a kv head; then the reversed exclusive prefix (causal) or the total;
 * ``linear_bwd_dkdv`` (grid ``(key chunks, B*Hkv)``): dk and dv of a chunk of keys (GQA: the query heads of
-  the group in a loop), float32, cast (and summed over the batch for batch-1 k/v) in torch.
+  the group in a loop), float32, cast (and summed over the batch for batch-1 k/v) in torch; for large heads
+  (``split_key_pass``) ``linear_bwd_dk`` and ``linear_bwd_dv`` instead, one accumulator each.
 
 Programs take the whole ``Dv`` (``g . out`` needs every column); float16 operands are not rescaled (the
 forward's range guards are not repeated here). Taylor features and the softmax window are not covered:
@@ -102,15 +103,19 @@ def linear_attention_backward(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor,
     r_z = torch.empty(bsz * run.hkv, q_chunks, plan.d_pad, **f32)
     launch(bwd.load("linear_bwd_state"), (q_chunks, bsz * run.hkv), q, *q.stride(), gn, gd, r_s, r_z, hq,
            hq // run.hkv, nq, CHUNK=chunk, **bwd.config.launch_kwargs())
+    # bf16 dots read the state as bf16 anyway: store it so (half the registers and bytes of the dk/dv pass)
+    state_dtype = torch.bfloat16 if plan.dot_dtype == "tl.bfloat16" else torch.float32
     if plan.causal:
-        run._prefix(r_s, r_s, reverse=True)
+        r_s = run._prefix(r_s, r_s if state_dtype == torch.float32 else torch.empty_like(r_s, dtype=state_dtype),
+                          reverse=True)
         run._prefix(r_z, r_z, reverse=True)
     else:
-        r_s, r_z = r_s.sum(1, keepdim=True), r_z.sum(1, keepdim=True)
+        r_s, r_z = r_s.sum(1, keepdim=True).to(state_dtype), r_z.sum(1, keepdim=True)
     dk = torch.empty(bsz, run.hkv, nk, d, **f32)
     dv = torch.empty(bsz, run.hkv, nk, dvv, **f32)
-    launch(bwd.load("linear_bwd_dkdv"), (cdiv(nk, chunk), bsz * run.hkv), *common, r_s, r_z, gn, gd, dk, dv, hq,
-           hq // run.hkv, nq, nk, r_s.shape[1], CHUNK=chunk, **bwd.config.launch_kwargs())
+    for name in ("linear_bwd_dk", "linear_bwd_dv") if split_key_pass(plan) else ("linear_bwd_dkdv",):
+        launch(bwd.load(name), (cdiv(nk, chunk), bsz * run.hkv), *common, r_s, r_z, gn, gd, dk, dv, hq,
+               hq // run.hkv, nq, nk, r_s.shape[1], CHUNK=chunk, **bwd.config.launch_kwargs())
     if k_batch == 1 and bsz > 1:
         dk, dv = dk.sum(0, keepdim=True), dv.sum(0, keepdim=True)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
@@ -155,15 +160,17 @@ def _emit_phi(w: SourceWriter, plan: _Plan, out: str, x: str, mask: Optional[str
 
 
 def backward_source(plan: _Plan, q_even: bool, k_even: bool) -> str:
-    """The module of ``linear_bwd_dq``, ``linear_bwd_state`` and ``linear_bwd_dkdv`` for ``plan``."""
+    """The module of ``linear_bwd_dq``, ``linear_bwd_state`` and ``linear_bwd_dkdv`` (or ``_dk`` and ``_dv``)
+    for ``plan``."""
     w = SourceWriter()
     _emit_dq(w, plan, q_even)
     w.line()
     w.line()
     _emit_query_state(w, plan, q_even)
-    w.line()
-    w.line()
-    _emit_dkdv(w, plan, k_even)
+    for want in (("dk",), ("dv",)) if split_key_pass(plan) else (("dk", "dv"),):
+        w.line()
+        w.line()
+        _emit_dkdv(w, plan, k_even, want)
     return _module(w)
 
 
@@ -295,15 +302,23 @@ def _emit_query_state(w: SourceWriter, plan: _Plan, even: bool) -> None:
         w.line(f"tl.store(RZ + slot * {plan.d_pad} + offs_d, rz)")
 
 
-def _emit_dkdv(w: SourceWriter, plan: _Plan, even: bool) -> None:
-    """``linear_bwd_dkdv``: dk and dv (float32) of chunk t's keys: the later chunks' query state plus, causal,
-    the chunk's own queries of every head of the group."""
+def split_key_pass(plan: _Plan) -> bool:
+    """Whether dk and dv get a kernel each (``linear_bwd_dk``, ``linear_bwd_dv``) instead of one
+    ``linear_bwd_dkdv``: at D = Dv = 128 the two float32 accumulators spill 432 bytes per thread at 8 warps
+    (ptxas, sm_90); each alone fits, for twice the q/gn loads and the shared products computed twice."""
+    return plan.d_pad + plan.dv_pad > 128
+
+
+def _emit_dkdv(w: SourceWriter, plan: _Plan, even: bool, want: tuple[str, ...]) -> None:
+    """``linear_bwd_dkdv`` (or, ``want`` one of them, ``linear_bwd_dk`` / ``linear_bwd_dv``): dk and dv (float32)
+    of chunk t's keys: the later chunks' query state plus, causal, the chunk's own queries of every head of
+    the group."""
     params = _QKV_PARAMS, """
         RS, RZ, GN, GD, DK, DV,
         HQ, GROUP, NQ, NK, SLOTS,
         CHUNK: tl.constexpr,
     """
-    with _signature(w, "linear_bwd_dkdv", *params):
+    with _signature(w, "linear_bwd_" + "".join(want), *params):
         w.lines("""
             t = tl.program_id(0)
             pid_bh = tl.program_id(1)
@@ -321,8 +336,10 @@ def _emit_dkdv(w: SourceWriter, plan: _Plan, even: bool) -> None:
         w.line(f"rs = tl.load(RS + slot * {plan.d_pad * plan.dv_pad} + (offs_d[:, None] * {plan.dv_pad} + "
                f"offs_v[None, :]))")
         w.line(f"rz = tl.load(RZ + slot * {plan.d_pad} + offs_d)")
-        w.line(f"dv = {plan.dot('fk', 'rs')}")
-        w.line(f"dfk = {plan.dot('v', 'tl.trans(rs)')} + rz[None, :]")
+        if "dv" in want:
+            w.line(f"dv = {plan.dot('fk', 'rs')}")
+        if "dk" in want:
+            w.line(f"dfk = {plan.dot('v', 'tl.trans(rs)')} + rz[None, :]")
         if plan.causal:
             w.line("# key row j sees the chunk's query column i >= j")
             w.line("seen = offs_c[None, :] >= offs_c[:, None]")
@@ -338,16 +355,19 @@ def _emit_dkdv(w: SourceWriter, plan: _Plan, even: bool) -> None:
                 w.line(f"gn = tl.load(GN + buf[:, None] * {plan.dv_pad} + offs_v[None, :], mask=row_ok[:, None], "
                        "other=0.0)")
                 w.line("gd = tl.load(GD + buf, mask=row_ok, other=0.0)")
-                w.line(f"pt = tl.where(seen, {plan.dot('fk', 'tl.trans(fq)')}, 0.0)")
-                w.line(f"dv += {plan.dot('pt', 'gn')}")
-                w.line(f"dwt = tl.where(seen, {plan.dot('v', 'tl.trans(gn)')} + gd[None, :], 0.0)")
-                w.line(f"dfk += {plan.dot('dwt', 'fq')}")
-        dk = f"dfk * {_derivative(plan.fmap, 'kf')}"
-        if key:
-            dk = f"tl.where({_rows(key)}, {dk}, 0.0)"
-        w.line(f"dk = {dk}")
+                if "dv" in want:
+                    w.line(f"pt = tl.where(seen, {plan.dot('fk', 'tl.trans(fq)')}, 0.0)")
+                    w.line(f"dv += {plan.dot('pt', 'gn')}")
+                if "dk" in want:
+                    w.line(f"dwt = tl.where(seen, {plan.dot('v', 'tl.trans(gn)')} + gd[None, :], 0.0)")
+                    w.line(f"dfk += {plan.dot('dwt', 'fq')}")
         w.line("out_rows = pid_bh.to(tl.int64) * NK + kpos")
-        w.line(f"tl.store(DK + out_rows[:, None] * {plan.d} + offs_d[None, :], dk"
-               f"{_store_mask(all_of(_rows(None if even else '(kpos < NK)'), _cols(d_ok)))})")
-        w.line(f"tl.store(DV + out_rows[:, None] * {plan.dv} + offs_v[None, :], dv"
-               f"{_store_mask(all_of(_rows(None if even else '(kpos < NK)'), _cols(v_ok)))})")
+        in_bounds = _rows(None if even else "(kpos < NK)")
+        if "dk" in want:
+            dk = f"dfk * {_derivative(plan.fmap, 'kf')}"
+            w.line(f"dk = tl.where({_rows(key)}, {dk}, 0.0)" if key else f"dk = {dk}")
+            w.line(f"tl.store(DK + out_rows[:, None] * {plan.d} + offs_d[None, :], dk"
+                   f"{_store_mask(all_of(in_bounds, _cols(d_ok)))})")
+        if "dv" in want:
+            w.line(f"tl.store(DV + out_rows[:, None] * {plan.dv} + offs_v[None, :], dv"
+                   f"{_store_mask(all_of(in_bounds, _cols(v_ok)))})")
