@@ -8,8 +8,8 @@ Kernels (each generated for one plan: dtype, head dims, feature map, flags; one 
   program walks the chunks but the cheap prefix): ``linear_chunk_state`` (grid ``(chunks, Dv tiles, B*Hkv)``)
   computes every chunk's own ``phi(K_c)^T V_c`` and ``sum phi(K_c)`` at once into float32 slots
   ``[B*Hkv, chunks, D_pad, Dv_pad]``; ``linear_chunk_prefix`` (grid ``(element blocks, B*Hkv)``) turns the
-  slots into exclusive prefix sums ``S_c = sum_{c' < c}`` (float32 sums, stored bf16 for bf16 plans: the
-  output pass casts them so anyway); ``linear_chunk_out`` (grid ``(chunks, Dv tiles, B*Hq)``) gives chunk
+  slots into exclusive prefix sums ``S_c = sum_{c' < c}`` in place (float32 sums; slots stored bf16 for bf16
+  inputs, whose dots read them so anyway); ``linear_chunk_out`` (grid ``(chunks, Dv tiles, B*Hq)``) gives chunk
   ``c``'s rows ``phi(Q_c) S_c + (phi(Q_c) phi(K_c)^T * causal) V_c`` over the same for the normalizer, each
   feature map computed once per tile. The states are per kv head (GQA query heads share them). With a lag
   it is the scan over the keys left of the softmax window (query ``i`` sees keys ``j <= i - lag``: the keys
@@ -298,16 +298,17 @@ class _Run:
                      lambda: _chunk_out_configs(plan), run, writes=(num, den, target))
 
     def _chunk_states(self, flags: dict, lag: int) -> dict:
-        """The prefix states every chunk reads, per kv head: ``s [B*Hkv, SLOTS, D_pad, Dv_pad]`` (float32, or
-        bfloat16 for bf16 dots: the output pass casts it so anyway), ``z [B*Hkv, SLOTS, D_pad]`` and, taylor,
-        ``s0 [B*Hkv, SLOTS, Dv_pad]`` / ``z0 [B*Hkv, SLOTS]`` (float32). ``SLOTS`` is the number of chunks (one
-        more reversed: the keys right of the last chunk). Float32 bytes per kv head: ``SLOTS * D_pad * Dv_pad
-        * 4`` (8 MiB at 16K tokens, chunk 64, D = Dv = 128)."""
+        """The prefix states every chunk reads, per kv head: ``s [B*Hkv, SLOTS, D_pad, Dv_pad]`` (float32; bf16
+        inputs: bfloat16, the dtype their dots cast it to anyway, half the bytes of the three passes),
+        ``z [B*Hkv, SLOTS, D_pad]`` and, taylor, ``s0 [B*Hkv, SLOTS, Dv_pad]`` / ``z0 [B*Hkv, SLOTS]`` (float32).
+        ``SLOTS`` is the number of chunks (one more reversed: the keys right of the last chunk). Bytes per kv
+        head of ``s``: ``SLOTS * D_pad * Dv_pad * 2`` in bf16 (4 MiB at 16K tokens, chunk 64, D = Dv = 128).
+        The prefix sums in float32 whatever the storage."""
         plan = self.plan
         slots = cdiv(self.nq, self.chunk) + (1 if flags["reverse"] else 0)
         heads = self.bsz * self.hkv
         f32 = dict(dtype=torch.float32, device=self.device)
-        s = torch.empty(heads, slots, plan.d_pad, plan.dv_pad, **f32)
+        s = torch.empty(heads, slots, plan.d_pad, plan.dv_pad, dtype=state_dtype(plan), device=self.device)
         z = torch.empty(heads, slots, plan.d_pad, **f32)
         s0 = torch.empty(heads, slots, plan.dv_pad, **f32) if plan.taylor else s
         z0 = torch.empty(heads, slots, **f32) if plan.taylor else z
@@ -321,10 +322,7 @@ class _Run:
 
         self._launch("linear_chunk_state", flags, lambda: _scan_source(self.plan, **flags), self.nq,
                      lambda: _chunk_state_configs(plan), run, writes=(s, z, s0, z0))
-        prefix = s
-        if plan.dot_dtype == "tl.bfloat16":
-            prefix = torch.empty(heads, slots, plan.d_pad, plan.dv_pad, dtype=torch.bfloat16, device=self.device)
-        states = {"s": self._prefix(s, prefix, flags["reverse"]), "z": self._prefix(z, z, flags["reverse"])}
+        states = {"s": self._prefix(s, s, flags["reverse"]), "z": self._prefix(z, z, flags["reverse"])}
         if plan.taylor:
             states.update(s0=self._prefix(s0, s0, flags["reverse"]), z0=self._prefix(z0, z0, flags["reverse"]))
         return states
@@ -463,6 +461,12 @@ class _Run:
 
 _LAUNCHES: dict = process_memo()
 """(kernel name, plan, flags, length bucket, extra, device) -> (kernel, chosen config), for this process."""
+
+
+def state_dtype(plan: _Plan) -> torch.dtype:
+    """Storage of the chunk states ``[D_pad, Dv_pad]``: bfloat16 for bf16 inputs (their dots read bf16; in the
+    interpreter too, so its tests cover the storage), else float32 (float16's range is too small for sums)."""
+    return torch.bfloat16 if plan.dtype == "tl.bfloat16" else torch.float32
 
 
 def _chunk_tile(chunk: int, n: int) -> int:
@@ -805,7 +809,7 @@ def _emit_chunk_state(w: SourceWriter, plan: _Plan, reverse: bool, lagged: bool,
             fold("(kpos >= 0) & (kpos < NK)" if lagged else (None if rows_even else "kpos < NK"))
         w.line("slot = pid_bh.to(tl.int64) * SLOTS + t")
         w.line(f"tl.store(S + slot * {plan.d_pad * plan.dv_pad} + (offs_d[:, None] * {plan.dv_pad} + "
-               f"offs_v[None, :]), state)")
+               f"offs_v[None, :]), state.to(S.dtype.element_ty))")
         if plan.taylor:
             w.line(f"tl.store(S0 + slot * {plan.dv_pad} + offs_v, vsum)")
         with w.block("if pid_v == 0:"):
@@ -903,7 +907,7 @@ def _prefix_source(reverse: bool, even: bool) -> str:
         with w.block("for i in range(0, SLOTS):"):
             w.line(f"x = tl.load(x_ptrs{_masked('ok' if mask else None)})")
             w.line(f"tl.store(y_ptrs, acc.to(Y.dtype.element_ty){_store_mask('ok' if mask else None)})")
-            w.line("acc += x")
+            w.line("acc += x.to(tl.float32)")
             w.line(f"x_ptrs {step} E")
             w.line(f"y_ptrs {step} E")
     return _module(w)

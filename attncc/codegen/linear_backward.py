@@ -42,7 +42,8 @@ from torch import Tensor
 
 from attncc.codegen.autotune import Config
 from attncc.codegen.linear import (_QKV_PARAMS, _Plan, _Run, _causal_mask, _check, _emit_heads, _feature, _masked,
-                                   _module, _rows, _cols, _signature, _store_mask, plan_for)
+                                   _module, _rows, _cols, _signature, _store_mask, plan_for,
+                                   state_dtype)
 from attncc.codegen.source import interpreting, launch, load_kernel
 from attncc.codegen.writer import SourceWriter
 from attncc.errors import AttnccError
@@ -99,18 +100,16 @@ def linear_attention_backward(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor,
     launch(bwd.load("linear_bwd_dq"), (q_chunks, bsz * hq), *common, s, z, out, grad_out, gn, gd, dq, hq,
            hq // run.hkv, nq, nk, s.shape[1], CHUNK=chunk, **bwd.config.launch_kwargs())
     # the query-side states of each chunk, then a reversed exclusive prefix (causal) or the total
-    r_s = torch.empty(bsz * run.hkv, q_chunks, plan.d_pad, plan.dv_pad, **f32)
+    r_s = torch.empty(bsz * run.hkv, q_chunks, plan.d_pad, plan.dv_pad, dtype=state_dtype(plan), device=q.device)
     r_z = torch.empty(bsz * run.hkv, q_chunks, plan.d_pad, **f32)
     launch(bwd.load("linear_bwd_state"), (q_chunks, bsz * run.hkv), q, *q.stride(), gn, gd, r_s, r_z, hq,
            hq // run.hkv, nq, CHUNK=chunk, **bwd.config.launch_kwargs())
-    # bf16 dots read the state as bf16 anyway: store it so (half the registers and bytes of the dk/dv pass)
-    state_dtype = torch.bfloat16 if plan.dot_dtype == "tl.bfloat16" else torch.float32
+    # stored like the forward's states (bf16 for bf16 inputs: half the registers and bytes of the dk/dv pass)
     if plan.causal:
-        r_s = run._prefix(r_s, r_s if state_dtype == torch.float32 else torch.empty_like(r_s, dtype=state_dtype),
-                          reverse=True)
+        run._prefix(r_s, r_s, reverse=True)
         run._prefix(r_z, r_z, reverse=True)
     else:
-        r_s, r_z = r_s.sum(1, keepdim=True).to(state_dtype), r_z.sum(1, keepdim=True)
+        r_s, r_z = r_s.float().sum(1, keepdim=True).to(r_s.dtype), r_z.sum(1, keepdim=True)
     dk = torch.empty(bsz, run.hkv, nk, d, **f32)
     dv = torch.empty(bsz, run.hkv, nk, dvv, **f32)
     for name in ("linear_bwd_dk", "linear_bwd_dv") if split_key_pass(plan) else ("linear_bwd_dkdv",):
@@ -298,7 +297,7 @@ def _emit_query_state(w: SourceWriter, plan: _Plan, even: bool) -> None:
             w.line("rz += tl.sum(fq.to(tl.float32) * gd[:, None], 0)")
         w.line("slot = pid_bh.to(tl.int64) * tl.num_programs(0) + t")
         w.line(f"tl.store(RS + slot * {plan.d_pad * plan.dv_pad} + (offs_d[:, None] * {plan.dv_pad} + "
-               f"offs_v[None, :]), rs)")
+               f"offs_v[None, :]), rs.to(RS.dtype.element_ty))")
         w.line(f"tl.store(RZ + slot * {plan.d_pad} + offs_d, rz)")
 
 
