@@ -504,7 +504,7 @@ def _scan_configs(plan: _Plan, state_rows: int) -> list[Config]:
 
 def _chunk_state_configs(plan: _Plan) -> list[Config]:
     """``linear_chunk_state``: a ``[D_pad, BV]`` float32 state per program (no loop but the reversed tail);
-    8 warps first (D = 128, BV = 64: 111 registers against 201 at 4 warps; ptxas, sm_90)."""
+    8 warps (D = 128, BV = 64: 108 registers against 201 at 4 warps; ptxas, sm_90)."""
     if interpreting():
         return [Config.of(4, 1, BV=min(32, plan.dv_pad))]
     tiles = [bv for bv in (128, 64, 32) if bv <= plan.dv_pad and plan.d_pad * bv <= 2 * STATE_ELEMENTS][:2]
@@ -517,8 +517,8 @@ def _chunk_out_configs(plan: _Plan) -> list[Config]:
     if interpreting():
         return [Config.of(4, 1, BV=min(32, plan.dv_pad))]
     if plan.dot_dtype == "tl.float32":
-        # tf32x3 (three dots per product) spills at D = 128 in every tile tried (ptxas, sm_90: BV 64/8 warps
-        # 256 B, BV 16 224 B, BV 32 280 B; chunk 32 worse, without wgmma): the two least
+        # tf32x3 (three dots per product) spills at D = 128 in every tile tried (ptxas, sm_90, 8 warps: BV 64
+        # 304 B, BV 16 248 B, BV 32 more; chunk 32 worse and without wgmma): the autotuner picks of these two
         return [Config.of(8, 2, BV=bv) for bv in (64, 16) if bv <= plan.dv_pad] or [Config.of(8, 2, BV=16)]
     tiles = [bv for bv in (64, 128) if bv <= plan.dv_pad] or [plan.dv_pad]
     return [Config.of(w, 2, BV=bv) for bv in tiles for w in (8, 4) if bv < 128 or w == 8]
