@@ -4,19 +4,24 @@ bidirectional, optional exact-softmax window, key-padding mask) with the semanti
 
 Kernels (each generated for one plan: dtype, head dims, feature map, flags; one program per tile below):
 
-* ``linear_scan`` (causal; grid ``(Dv tiles, B*Hq)``): Lightning Attention-2's chunked scan. A program walks
-  its head's chunks of ``CHUNK`` tokens in order, keeping the running float32 state ``S = sum phi(k)^T v``
-  (``[D, BV]``) and ``z = sum phi(k)`` in registers: every chunk adds the masked intra-chunk product
-  ``(phi(q) phi(k)^T) v`` and the inter-chunk ``phi(q) S``, then folds its own keys into the state. Feature
-  maps are applied to the loaded tiles (no feature tensor in memory). With a lag it is the scan over the keys
-  left of the softmax window (query ``i`` sees keys ``j <= i - lag``); reversed, the one right of it
-  (``j >= i + lag``).
+* The causal scan, in flash-linear-attention's chunk form (chunks of ``CHUNK`` tokens, three launches, no
+  program walks the chunks but the cheap prefix): ``linear_chunk_state`` (grid ``(chunks, Dv tiles, B*Hkv)``)
+  computes every chunk's own ``phi(K_c)^T V_c`` and ``sum phi(K_c)`` at once into float32 slots
+  ``[B*Hkv, chunks, D_pad, Dv_pad]``; ``linear_chunk_prefix`` (grid ``(element blocks, B*Hkv)``) turns the
+  slots into exclusive prefix sums ``S_c = sum_{c' < c}`` in place (float32 sums; slots stored bf16 for bf16
+  inputs, whose dots read them so anyway); ``linear_chunk_out`` (grid ``(chunks, Dv tiles, B*Hq)``) gives chunk
+  ``c``'s rows ``phi(Q_c) S_c + (phi(Q_c) phi(K_c)^T * causal) V_c`` over the same for the normalizer, each
+  feature map computed once per tile. The states are per kv head (GQA query heads share them). With a lag
+  it is the scan over the keys left of the softmax window (query ``i`` sees keys ``j <= i - lag``: the keys
+  lined up with chunk ``c`` are its rows minus the lag); reversed, the one right of it (``j >= i + lag``,
+  suffix sums, and one more slot for the keys right of the last chunk's).
 * ``linear_quad_scan`` (causal taylor; grid ``(Dv tiles, quadratic feature blocks, B*Hq)``): taylor's
   ``1 + D + D^2`` features are too many for one program's registers, so the scan is split by feature: the
-  constant and linear features run in ``linear_scan`` (which also takes the whole intra-chunk weight
+  constant and linear features run in the chunked scan (whose output pass also takes the whole intra-chunk weight
   ``1 + s + s^2/2`` from the raw ``s = q.k``), and each block of ``BK`` quadratic features ``x_a x_b`` has a
   program of its own that adds its inter-chunk part ``phi2(q) S2`` to float32 buffers with atomic adds. The
-  features are gathered by index from the q/k tiles (still nothing in memory).
+  features are gathered by index from the q/k tiles (still nothing in memory). This part still walks the
+  chunks in order: chunk-form slots of the quadratic features would hold ``D^2 * Dv`` floats per chunk.
 * ``linear_state`` / ``linear_quad_state`` (bidirectional; grid ``(Dv tiles, key splits [x blocks], B*Hkv)``):
   the global ``(S, z)`` of every kv head, summed over key splits (partial states, then a sum in torch: the
   states are tiny). ``linear_apply`` (grid ``(query blocks, Dv tiles, B*Hq)``) reads them:
@@ -64,6 +69,9 @@ Under the interpreter a block is 256 wide: it runs programs one by one, so fewer
 
 STATE_ELEMENTS = 8192
 """Most float32 state elements (``D_pad * BV``) a scan program keeps in registers (64 per thread at 4 warps)."""
+
+PREFIX_BLOCK = 1024
+"""State elements per program of the prefix over chunk states (8 per thread at 4 warps: wide, coalesced)."""
 
 SPLIT_KEYS = 1024
 """Keys per program of the bidirectional state pass on a GPU (more programs than kv heads keep the GPU busy)."""
@@ -150,23 +158,29 @@ def linear_attention(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor, mods: Sc
     v ``[B or 1, Hkv, Nk, Dv]`` (GQA by head mapping, no copies) -> ``[B, Hq, Nq, Dv]`` in q's dtype; the same
     result as ``spec.forward`` / ``spec.reference`` (float32 state and sums throughout)."""
     _check(spec, q, k, v, mods)
-    bsz, hq, nq, d = q.shape
+    bsz, hq, nq, _ = q.shape
     nk, dv = k.shape[2], v.shape[3]
     k, v = k.expand(bsz, *k.shape[1:]), v.expand(bsz, *v.shape[1:])  # batch-1 k/v: stride 0, no copy
     keep = key_keep(spec, mods.mask, bsz, nk)
     if nq == 0 or nk == 0:
         return q.new_zeros(bsz, hq, nq, dv)  # no query, or no key to see: the empty-row convention
-    dtype = torch_to_triton_dtype(q.dtype)
-    dot_f32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and interpreting())
-    plan = _Plan(spec_text=str(spec), dtype=dtype, dot_dtype="tl.float32" if dot_f32 else dtype, d=d,
-                 d_pad=next_power_of_2(d), dv=dv, dv_pad=next_power_of_2(dv), fmap=spec.feature_map,
-                 causal=bool(mods.causal), has_keep=keep is not None,
-                 quad_block=256 if interpreting() else QUAD_BLOCK)
+    plan = plan_for(spec, q, v, mods, keep)
     run = _Run(plan, q, k, v, keep, spec.chunk)
     window = min(spec.window, max(nq, nk))  # a wider window sees nothing more
     if window > 0:
         return run.hybrid(window, mods.scale)
     return run.causal() if plan.causal else run.bidirectional()
+
+
+def plan_for(spec: LinearSpec, q: Tensor, v: Tensor, mods: ScoreMods, keep: Optional[Tensor]) -> _Plan:
+    """The kernels' plan for one call (also used by ``attncc.codegen.linear_backward``)."""
+    dtype = torch_to_triton_dtype(q.dtype)
+    dot_f32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and interpreting())
+    d, dv = q.shape[-1], v.shape[-1]
+    return _Plan(spec_text=str(spec), dtype=dtype, dot_dtype="tl.float32" if dot_f32 else dtype, d=d,
+                 d_pad=next_power_of_2(d), dv=dv, dv_pad=next_power_of_2(dv), fmap=spec.feature_map,
+                 causal=bool(mods.causal), has_keep=keep is not None,
+                 quad_block=256 if interpreting() else QUAD_BLOCK)
 
 
 def _check(spec: LinearSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> None:
@@ -261,21 +275,71 @@ class _Run:
 
     def _scan(self, num: Tensor, den: Tensor, out: Optional[Tensor], reverse: bool, lag: int,
               add_buffers: bool) -> None:
+        """The chunked causal scan (flash-linear-attention's chunk form, three launches): every chunk's own
+        state at once, an exclusive prefix over the chunks, then every chunk's rows at once."""
         plan = self.plan
         normalize = out is not None
         rows_even = lag == 0 and self.nq % self.chunk == 0
         flags = dict(reverse=reverse, lagged=lag > 0, rows_even=rows_even, add_buffers=add_buffers,
                      normalize=normalize)
+        states = self._chunk_states(flags, lag)
         target = out if normalize else self.q  # an unused pointer argument gets any tensor
+        chunks, slots = cdiv(self.nq, self.chunk), states["s"].shape[1]
+        s, z = states["s"], states["z"]
+        s0, z0 = states.get("s0", s), states.get("z0", z)
 
         def run(kernel, config: Config, into: Optional[tuple]) -> None:
             n, d, o = into or (num, den, target)
-            grid = (plan.dv_pad // config["BV"], self.bsz * self.hq)
-            launch(kernel, grid, *self._common_args(), n, d, o, self.hq, self.hq // self.hkv, self.nq, self.nk,
-                   lag, CHUNK=self.chunk, **config.launch_kwargs())
+            grid = (chunks, plan.dv_pad // config["BV"], self.bsz * self.hq)
+            launch(kernel, grid, *self._common_args(), s, z, s0, z0, n, d, o, self.hq, self.hq // self.hkv,
+                   self.nq, self.nk, lag, slots, CHUNK=self.chunk, **config.launch_kwargs())
 
-        self._launch("linear_scan", flags, lambda: _scan_source(plan, **flags), self.nq,
-                     lambda: _scan_configs(plan, state_rows=plan.d_pad), run, writes=(num, den, target))
+        self._launch("linear_chunk_out", flags, lambda: _scan_source(plan, **flags), self.nq,
+                     lambda: _chunk_out_configs(plan), run, writes=(num, den, target))
+
+    def _chunk_states(self, flags: dict, lag: int) -> dict:
+        """The prefix states every chunk reads, per kv head: ``s [B*Hkv, SLOTS, D_pad, Dv_pad]`` (float32; bf16
+        inputs: bfloat16, the dtype their dots cast it to anyway, half the bytes of the three passes),
+        ``z [B*Hkv, SLOTS, D_pad]`` and, taylor, ``s0 [B*Hkv, SLOTS, Dv_pad]`` / ``z0 [B*Hkv, SLOTS]`` (float32).
+        ``SLOTS`` is the number of chunks (one more reversed: the keys right of the last chunk). Bytes per kv
+        head of ``s``: ``SLOTS * D_pad * Dv_pad * 2`` in bf16 (4 MiB at 16K tokens, chunk 64, D = Dv = 128).
+        The prefix sums in float32 whatever the storage."""
+        plan = self.plan
+        slots = cdiv(self.nq, self.chunk) + (1 if flags["reverse"] else 0)
+        heads = self.bsz * self.hkv
+        f32 = dict(dtype=torch.float32, device=self.device)
+        s = torch.empty(heads, slots, plan.d_pad, plan.dv_pad, dtype=state_dtype(plan), device=self.device)
+        z = torch.empty(heads, slots, plan.d_pad, **f32)
+        s0 = torch.empty(heads, slots, plan.dv_pad, **f32) if plan.taylor else s
+        z0 = torch.empty(heads, slots, **f32) if plan.taylor else z
+        k, v = self.k, self.v
+        kv_args = (k, v, self.keep, *k.stride(), *v.stride(), *self.keep_strides)
+
+        def run(kernel, config: Config, into: Optional[tuple]) -> None:
+            grid = (slots, plan.dv_pad // config["BV"], heads)
+            launch(kernel, grid, *kv_args, *(into or (s, z, s0, z0)), self.hkv, self.nq, self.nk, lag, slots,
+                   CHUNK=self.chunk, **config.launch_kwargs())
+
+        self._launch("linear_chunk_state", flags, lambda: _scan_source(self.plan, **flags), self.nq,
+                     lambda: _chunk_state_configs(plan), run, writes=(s, z, s0, z0))
+        states = {"s": self._prefix(s, s, flags["reverse"]), "z": self._prefix(z, z, flags["reverse"])}
+        if plan.taylor:
+            states.update(s0=self._prefix(s0, s0, flags["reverse"]), z0=self._prefix(z0, z0, flags["reverse"]))
+        return states
+
+    def _prefix(self, x: Tensor, y: Tensor, reverse: bool) -> Tensor:
+        """``y`` (may be ``x``) <- the exclusive prefix of ``x [rows, SLOTS, ...]`` over its slots; returns y."""
+        rows, slots = x.shape[0], x.shape[1]
+        e = x[0, 0].numel()
+        block = min(PREFIX_BLOCK, 1 << (e - 1).bit_length())
+        flags = dict(reverse=reverse, even=e % block == 0)
+
+        def run(kernel, config: Config, into: Optional[tuple]) -> None:
+            launch(kernel, (cdiv(e, block), rows), x, into[0] if into else y, slots, e, **config.launch_kwargs())
+
+        self._launch("linear_chunk_prefix", flags, lambda: _prefix_source(**flags), slots,
+                     lambda: [Config.of(4, 2, BLOCK=block)], run, writes=(y,), memo_extra=block)
+        return y
 
     def _quad_scan(self, num: Tensor, den: Tensor, reverse: bool, lag: int) -> None:
         plan = self.plan
@@ -399,6 +463,12 @@ _LAUNCHES: dict = process_memo()
 """(kernel name, plan, flags, length bucket, extra, device) -> (kernel, chosen config), for this process."""
 
 
+def state_dtype(plan: _Plan) -> torch.dtype:
+    """Storage of the chunk states ``[D_pad, Dv_pad]``: bfloat16 for bf16 inputs (their dots read bf16; in the
+    interpreter too, so its tests cover the storage), else float32 (float16's range is too small for sums)."""
+    return torch.bfloat16 if plan.dtype == "tl.bfloat16" else torch.float32
+
+
 def _chunk_tile(chunk: int, n: int) -> int:
     """The scan's chunk: the spec's ``chunk`` when it is a tile ``tl.dot`` takes (a power of two, 16..128),
     else 64; never longer than the sequence needs, and at most 32 under the interpreter (several chunks even
@@ -430,6 +500,28 @@ def _scan_configs(plan: _Plan, state_rows: int) -> list[Config]:
         return [Config.of(4, 2, BV=tiles[0])]
     # 8 warps first: with a [128, BV] state, 4 warps spill a little at D = 128 (ptxas, sm_90)
     return [Config.of(w, s, BV=bv) for bv in tiles for (w, s) in ((8, 2), (8, 3), (4, 2))]
+
+
+def _chunk_state_configs(plan: _Plan) -> list[Config]:
+    """``linear_chunk_state``: a ``[D_pad, BV]`` float32 state per program (no loop but the reversed tail);
+    8 warps (D = 128, BV = 64: 108 registers against 201 at 4 warps; ptxas, sm_90)."""
+    if interpreting():
+        return [Config.of(4, 1, BV=min(32, plan.dv_pad))]
+    tiles = [bv for bv in (128, 64, 32) if bv <= plan.dv_pad and plan.d_pad * bv <= 2 * STATE_ELEMENTS][:2]
+    return [Config.of(w, 2, BV=bv) for bv in tiles or [16] for w in (8, 4) if w == 8 or plan.d_pad * bv <= 4096]
+
+
+def _chunk_out_configs(plan: _Plan) -> list[Config]:
+    """``linear_chunk_out``: a ``[CHUNK, BV]`` float32 accumulator, the ``[D_pad, BV]`` state a dot operand.
+    BV = 128 only with 8 warps (4 spill 112 bytes at D = 128; ptxas, sm_90)."""
+    if interpreting():
+        return [Config.of(4, 1, BV=min(32, plan.dv_pad))]
+    if plan.dot_dtype == "tl.float32":
+        # tf32x3 (three dots per product) spills at D = 128 in every tile tried (ptxas, sm_90, 8 warps: BV 64
+        # 304 B, BV 16 248 B, BV 32 more; chunk 32 worse and without wgmma): the autotuner picks of these two
+        return [Config.of(8, 2, BV=bv) for bv in (64, 16) if bv <= plan.dv_pad] or [Config.of(8, 2, BV=16)]
+    tiles = [bv for bv in (64, 128) if bv <= plan.dv_pad] or [plan.dv_pad]
+    return [Config.of(w, 2, BV=bv) for bv in tiles for w in (8, 4) if bv < 128 or w == 8]
 
 
 def _state_configs(plan: _Plan, state_rows: int, split: int) -> list[Config]:
@@ -613,19 +705,141 @@ def _emit_chunk_loop(w: SourceWriter):
 
 def _scan_source(plan: _Plan, reverse: bool, lagged: bool, rows_even: bool, add_buffers: bool,
                  normalize: bool) -> str:
-    """``linear_scan``: the chunked causal scan over the features that fit one program (elu/relu: all of
-    them; taylor: the constant and linear ones, plus the whole intra-chunk weight)."""
+    """The chunked causal scan's two per-chunk kernels, one module (``linear_chunk_prefix`` runs between
+    them): ``linear_chunk_state`` (each chunk's own keys' state) and ``linear_chunk_out`` (each chunk's rows).
+    Both cover the features that fit one program (elu/relu: all of them; taylor: the constant and linear
+    ones, and the output pass takes the whole intra-chunk weight ``1 + s + s^2/2``)."""
     w = SourceWriter()
+    _emit_chunk_state(w, plan, reverse, lagged, rows_even)
+    w.line()
+    w.line()
+    _emit_chunk_out(w, plan, reverse, lagged, rows_even, add_buffers, normalize)
+    return _module(w)
+
+
+def _chunk_start(reverse: bool, lagged: bool) -> str:
+    """The first key position lined up with chunk ``t``'s rows (``rows - LAG``, or ``rows + LAG`` reversed)."""
+    if not lagged:
+        return "t * CHUNK"
+    return "t * CHUNK + LAG" if reverse else "t * CHUNK - LAG"
+
+
+def _emit_load_rows(w: SourceWriter, out: str, rows_ptr: str, x: str, cols: str, mask: Optional[str]) -> None:
+    """``out = x[row0 + offs_c, cols]`` of tensor ``x`` (strides ``stride_{x}n``/``stride_{x}d``), where
+    ``rows_ptr`` points at row ``row0`` (an int64 offset made once per chunk): the tile's own offsets (under
+    ``CHUNK`` rows) stay small int32."""
+    w.line(f"{out} = tl.load({rows_ptr} + (offs_c[:, None] * stride_{x}n + {cols}[None, :] * stride_{x}d)"
+           f"{_masked(mask)})")
+
+
+def _emit_row_pointers(w: SourceWriter, start: str, names: tuple[str, ...]) -> None:
+    """``{x}_rows = {x}_base + start * stride_{x}n`` in int64 for each tensor ``x`` of ``names``."""
+    for x in names:
+        w.line(f"{x}_rows = {x}_base + ({start}).to(tl.int64) * stride_{x}n")
+
+
+def _emit_chunk_state(w: SourceWriter, plan: _Plan, reverse: bool, lagged: bool, rows_even: bool) -> None:
+    """``linear_chunk_state`` (grid ``(SLOTS, Dv tiles, B*Hkv)``): slot ``t`` gets chunk ``t``'s own
+    ``phi(K_t)^T V_t`` and ``sum phi(K_t)`` (taylor: also its value sum and key count), all chunks at once.
+    Reversed scans have one more slot: the keys right of the last chunk's (they start the reversed state)."""
+    d_ok = "d_ok" if plan.d != plan.d_pad else None
+    v_ok = "v_ok" if plan.dv != plan.dv_pad else None
+    params = _KV_PARAMS, """
+        S, Z, S0, Z0,
+        HKV, NQ, NK, LAG, SLOTS,
+        CHUNK: tl.constexpr, BV: tl.constexpr,
+    """
+    with _signature(w, "linear_chunk_state", *params):
+        w.lines("""
+            t = tl.program_id(0)
+            pid_v = tl.program_id(1)
+            pid_bh = tl.program_id(2)
+            b = (pid_bh // HKV).to(tl.int64)
+            hk = (pid_bh % HKV).to(tl.int64)
+            k_base = K + b * stride_kb + hk * stride_kh
+            v_base = V + b * stride_vb + hk * stride_vh
+        """)
+        if plan.has_keep:
+            w.line("keep_base = KEEP + b * stride_mb")
+        w.line("offs_c = tl.arange(0, CHUNK)")
+        w.line(f"offs_d = tl.arange(0, {plan.d_pad})")
+        w.line("offs_v = pid_v * BV + tl.arange(0, BV)")
+        if d_ok:
+            w.line(f"d_ok = offs_d < {plan.d}")
+        if v_ok:
+            w.line(f"v_ok = offs_v < {plan.dv}")
+        w.line(f"state = tl.zeros([{plan.d_pad}, BV], dtype=tl.float32)")
+        w.line(f"zsum = tl.zeros([{plan.d_pad}], dtype=tl.float32)")
+        if plan.taylor:
+            w.line("# taylor's constant feature 1: the sum of the values and the count of the keys")
+            w.line("vsum = tl.zeros([BV], dtype=tl.float32)")
+            w.line("count = tl.zeros([1], dtype=tl.float32)")
+
+        def fold(bounds: Optional[str]) -> None:
+            """Add the ``CHUNK`` keys from position ``j0`` on (``bounds``: which of them exist)."""
+            w.line("kpos = j0 + offs_c")
+            key = bounds
+            if bounds:
+                w.line(f"{'key_in' if plan.has_keep else 'key_ok'} = {bounds}")
+                key = "key_in" if plan.has_keep else "key_ok"
+            if plan.has_keep:
+                _emit_keep(w, key)
+                key = "key_ok"
+            _emit_load_rows(w, "k", "k_rows", "k", "offs_d", all_of(_rows(key), _cols(d_ok)))
+            _emit_load_rows(w, "v", "v_rows", "v", "offs_v", all_of(_rows(key), _cols(v_ok)))
+            _emit_key_features(w, plan, key, d_ok)
+            w.line(f"state += {plan.dot('tl.trans(fk)', 'v')}")
+            w.line("zsum += tl.sum(fk.to(tl.float32), 0)")
+            if plan.taylor:
+                w.line("vsum += tl.sum(v.to(tl.float32), 0)")
+                w.line(f"count += tl.sum({key}.to(tl.float32), 0)" if key else "count += CHUNK")
+
+        if reverse:
+            w.line("# slot t < SLOTS - 1: chunk t's keys; the last slot: every key right of the last chunk's")
+            w.line(f"lo = {_chunk_start(reverse, lagged)}")
+            w.line("hi = tl.where(t < SLOTS - 1, lo + CHUNK, NK)")
+            _emit_row_pointers(w, "lo", ("k", "v"))
+            with w.block("for j0 in range(lo, hi, CHUNK):"):
+                fold("kpos < NK")
+                w.line("k_rows += CHUNK * stride_kn")
+                w.line("v_rows += CHUNK * stride_vn")
+        else:
+            w.line(f"j0 = {_chunk_start(reverse, lagged)}")
+            _emit_row_pointers(w, "j0", ("k", "v"))
+            fold("(kpos >= 0) & (kpos < NK)" if lagged else (None if rows_even else "kpos < NK"))
+        w.line("slot = pid_bh.to(tl.int64) * SLOTS + t")
+        w.line(f"tl.store(S + slot * {plan.d_pad * plan.dv_pad} + (offs_d[:, None] * {plan.dv_pad} + "
+               f"offs_v[None, :]), state.to(S.dtype.element_ty))")
+        if plan.taylor:
+            w.line(f"tl.store(S0 + slot * {plan.dv_pad} + offs_v, vsum)")
+        with w.block("if pid_v == 0:"):
+            w.line(f"tl.store(Z + slot * {plan.d_pad} + offs_d, zsum)")
+            if plan.taylor:
+                w.line("tl.store(Z0 + slot + tl.arange(0, 1), count)")
+
+
+def _chunk_held(reverse: bool) -> str:
+    """An upper bound of the keys in the state chunk ``t`` reads, plus 1 (float16 scaling, ``_Plan.state_dot``):
+    the keys before its start, or (reversed) the keys after its end."""
+    return "(tl.maximum(NK - (t + 1) * CHUNK - LAG, 0) + 1.0)" if reverse else "(t * CHUNK + 1.0)"
+
+
+def _emit_chunk_out(w: SourceWriter, plan: _Plan, reverse: bool, lagged: bool, rows_even: bool, add_buffers: bool,
+                    normalize: bool) -> None:
+    """``linear_chunk_out`` (grid ``(chunks, Dv tiles, B*Hq)``): chunk ``t``'s rows get the intra-chunk causal
+    ``(phi(Q_t) phi(K_t)^T * causal) V_t`` plus the inter-chunk ``phi(Q_t) S_t`` of the prefix state ``S_t``
+    of every earlier chunk (reversed: later), each feature map computed once per tile."""
     d_ok = "d_ok" if plan.d != plan.d_pad else None
     v_ok = "v_ok" if plan.dv != plan.dv_pad else None
     params = _QKV_PARAMS, """
-        NUM, DEN, OUT,
-        HQ, GROUP, NQ, NK, LAG,
+        S, Z, S0, Z0, NUM, DEN, OUT,
+        HQ, GROUP, NQ, NK, LAG, SLOTS,
         CHUNK: tl.constexpr, BV: tl.constexpr,
     """
-    with _signature(w, "linear_scan", *params):
-        w.line("pid_v = tl.program_id(0)")
-        w.line("pid_bh = tl.program_id(1)")
+    with _signature(w, "linear_chunk_out", *params):
+        w.line("t = tl.program_id(0)")
+        w.line("pid_v = tl.program_id(1)")
+        w.line("pid_bh = tl.program_id(2)")
         _emit_heads(w, plan)
         w.line("offs_c = tl.arange(0, CHUNK)")
         w.line(f"offs_d = tl.arange(0, {plan.d_pad})")
@@ -635,64 +849,67 @@ def _scan_source(plan: _Plan, reverse: bool, lagged: bool, rows_even: bool, add_
         if v_ok:
             w.line(f"v_ok = offs_v < {plan.dv}")
         w.line(f"visible = {_causal_mask(reverse)}")
-        w.line("# the running state of the keys before this chunk (float32): S = sum phi(k)^T v, z = sum phi(k)")
-        w.line(f"state = tl.zeros([{plan.d_pad}, BV], dtype=tl.float32)")
-        w.line(f"zsum = tl.zeros([{plan.d_pad}], dtype=tl.float32)")
+        masks = _emit_chunk_positions(w, plan, reverse, lagged, rows_even)
+        key = masks["key"]
+        _emit_row_pointers(w, "t * CHUNK", ("q",))
+        _emit_row_pointers(w, _chunk_start(reverse, lagged), ("k", "v"))
+        _emit_load_rows(w, "q", "q_rows", "q", "offs_d", all_of(_rows(masks["row"]), _cols(d_ok)))
+        _emit_load_rows(w, "k", "k_rows", "k", "offs_d", all_of(_rows(key), _cols(d_ok)))
+        _emit_load_rows(w, "v", "v_rows", "v", "offs_v", all_of(_rows(key), _cols(v_ok)))
+        _emit_features(w, plan, "fq", "q")
+        _emit_key_features(w, plan, key, d_ok)
         if plan.taylor:
-            w.line("# taylor's constant feature 1: the sum of the values and the count of the keys")
-            w.line("vsum = tl.zeros([BV], dtype=tl.float32)")
-            w.line("count = tl.zeros([1], dtype=tl.float32)")
+            w.line("# intra-chunk weights phi(q).phi(k) = 1 + s + s^2/2 from the raw s = q.k (D wide)")
+            w.line(f"s = {plan.dot('fq', 'tl.trans(fk)')}")
+            w.line(f"a = tl.where({all_of('visible', _cols(key))}, 1.0 + s * (1.0 + 0.5 * s), 0.0)")
+        else:
+            w.line(f"a = tl.where(visible, {plan.dot('fq', 'tl.trans(fk)')}, 0.0)")
+        if plan.fp16:
+            w.line("# float16 operands: the weights scaled into [0, 1] by their row max (no overflow)")
+            w.line("a_max = tl.max(a, 1)")
+            w.line("a_max = tl.where(a_max > 0, a_max, 1.0)")
+            intra = f"{plan.dot('a / a_max[:, None]', 'v')} * a_max[:, None]"
+        else:
+            intra = plan.dot("a", "v")
+        w.line("# the prefix state of this chunk (linear_chunk_prefix: every earlier chunk's, reversed every later)")
+        w.line("slot = (b * (HQ // GROUP) + hk) * SLOTS + t")
+        w.line(f"state = tl.load(S + slot * {plan.d_pad * plan.dv_pad} + (offs_d[:, None] * {plan.dv_pad} + "
+               f"offs_v[None, :]))")
+        w.line(f"zsum = tl.load(Z + slot * {plan.d_pad} + offs_d)")
+        w.line(f"num = {intra} + {plan.state_dot('fq', 'state', _chunk_held(reverse))}")
+        w.line("den = tl.sum(a, 1) + tl.sum(fq.to(tl.float32) * zsum[None, :], 1)")
+        if plan.taylor:
+            w.line(f"num += tl.load(S0 + slot * {plan.dv_pad} + offs_v)[None, :]")
+            w.line("den += tl.load(Z0 + slot)")
+        _emit_scan_store(w, plan, masks["row"], v_ok, add_buffers, normalize)
 
-        def load_kv(key: Optional[str]) -> None:
-            w.line(f"k = tl.load(k_base + kpos[:, None] * stride_kn + offs_d[None, :] * stride_kd"
-                   f"{_masked(all_of(_rows(key), _cols(d_ok)))})")
-            w.line(f"v = tl.load(v_base + kpos[:, None] * stride_vn + offs_v[None, :] * stride_vd"
-                   f"{_masked(all_of(_rows(key), _cols(v_ok)))})")
-            _emit_key_features(w, plan, key, d_ok)
 
-        def fold(masks: dict) -> None:
-            """Add the loaded keys to the state."""
-            w.line(f"state += {plan.dot('tl.trans(fk)', 'v')}")
-            w.line("zsum += tl.sum(fk.to(tl.float32), 0)")
-            if plan.taylor:
-                w.line("vsum += tl.sum(v.to(tl.float32), 0)")
-                key = masks["key"]
-                w.line(f"count += tl.sum({key}.to(tl.float32), 0)" if key else "count += CHUNK")
-
-        if reverse:
-            def prologue(masks: dict) -> None:
-                load_kv(masks["key"])
-                fold(masks)
-
-            _emit_prologue_keys(w, plan, prologue)
-        _emit_held_prologue(w, plan, reverse)
-        with _emit_chunk_loop(w):
-            w.line("t = n_chunks - 1 - i" if reverse else "t = i")
-            masks = _emit_chunk_positions(w, plan, reverse, lagged, rows_even)
-            w.line(f"q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd"
-                   f"{_masked(all_of(_rows(masks['row']), _cols(d_ok)))})")
-            load_kv(masks["key"])
-            _emit_features(w, plan, "fq", "q")
-            if plan.taylor:
-                w.line("# intra-chunk weights phi(q).phi(k) = 1 + s + s^2/2 from the raw s = q.k (D wide)")
-                w.line(f"s = {plan.dot('fq', 'tl.trans(fk)')}")
-                w.line(f"a = tl.where({all_of('visible', _cols(masks['key']))}, 1.0 + s * (1.0 + 0.5 * s), 0.0)")
-            else:
-                w.line(f"a = tl.where(visible, {plan.dot('fq', 'tl.trans(fk)')}, 0.0)")
-            if plan.fp16:
-                w.line("# float16 operands: the weights scaled into [0, 1] by their row max (no overflow)")
-                w.line("a_max = tl.max(a, 1)")
-                w.line("a_max = tl.where(a_max > 0, a_max, 1.0)")
-                intra = f"{plan.dot('a / a_max[:, None]', 'v')} * a_max[:, None]"
-            else:
-                intra = plan.dot("a", "v")
-            w.line(f"num = {intra} + {plan.state_dot('fq', 'state', _held(reverse))}")
-            w.line("den = tl.sum(a, 1) + tl.sum(fq.to(tl.float32) * zsum[None, :], 1)")
-            if plan.taylor:
-                w.line("num += vsum[None, :]")
-                w.line("den += count")
-            fold(masks)
-            _emit_scan_store(w, plan, masks["row"], v_ok, add_buffers, normalize)
+def _prefix_source(reverse: bool, even: bool) -> str:
+    """``linear_chunk_prefix`` (grid ``(element blocks, rows)``): ``X [rows, SLOTS, E]`` of per-chunk states
+    becomes the exclusive prefix ``Y[r, t] = sum_{u < t} X[r, u]`` (reversed: ``u > t``), summed in float32
+    and stored in Y's dtype (Y may be X: each slot is read before it is written)."""
+    w = SourceWriter()
+    params = """
+        X, Y, SLOTS, E,
+        BLOCK: tl.constexpr,
+    """
+    with _signature(w, "linear_chunk_prefix", params):
+        w.line("offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)")
+        w.line("row = tl.program_id(1).to(tl.int64)")
+        w.line("first = (row * SLOTS + SLOTS - 1) * E" if reverse else "first = row * SLOTS * E")
+        w.line("x_ptrs = X + first + offs")
+        w.line("y_ptrs = Y + first + offs")
+        w.line("acc = tl.zeros([BLOCK], dtype=tl.float32)")
+        mask = None if even else "offs < E"
+        if mask:
+            w.line(f"ok = {mask}")
+        step = "-=" if reverse else "+="
+        with w.block("for i in range(0, SLOTS):"):
+            w.line(f"x = tl.load(x_ptrs{_masked('ok' if mask else None)})")
+            w.line(f"tl.store(y_ptrs, acc.to(Y.dtype.element_ty){_store_mask('ok' if mask else None)})")
+            w.line("acc += x.to(tl.float32)")
+            w.line(f"x_ptrs {step} E")
+            w.line(f"y_ptrs {step} E")
     return _module(w)
 
 

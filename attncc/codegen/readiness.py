@@ -148,12 +148,17 @@ def _linear_cases(d: int) -> list[KernelCase]:
     note = "reported only: linear runs its PyTorch path on CUDA (linear.CUDA_FAULT), no config is picked there"
     pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "KEEP": "*i8",
                 **{name: "*fp32" for name in ("NUM", "DEN", "S", "Z", "S0", "Z0")}}
-    scan = linear._scan_configs(plan, plan.d_pad)  # the GPU lists: main() runs without TRITON_INTERPRET
     state = linear._state_configs(plan, plan.d_pad, linear.SPLIT_KEYS)
     flags = dict(reverse=False, lagged=False, rows_even=True, add_buffers=False, normalize=True)
+    chunked = linear._scan_source(plan, **flags)  # the chunk-form causal scan: state pass, prefix, output pass
+    slots = dict(pointers, S="*bf16")  # bf16 inputs keep bf16 chunk states
     return [
-        KernelCase(f"linear causal scan d{d}", "linear_scan", linear._scan_source(plan, **flags), pointers,
-                   tuple(scan), constexprs={"CHUNK": 64}, asserted=False, note=note),
+        KernelCase(f"linear chunk state d{d}", "linear_chunk_state", chunked, slots,
+                   tuple(linear._chunk_state_configs(plan)), constexprs={"CHUNK": 64}, asserted=False, note=note),
+        KernelCase(f"linear chunk output d{d}", "linear_chunk_out", chunked, slots,
+                   tuple(linear._chunk_out_configs(plan)), constexprs={"CHUNK": 64}, asserted=False, note=note),
+        KernelCase("linear chunk prefix", "linear_chunk_prefix", linear._prefix_source(reverse=False, even=True),
+                   {"X": "*bf16", "Y": "*bf16"}, (linear.Config.of(4, 1, BLOCK=1024),), asserted=False, note=note),
         KernelCase(f"linear state d{d}", "linear_state", linear._state_source(plan, even=True), pointers,
                    tuple(state), asserted=False, note=note),
     ]

@@ -320,3 +320,85 @@ def test_cuda_calls_take_the_torch_path_until_the_fault_is_fixed():
     spec = LinearSpec()
     assert covers(spec, SimpleNamespace(is_cuda=True), None, None, None) == CUDA_FAULT
     assert covers(spec, torch.zeros(1, 1, 4, 8), None, None, None) == ""
+
+
+# -- the chunked causal scan (state pass, prefix over chunks, output pass) ------------------------------------
+
+CHUNKED_CASES = [
+    _case("elu", True, 65, 16, dv=48, heads=(4, 2), mask=True, batch=2),  # one row past a whole chunk, GQA 2:1
+    _case("relu", True, 33, 80, dv=16, heads=(3, 1)),  # D and Dv padded, GQA 3:1
+    _case("taylor", True, 65, 16, dv=32, heads=(2, 1), mask=True),
+    _case("elu", False, 50, 16, nk=120, window=5, heads=(2, 1), mask=True),  # reversed scan: keys past the last chunk
+]
+
+
+@pytest.mark.parametrize("case", CHUNKED_CASES)
+def test_chunked_scan_matches_reference(case, device):
+    out, ref, forward = _run(case, torch.float32, device)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out, forward, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [16, 24], ids=["chunk16", "chunk24-rounded"])
+def test_chunked_scan_takes_the_spec_chunk(chunk, device):
+    """A spec chunk of 16 gives 16-row chunks (more of them: a longer prefix); 24 is no tile and becomes 64
+    (32 here); both match the oracle."""
+    q, k, v, _ = _inputs(1, 2, 2, 70, 70, 16, 16, device=device)
+    spec = LinearSpec("elu", chunk=chunk)
+    mods = ScoreMods(scale=0.25, causal=True)
+    torch.testing.assert_close(linear_attention(spec, q, k, v, mods), spec.reference(q, k, v, mods), atol=2e-5,
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reversed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prefix_over_chunk_states(reverse, dtype, device):
+    """linear_chunk_prefix: slot t becomes the sum of the slots before it (reversed: after it), in the
+    output's dtype; element counts that do not fill a block (1, 48) are masked."""
+    from attncc.codegen.linear import _prefix_source
+    from attncc.codegen.source import _execute
+
+    kernel = None
+    for e in (1, 48, 2048):
+        block = min(1024, 1 << (e - 1).bit_length())
+        kernel = _execute(_prefix_source(reverse=reverse, even=e % block == 0), f"prefix-test-{reverse}-{e}",
+                          "linear_chunk_prefix")
+        x = torch.randn(3, 5, e, generator=torch.Generator().manual_seed(e)).to(device)
+        y = torch.empty(3, 5, e, dtype=dtype, device=device)
+        kernel[((e + block - 1) // block, 3)](x, y, 5, e, BLOCK=block)
+        xs = x.flip(1) if reverse else x
+        want = torch.cat([torch.zeros_like(xs[:, :1]), xs.cumsum(1)[:, :-1]], dim=1)
+        want = want.flip(1) if reverse else want
+        torch.testing.assert_close(y, want.to(dtype), atol=1e-5, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+    assert kernel is not None
+
+
+def test_chunked_scan_output_pass_has_no_loop_over_chunks():
+    """The output pass is fully parallel (one program per chunk); only the prefix walks the chunks, and the
+    state pass loops only over the reversed scan's keys past the last chunk."""
+    source = _scan_source(_plan(), reverse=False, lagged=False, rows_even=True, add_buffers=False, normalize=True)
+    out_pass = source[source.index("def linear_chunk_out"):]
+    state_pass = source[source.index("def linear_chunk_state"):source.index("def linear_chunk_out")]
+    assert "for " not in out_pass and "for " not in state_pass
+    assert "tl.load(S + slot" in out_pass and "tl.store(S + slot" in state_pass
+    reversed_source = _scan_source(_plan(), reverse=True, lagged=True, rows_even=False, add_buffers=True,
+                                   normalize=False)
+    assert "for j0 in range(lo, hi, CHUNK)" in reversed_source
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [_case("elu", True, 16384, 128, heads=(16, 16), batch=4),
+                                  _case("relu", True, 16384, 128, window=64, heads=(16, 4), batch=4, mask=True)])
+def test_real_size_chunked_scan_matches_torch_path(case):
+    """B4 H16 N16K D128 (the size the old scan faulted near): the chunked scan's slots and offsets stay in
+    bounds (int64 chunk bases) and match the torch path."""
+    hq, hkv = case["heads"]
+    q, k, v, keep = _inputs(case["batch"], hq, hkv, case["nq"], case["nk"], case["d"], case["dv"], torch.bfloat16,
+                            "cuda", mask=case["mask"])
+    q, k = q * case["d"] ** -0.5, k * case["d"] ** -0.5
+    spec = LinearSpec(case["fmap"], window=case["window"])
+    mods = ScoreMods(scale=ScoreMods.default_scale(q), causal=True, mask=keep)
+    out = linear_attention(spec, q, k, v, mods)
+    torch.cuda.synchronize()
+    assert out.isfinite().all()
+    assert rel_rms(out, spec.forward(q, k, v, mods)) < 2e-2
