@@ -117,16 +117,20 @@ def default_menu(target_len: int) -> list[str]:
     attention (which enters a plan only where it is cheaper than exact and within budget)."""
     n = max(1, target_len)
     menu = []
-    for window in (16, 32, 64, 128):
+    for window in (8, 16, 32, 64, 128):
         if 2 * window + 1 < n:
             menu.append(f"local(window={window}, sinks=4)")
-            menu.append(f"local(window={window}, sinks=4, remainder=True)")
+            # coarser pooled blocks cost less (one entry per block): 16 for wide windows, 32/64 for narrow ones
+            for block in ((16,) if window >= 64 else (16, 32, 64) if window >= 16 else (32, 64)):
+                if 4 * block <= n:
+                    menu.append(f"local(window={window}, sinks=4, remainder=True"
+                                + (f", remainder_block={block})" if block != 16 else ")"))
     if n >= 64:
         for density in (0.5, 0.25, 0.125, 0.0625):
             if density * n >= 16:
                 menu.append(f"topk(block=16, density={density})")
                 menu.append(f"topk(block=16, density={density}, remainder=True)")
-        for threshold in (0.95, 0.8):
+        for threshold in (0.95, 0.9, 0.8, 0.7, 0.6):
             menu.append(f"topk(block=16, threshold={threshold}, remainder=True)")
     for columns in (32, 64):
         if 4 * columns < n:
