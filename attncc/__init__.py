@@ -5,6 +5,7 @@ one attncc op (exact, or an optimized variant as the policy says) and reports wh
 """
 
 from attncc.api import CompiledModule, compile
+from attncc.calibration import AutoPolicy, Plan, auto, calibrate
 from attncc.errors import AttnccError, AttnccWarning
 from attncc.exporting import export, load
 from attncc.policy import Policy, Rule
@@ -22,4 +23,5 @@ def __getattr__(name: str):
         return importlib.import_module(f"attncc.{name}")
     raise AttributeError(f"module 'attncc' has no attribute {name!r}")
 
-__all__ = ["AttnccError", "AttnccWarning", "CompiledModule", "Policy", "Rule", "attention", "compile", "export", "load", "__version__"]
+__all__ = ["AttnccError", "AttnccWarning", "AutoPolicy", "CompiledModule", "Plan", "Policy", "Rule", "attention", "auto",
+           "calibrate", "compile", "export", "load", "__version__"]

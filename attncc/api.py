@@ -95,6 +95,9 @@ class CompiledModule(nn.Module):
         self._dynamo: Optional[Callable] = None
         self._latest: Optional[Capture] = None
         self._pending: Optional[Capture] = None
+        self.graph_runner: Optional[Callable[[PassResult, list], Any]] = None
+        """When set, every rewritten graph runs as ``graph_runner(result, placeholder_values)`` instead of as
+        compiled (``attncc.calibrate`` runs the graphs through its own interpreter this way); None: as compiled."""
         self.capture_count = 0
         """How many captures ran the pass pipeline: one per fx trace, one per Dynamo (re)compilation of the model
         (its graphs after graph breaks count once). generate() should take at most three: prefill, the first
@@ -252,12 +255,14 @@ class CompiledModule(nn.Module):
         return counted
 
     def _measuring_first_call(self, result: PassResult, compiled: Callable) -> Callable:
-        """``compiled``, except that its first call runs the graph through the error-measuring interpreter."""
-        if not self.measure_error or not result.sites or result.graph_module is None:
-            return compiled
+        """``compiled``, except that its first call runs the graph through the error-measuring interpreter, and
+        that a ``graph_runner`` set on this module runs it instead while it is set."""
+        measure = self.measure_error and result.sites and result.graph_module is not None
 
         def run(*args):
-            if result.errors is None:
+            if self.graph_runner is not None and result.graph_module is not None:
+                return self.graph_runner(result, list(args))
+            if measure and result.errors is None:
                 result.errors = {}  # measure once, even if this call fails
                 out, result.errors = run_measuring(result.graph_module, list(args))
                 return out
@@ -294,6 +299,8 @@ class CompiledModule(nn.Module):
         self._check_structure()
         result = self._fx_graph(call)
         if result is not None:
+            if self.graph_runner is not None:
+                return self.graph_runner(result, placeholder_values(result.graph_module, call))
             if self.measure_error and result.errors is None and result.sites:
                 result.errors = {}
                 out, result.errors = run_measuring(result.graph_module, placeholder_values(result.graph_module, call))
@@ -422,8 +429,9 @@ def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any 
         policy: a variant for every site that supports it (``"exact"``, ``"local(window=256, sinks=4)"``,
             ``"neighborhood(kernel=7)"``, ``"topk(density=0.125)"``, ``"linear(feature_map='elu', window=64)"``),
             ``"none"`` (detect and report only), a rules file (``"rules.yaml"``), an ``attncc.Policy`` of rules,
-            or a calibration plan (``attncc.calibrate.plan.Plan`` or its ``.json`` file): a plan made for another
-            architecture is refused here, before capture (``Plan.check_model``).
+            or a calibration plan (``attncc.calibration.plan.Plan`` or its ``.json`` file): a plan made for another
+            architecture is refused here, before capture (``Plan.check_model``); or ``attncc.auto(max_error=...)``,
+            calibrated on ``example_inputs`` (``attncc.calibrate`` calibrates on many batches).
         example_inputs: a tuple of positional arguments or a dict of keyword arguments; when None the model is
             captured at its first call.
         frontend: ``"auto"`` (fx.symbolic_trace, else Dynamo), ``"fx"`` or ``"dynamo"``.
@@ -450,13 +458,31 @@ def compile(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any 
     from attncc.runtime.dispatch import selected_backend
 
     selected_backend()  # a bad ATTNCC_BACKEND is one error now, not one per op call after capture
+    from attncc.calibration.auto import AutoPolicy
+
+    if isinstance(policy, AutoPolicy):
+        policy = _calibrated_on_examples(model, policy, example_inputs)
     chosen = as_policy(policy)
-    from attncc.calibrate.plan import check_plan_model
+    from attncc.calibration.plan import check_plan_model
 
     check_plan_model(chosen, model)  # a plan for another model: one error before anything is captured
     compiled = CompiledModule(model, chosen, example_inputs, frontend=frontend, backend=backend,
                               strict=strict, measure_error=measure_error)
     return compiled
+
+
+def _calibrated_on_examples(model: nn.Module, policy, example_inputs: Any):
+    """The Plan of ``attncc.auto(...)`` calibrated on ``example_inputs`` alone (with a warning that one batch
+    measures little: ``attncc.calibrate`` takes many)."""
+    if example_inputs is None:
+        raise AttnccError("attncc.compile(model, attncc.auto(...)) needs example_inputs to calibrate on; better: "
+                          "plan = attncc.calibrate(model, attncc.auto(...), data=[batch, ...]), then "
+                          "attncc.compile(model, plan)")
+    from attncc.calibration.auto import calibrate
+
+    _warn("attncc: calibrating attncc.auto on the example inputs only: the plan's error is measured on that one "
+          "batch; attncc.calibrate(model, policy, data=[...], held_out=[...]) measures it on many")
+    return calibrate(model, policy, [example_inputs])
 
 
 def _refuse_hf_attncc_model(model: nn.Module) -> None:

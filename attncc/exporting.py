@@ -90,7 +90,7 @@ def export(model: nn.Module, policy: PolicyLike = "exact", example_inputs: Any =
         raise AttnccError("attncc.export needs example_inputs (a tuple of positional or a dict of keyword "
                           "arguments): torch.export captures the model by running it")
     chosen = as_policy(policy)
-    from attncc.calibrate.plan import check_plan_model
+    from attncc.calibration.plan import check_plan_model
 
     check_plan_model(chosen, model)  # a plan made for another model: one error before anything is traced
     if not chosen.rewrites:

@@ -40,7 +40,7 @@ from attncc.errors import AttnccError
 from attncc.module_names import first_integer
 
 if TYPE_CHECKING:
-    from attncc.calibrate.plan import Plan
+    from attncc.calibration.plan import Plan
 
 RULE_FIELDS = ("variant", "match", "layers", "kind", "causal", "min_len", "heads")
 KINDS = ("self", "cross")
@@ -407,14 +407,14 @@ PolicyLike = Union[str, Policy, Rule, Sequence[RuleLike], "Plan", Path, None]
 
 def as_policy(policy: PolicyLike) -> Policy:
     """Normalize what a user passes as ``policy``: a variant string, a path to a .yaml/.yml/.json rules file,
-    a calibration plan (an ``attncc.calibrate.plan.Plan``, or the path of a ``.json`` file whose top level has
+    a calibration plan (an ``attncc.calibration.plan.Plan``, or the path of a ``.json`` file whose top level has
     ``attncc_plan``: its ``to_policy()``, which keeps the plan as ``.plan``), a Rule, a list of rules, a Policy,
     or None (exact)."""
     if policy is None:
         return Policy("exact")
     if isinstance(policy, Policy):
         return policy
-    from attncc.calibrate.plan import Plan, is_plan_file
+    from attncc.calibration.plan import Plan, is_plan_file
 
     if isinstance(policy, Plan):
         return policy.to_policy()

@@ -168,7 +168,7 @@ class PlanReport:
 
     @staticmethod
     def from_plan(plan) -> "PlanReport":
-        """The report section of an ``attncc.calibrate.plan.Plan``."""
+        """The report section of an ``attncc.calibration.plan.Plan``."""
         heads = [PlanHeadReport(module, head, c.variant, c.error, c.time_s, c.flops, [dict(x) for x in c.considered])
                  for module, choices in plan.sites.items() for head, c in enumerate(choices)]
         return PlanReport(plan.model, plan.fingerprint, plan.metric, plan.max_error, plan.target_len, heads,

@@ -25,7 +25,7 @@ def parse_lengths(ctx, param, value: str) -> list[int]:
 @click.argument("model", metavar="MODEL")
 @click.option("--policy", "-p", "policies", multiple=True, required=True,
               help="A policy to compare with the original (repeat the option for several): a variant such as "
-                   "'local(window=256)', or a rules file.")
+                   "'local(window=256)', a rules file, or a plan from 'attncc calibrate' (plan.json).")
 @click.option("--seq-len", "seq_lens", callback=parse_lengths, default="1024,4096,16384", show_default=True,
               help="Comma-separated token counts.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size.")

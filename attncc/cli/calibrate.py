@@ -1,7 +1,7 @@
 """``attncc calibrate MODEL --max-error 0.01 --data texts.txt -o plan.json``: choose a variant per attention head
 within an end-to-end error budget, measured on the user's texts, and save the plan.
 
-The plan (``attncc.calibrate.plan.Plan``) runs with ``attncc.compile(model, "plan.json")`` or ``--policy
+The plan (``attncc.calibration.plan.Plan``) runs with ``attncc.compile(model, "plan.json")`` or ``--policy
 plan.json`` in ``attncc inspect``, ``bench`` and ``export``. The calibration itself is ``attncc.calibrate(model,
 attncc.auto(...), data=batches, held_out=...)``; this command reads and tokenizes the texts, prints the plan and
 writes the file.
@@ -84,11 +84,11 @@ def calibrate(model, max_error, metric, target_len, data_path, held_out_path, ba
 
 
 def load_calibrator() -> tuple[Callable, Callable]:
-    """``(auto, calibrate)`` from ``attncc.calibrate.auto`` (imported here, when the command runs)."""
+    """``(auto, calibrate)`` from ``attncc.calibration.auto`` (imported here, when the command runs)."""
     try:
-        module = importlib.import_module("attncc.calibrate.auto")
+        module = importlib.import_module("attncc.calibration.auto")
     except ImportError as error:
-        raise AttnccError(f"this attncc has no calibrator (attncc.calibrate.auto: {error})") from None
+        raise AttnccError(f"this attncc has no calibrator (attncc.calibration.auto: {error})") from None
     return module.auto, module.calibrate
 
 

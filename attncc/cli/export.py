@@ -18,7 +18,8 @@ from attncc.errors import AttnccError
 @click.argument("model", metavar="MODEL")
 @click.option("--policy", "-p", default="exact", show_default=True,
               help="A variant for every site that supports it (exact, 'local(window=256, sinks=4)', "
-                   "'neighborhood(kernel=7)', 'topk(density=0.125)' ...) or a rules file (.yaml/.json).")
+                   "'neighborhood(kernel=7)', 'topk(density=0.125)' ...), a rules file (.yaml/.json), "
+                   "or a plan from 'attncc calibrate' (plan.json).")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="The .pt2 file to write.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=None,
               help="Sequence length of the example text inputs (with --dynamic seq: any length runs).")

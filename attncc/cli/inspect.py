@@ -20,7 +20,8 @@ FORMATS = ("table", "json", "dot", "svg")
 @click.option("--policy", "-p", default="exact", show_default=True,
               help="A variant for every site that supports it (exact, none, 'local(window=256, sinks=4)', "
                    "'neighborhood(kernel=7)', 'topk(density=0.125)', \"linear(feature_map='elu', window=64)\", "
-                   "'block_sparse(pattern=bigbird(window=3, globals=1, random=2))') or a rules file (.yaml/.json).")
+                   "'block_sparse(pattern=bigbird(window=3, globals=1, random=2))'), a rules file (.yaml/.json), "
+                   "or a plan from 'attncc calibrate' (plan.json).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
               help="What to print: the site table (default), JSON, or the graphs before and after each site's "
                    "rewrite as DOT text (for Graphviz) or an SVG document.")

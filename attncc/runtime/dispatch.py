@@ -3,8 +3,9 @@
 Backends: ``triton`` (the generated kernels in ``attncc.codegen``; CUDA tensors, or CPU tensors under
 ``TRITON_INTERPRET=1``) and ``torch`` (each variant's PyTorch path; any device). ``ATTNCC_BACKEND`` picks:
 ``auto`` (default: triton for CUDA tensors, torch otherwise), ``triton`` or ``torch``. Calls no kernel covers
-(attention dropout, region masks, inputs that need gradients: the kernels are forward-only and backward
-recomputes through the torch path) run on the torch path whatever the setting. Per-head variants (``heads(...)``)
+(attention dropout, region masks, and the exact variant's calls that need gradients) run on the torch path
+whatever the setting. Backward is the op's autograd (``attncc.runtime.ops``): the softmax family's backward
+kernels on the triton backend, else a recompute through the torch path. Per-head variants (``heads(...)``)
 run each group of heads through that group's kernel (or torch path) on its head slices, in the same call.
 """
 

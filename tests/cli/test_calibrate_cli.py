@@ -2,7 +2,7 @@
 (never over an existing file without --force), every user mistake is one error line and exit status 2, and a plan
 file works as ``--policy`` in ``inspect``, ``bench`` and ``export``.
 
-The calibrator (``attncc.calibrate.auto``) is replaced by a stand-in that records what it was given and returns a
+The calibrator (``attncc.calibration.auto``) is replaced by a stand-in that records what it was given and returns a
 small plan; one test runs the real one where it exists."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from attncc.calibrate.plan import HeadChoice, Plan, model_dtype, model_fingerprint, weights_digest
+from attncc.calibration.plan import HeadChoice, Plan, model_dtype, model_fingerprint, weights_digest
 from attncc.cli import main
 from attncc.models import load_model
 
@@ -165,8 +165,8 @@ def test_a_model_folder_without_a_tokenizer_is_one_error_line(tmp_path, texts, b
     assert "has no usable tokenizer" in one_error_line(capfd)
 
 
-TINY = f"{Path(__file__).parent.parent / 'calibrate' / 'tiny_attention_model.py'}:factory"
-"""A two-layer model of 4 heads whose attention fx captures (tests/calibrate), as a factory-file model spec."""
+TINY = f"{Path(__file__).parent.parent / 'calibration' / 'tiny_attention_model.py'}:factory"
+"""A two-layer model of 4 heads whose attention fx captures (tests/calibration), as a factory-file model spec."""
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +206,8 @@ def test_export_takes_a_plan(tiny_plan, tmp_path, capsys):
     assert out.exists() and "local(window=8)" in printed and "plan for TinyModel" in printed
 
 
-@pytest.mark.skipif(importlib.util.find_spec("attncc.calibrate.auto") is None,
-                    reason="attncc.calibrate.auto (the calibrator) is not in this tree yet")
+@pytest.mark.skipif(importlib.util.find_spec("attncc.calibration.auto") is None,
+                    reason="attncc.calibration.auto (the calibrator) is not in this tree yet")
 def test_the_real_calibrator_on_a_tiny_model(bert_dir, texts, tmp_path, capsys):
     import attncc
 

@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from attncc.calibrate import timing
-from attncc.calibrate.timing import AttentionShape, TimeModel, measure_seconds
+from attncc.calibration import timing
+from attncc.calibration.timing import AttentionShape, TimeModel, measure_seconds
 from attncc.errors import AttnccError
 
 SHAPE = AttentionShape(batch=1, q_heads=4, kv_heads=2, q_len=32, kv_len=32, head_dim=8, value_dim=8)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import attncc
-from attncc.calibrate.plan import (HeadChoice, Plan, PlanPolicy, escape_glob, model_dtype, model_fingerprint,
+from attncc.calibration.plan import (HeadChoice, Plan, PlanPolicy, escape_glob, model_dtype, model_fingerprint,
                                    per_head_variant, weights_digest)
 from attncc.errors import AttnccError, AttnccWarning
 from attncc.policy import as_policy
@@ -207,7 +207,7 @@ def test_a_reloaded_plan_gives_identical_outputs_in_a_fresh_process(tmp_path):
         import sys, torch
         sys.path.insert(0, {str(HERE)!r})
         import attncc
-        from attncc.calibrate.plan import Plan
+        from attncc.calibration.plan import Plan
         from tiny_attention_model import build
         model, x = build()
         cm = attncc.compile(model, Plan.load({str(path)!r}), example_inputs=(x,))
