@@ -60,7 +60,7 @@ class AutoPolicy:
     target_len: Optional[int] = None
     menu: Optional[tuple[str, ...]] = None
     cost: str = "time"
-    safety: float = 0.8
+    safety: float = 0.75
     statistic: str = "mean"
 
     def __post_init__(self) -> None:
@@ -88,7 +88,7 @@ class AutoPolicy:
 
 
 def auto(max_error: float = 0.01, metric: Union[str, Metric] = "cosine", target_len: Optional[int] = None,
-         menu: Optional[Sequence[str]] = None, cost: str = "time", safety: float = 0.8,
+         menu: Optional[Sequence[str]] = None, cost: str = "time", safety: float = 0.75,
          statistic: str = "mean") -> AutoPolicy:
     """A policy choosing, per site and head, the fastest variant whose end-to-end error stays within ``max_error``.
 
@@ -101,7 +101,8 @@ def auto(max_error: float = 0.01, metric: Union[str, Metric] = "cosine", target_
         menu: candidate variant texts; default ``default_menu(target_len)``.
         cost: ``"time"`` (measured on this machine, cached) or ``"flops"`` (attention FLOPs actually run).
         safety: the plan's measured calibration error is held under ``safety * max_error``, leaving room for
-            inputs it was not calibrated on.
+            inputs it was not calibrated on (on MiniLM, texts it never saw erred 13-31% more than the 16 it was
+            calibrated on: 0.75 keeps their mean within the budget).
         statistic: ``"mean"`` or ``"worst"`` calibration sample is what must stay within the budget.
 
     Use it with ``attncc.calibrate(model, attncc.auto(...), data=[batch, ...]) -> Plan``, then

@@ -47,7 +47,7 @@ def test_a_generous_budget_approximates_heads_and_its_measured_error_stays_withi
     chosen = [option.text for option in result.allocation.chosen.values()]
     assert len(chosen) == 2 * 4 and set(chosen) - {"exact"}, chosen
     measured = result.measured["calibration"]
-    assert measured["mean"] <= 0.8 * 0.05 and measured["samples"] == 4
+    assert measured["mean"] <= 0.75 * 0.05 and measured["samples"] == 4
     assert measured["flops_saving"] > 1.0
     assert all(value > 0 for value in result.sensitivity.values())
     assert all(stats.projected for stats in result.stats.values())
@@ -55,7 +55,7 @@ def test_a_generous_budget_approximates_heads_and_its_measured_error_stays_withi
 
 def test_a_tighter_budget_never_runs_fewer_flops(calibrator):
     loose, tight = calibrator.run(0.05), calibrator.run(0.005)
-    assert tight.measured["calibration"]["mean"] <= 0.8 * 0.005
+    assert tight.measured["calibration"]["mean"] <= 0.75 * 0.005
     assert tight.measured["calibration"]["flops_saving"] <= loose.measured["calibration"]["flops_saving"] + 1e-9
 
 
