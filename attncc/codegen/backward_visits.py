@@ -61,23 +61,10 @@ def backward_visit(spec: VariantSpec, q: Tensor, k: Tensor, v: Tensor, mods: Sco
 
 
 def _block_sparse_visit(spec, q: Tensor, k: Tensor, mods: ScoreMods) -> LayoutVisit:
-    """The visit :func:`attncc.codegen.block_sparse.block_sparse_attention` builds, for the same call."""
-    from attncc.codegen.block_sparse import TILE_PREDICATE, mask_mod_tiles, named_layout
-    from attncc.codegen.visits import Predicate
-    from attncc.variants.block_sparse import MaskModPattern
+    """The visit :func:`attncc.codegen.block_sparse.block_sparse_attention` runs, for the same call."""
+    from attncc.codegen.block_sparse import block_sparse_visit
 
-    nq, nk, b = q.shape[-2], k.shape[-2], spec.block
-    descriptor = {"variant": str(spec), "causal": mods.causal}
-    if isinstance(spec.pattern, MaskModPattern):
-        layout, tiles, tile_index = mask_mod_tiles(spec, nq, nk, mods.causal, str(q.device))
-        predicate = Predicate(name="mask_tiles", code=TILE_PREDICATE, scalars=("tile_index_stride", "tile_b"),
-                              tensors=("mask_tiles", "tile_index"))
-        return LayoutVisit(
-            layout_for=lambda bm, bn: layout, predicate=predicate, descriptor=descriptor, block_sizes=(b, b),
-            tensors={"mask_tiles": tiles, "tile_index": tile_index, "tile_index_stride": tile_index.shape[1],
-                     "tile_b": b})
-    layout = named_layout(spec, nq, nk, mods.causal, q.device)
-    return LayoutVisit(layout_for=lambda bm, bn: layout, descriptor=descriptor, block_sizes=(b, b))
+    return block_sparse_visit(spec, q, k, mods)
 
 
 __all__ = ["FAMILIES", "backward_declines", "backward_visit"]

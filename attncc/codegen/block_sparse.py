@@ -86,7 +86,16 @@ def _block_sparse_covers(spec, q: Tensor, k: Tensor, v: Tensor, mods) -> str:
 def block_sparse_attention(spec: BlockSparseSpec, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
     """Block-sparse attention of ``spec`` on the Triton kernels. q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``,
     v ``[B, Hkv, Nk, Dv]`` -> ``[B, Hq, Nq, Dv]``."""
-    from attncc.codegen.softmax import LayoutVisit, Predicate, softmax_attention
+    from attncc.codegen.softmax import softmax_attention
+
+    return softmax_attention(q, k, v, mods, block_sparse_visit(spec, q, k, mods))
+
+
+def block_sparse_visit(spec: BlockSparseSpec, q: Tensor, k: Tensor, mods: ScoreMods):
+    """The ``LayoutVisit`` of ``spec`` for a call with q ``[B, Hq, Nq, D]`` and k ``[B, Hkv, Nk, D]``: the named
+    pattern's block layout, or a ``mask_mod``'s layout with the bits of its partial tiles as a predicate. The
+    forward kernel and the backward kernels (``backward_visits``) visit the same blocks."""
+    from attncc.codegen.softmax import LayoutVisit, Predicate
 
     nq, nk, b = q.shape[-2], k.shape[-2], spec.block
     descriptor = {"variant": str(spec), "causal": mods.causal}
@@ -94,12 +103,10 @@ def block_sparse_attention(spec: BlockSparseSpec, q: Tensor, k: Tensor, v: Tenso
         layout, tiles, tile_index = mask_mod_tiles(spec, nq, nk, mods.causal, str(q.device))
         predicate = Predicate(name="mask_tiles", code=TILE_PREDICATE, scalars=("tile_index_stride", "tile_b"),
                               tensors=("mask_tiles", "tile_index"))
-        visit = LayoutVisit(
+        # causality is folded into the pattern's predicate; the kernel still applies it (cheaply) on top
+        return LayoutVisit(
             layout_for=lambda bm, bn: layout, predicate=predicate, descriptor=descriptor, block_sizes=(b, b),
             tensors={"mask_tiles": tiles, "tile_index": tile_index, "tile_index_stride": tile_index.shape[1],
                      "tile_b": b})
-        # causality is folded into the pattern's predicate; the kernel still applies it (cheaply) on top
-        return softmax_attention(q, k, v, mods, visit)
     layout = named_layout(spec, nq, nk, mods.causal, q.device)
-    visit = LayoutVisit(layout_for=lambda bm, bn: layout, descriptor=descriptor, block_sizes=(b, b))
-    return softmax_attention(q, k, v, mods, visit)
+    return LayoutVisit(layout_for=lambda bm, bn: layout, descriptor=descriptor, block_sizes=(b, b))
