@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
+from unittest import mock
 
 import torch
 
@@ -220,15 +221,8 @@ class TimeModel:
         if self.backend is None:
             yield
             return
-        saved = os.environ.get("ATTNCC_BACKEND")
-        os.environ["ATTNCC_BACKEND"] = self.backend
-        try:
+        with mock.patch.dict(os.environ, {"ATTNCC_BACKEND": self.backend}):
             yield
-        finally:
-            if saved is None:
-                os.environ.pop("ATTNCC_BACKEND", None)
-            else:
-                os.environ["ATTNCC_BACKEND"] = saved
 
 
 def measure_seconds(calls: dict[str, Callable[[], object]], device: torch.device, *, warmup: int,
