@@ -25,7 +25,7 @@ the variants decline sites with a bias when ``remainder=True``; a mask other tha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -145,26 +145,30 @@ def check_poolable(name: str, mods: ScoreMods, nk: int) -> None:
 
 
 def fully_visible(nqb: int, nkb: int, block: int, nq: int, nk: int, causal: bool, pad: int = 0,
-                  device=None) -> Tensor:
-    """Bool ``[nQB, nKB]``: key block J is visible to every query of query block I (under top-left
-    causality when ``causal``: its last key is at or before the block's first query). Query block I holds
-    rows ``I * block - pad ..`` (``pad`` leading rows that are not queries, decode alignment)."""
+                  device=None, key_block: Optional[int] = None) -> Tensor:
+    """Bool ``[nQB, nKB]``: key block J (of ``key_block`` keys, default ``block``) is visible to every query of
+    query block I (of ``block`` rows; under top-left causality when ``causal``: its last key is at or before
+    the block's first query). Query block I holds rows ``I * block - pad ..`` (``pad`` leading rows that are
+    not queries, decode alignment)."""
     if not causal:
         return torch.ones(nqb, nkb, dtype=torch.bool, device=device)
+    key_block = block if key_block is None else key_block
     first_q = (torch.arange(nqb, device=device) * block - pad).clamp(0, nq - 1)
-    last_k = (torch.arange(1, nkb + 1, device=device) * block).clamp(max=nk) - 1
+    last_k = (torch.arange(1, nkb + 1, device=device) * key_block).clamp(max=nk) - 1
     return last_k[None, :] <= first_q[:, None]
 
 
 def remainder_reference(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, keep: Tensor, block: int,
-                        entries: Tensor, pad: int = 0) -> Tensor:
+                        entries: Tensor, pad: int = 0, pooled_blocks: Sequence[int] = ()) -> Tensor:
     """Dense float32 oracle of attention over the pairs ``keep`` plus pooled entries.
 
     q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``, v ``[B, Hkv, Nk, Dv]``; ``keep`` bool broadcastable to
     ``[B, Hq, Nq, Nk]`` (the exactly computed pairs, ``mods`` applied on top); ``entries`` bool
-    ``[b, Hq|1, nQB, nKB]``: the key blocks query block I pools (query row i is in block ``(i + pad) // block``).
-    The pooled keys and values are written as averaging matrices over the real keys (independently of
-    :func:`block_sums`). Returns ``[B, Hq, Nq, Dv]`` in q's dtype.
+    ``[b, Hq|1, nQB, nR]``: the pooled blocks query block I adds (query row i is in block
+    ``(i + pad) // block``). The pooled blocks are the key blocks of size ``block`` (``nKB`` of them), then
+    those of each size in ``pooled_blocks`` in turn (a coarser pooling), ``nR`` in all. The pooled keys and
+    values are written as averaging matrices over the real keys (independently of :func:`block_sums`).
+    Returns ``[B, Hq, Nq, Dv]`` in q's dtype.
     """
     check_poolable("remainder", mods, k.shape[-2])
     qe, ke, ve, gqa = expand_kv_heads(q, k, v)
@@ -172,11 +176,12 @@ def remainder_reference(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, keep: 
         g = qe.shape[-3] // ke.shape[-3]
         ke, ve = ke.repeat_interleave(g, dim=-3), ve.repeat_interleave(g, dim=-3)
     nq, nk = q.shape[-2], k.shape[-2]
-    nkb = cdiv(nk, block)
     real = real_keys(mods.mask, nk)
     real = torch.ones(1, nk, dtype=torch.bool, device=q.device) if real is None else real
-    # average[b, J, j] = 1 / count_J for the real keys j of block J
-    member = (torch.arange(nk, device=q.device)[None, :] // block) == torch.arange(nkb, device=q.device)[:, None]
+    # average[b, J, j] = 1 / count_J for the real keys j of pooled block J (every size's blocks in turn)
+    member = torch.cat([(torch.arange(nk, device=q.device)[None, :] // size)
+                        == torch.arange(cdiv(nk, size), device=q.device)[:, None] for size in (block, *pooled_blocks)])
+    nkb = member.shape[0]
     member = member[None] & real[:, None, :]
     count = member.sum(-1, keepdim=True)
     average = member.float() / count.clamp_min(1)

@@ -127,6 +127,11 @@ class TopKSpec(VariantSpec):
     """Every key block a query block skips enters its softmax as one pooled entry (``attncc.variants.remainder``:
     score ``log(count) + q . mean(k) * scale``, value ``mean(v)``, padding excluded). Declines sites with a bias
     or a mask other than key padding."""
+    remainder_block: Optional[int] = None
+    """Coarser pooling of the remainder (a multiple of ``block``; ``remainder=True`` only): a run of
+    ``remainder_block`` keys of which a query block selects nothing becomes *one* pooled entry instead of
+    ``remainder_block / block``; skipped blocks next to selected ones stay pooled per ``block``. The selection
+    stays fine while the remainder costs about ``1 / remainder_block`` of dense."""
 
     listed: ClassVar[int] = 40
 
@@ -157,6 +162,15 @@ class TopKSpec(VariantSpec):
             raise self.invalid("decode", f"must be True or False, got {self.decode!r}")
         if not isinstance(self.remainder, bool):
             raise self.invalid("remainder", f"must be True or False, got {self.remainder!r}")
+        if self.remainder_block is not None:
+            check_int(self, "remainder_block", self.remainder_block, minimum=1)
+            if not self.remainder:
+                raise self.invalid("remainder_block", "needs remainder=True")
+            if self.remainder_block % self.block:
+                raise self.invalid("remainder_block", f"must be a multiple of block ({self.block}), "
+                                                      f"got {self.remainder_block}")
+            if self.remainder_block == self.block:  # the default spelled out: one canonical text
+                object.__setattr__(self, "remainder_block", None)
 
     def aligns_last_queries(self) -> bool:
         return self.decode
@@ -247,8 +261,23 @@ class TopKSpec(VariantSpec):
         out["bytes"] = out["bytes"] + itemsize * pooled
         if self.remainder:  # pooling v, and one pooled entry per (query, key block): about 1/block of dense
             out["flops"] = out["flops"] + s["B"] * s["Hkv"] * s["Nk"] * s["Dv"] \
-                + 2 * s["B"] * s["Hq"] * s["Nq"] * nkb * (s["D"] + s["Dv"])
+                + 2 * s["B"] * s["Hq"] * s["Nq"] * self._entries_bound(site) * (s["D"] + s["Dv"])
         return out
+
+    def _entries_bound(self, site) -> sympy.Expr:
+        """Pooled entries per query, an upper bound: every key block, or with a coarser ``remainder_block`` one
+        per coarse block plus the fine blocks left beside each kept block."""
+        s = site_sizes(site)
+        nkb = sympy.ceiling(s["Nk"] / self.block)
+        rb = self.remainder_block or self.block
+        if rb == self.block:
+            return nkb
+        kept = sympy.Integer(max(self.blocks_kept(10 ** 9) if self.k is not None else 0, self.local + self.sinks))
+        if self.density is not None:
+            kept = kept + sympy.ceiling(sympy.nsimplify(self.density) * nkb)
+        elif self.threshold is not None:
+            return nkb
+        return sympy.Min(nkb, sympy.ceiling(s["Nk"] / rb) + kept * (rb // self.block - 1))
 
     # ----------------------------------------------------------------------------------------- selection
 
@@ -364,27 +393,54 @@ class TopKSpec(VariantSpec):
         if not self.remainder:
             return masked_reference(q, k, v, mods, keep)
         entries = self.remainder_entries(keep_blocks, mods, nq, nk)
-        return remainder_reference(q, k, v, mods, keep, self.block, entries, pad)
+        return remainder_reference(q, k, v, mods, keep, self.block, entries, pad, self._coarse_blocks())
 
     # ----------------------------------------------------------------------------------------- remainder
 
     def remainder_entries(self, keep: Tensor, mods: ScoreMods, nq: int, nk: int) -> Tensor:
-        """Bool ``[B, Hq, nQB, nKB]``: the key blocks each query block pools (``remainder=True``): those it does
-        not visit (``keep``, from :meth:`select_blocks`) that hold a real key and are visible to every one of
-        its queries. Under causality a block partly in the future of the query block (its diagonal block,
-        where ``local=0`` leaves it out) is skipped without a pooled entry: part of it must stay hidden."""
+        """Bool ``[B, Hq, nQB, nR]``: the pooled blocks each query block adds (``remainder=True``): the key
+        blocks it does not visit (``keep``, from :meth:`select_blocks`) that hold a real key and are visible to
+        every one of its queries (``nR = nKB``). Under causality a block partly in the future of the query block
+        (its diagonal block, where ``local=0`` leaves it out) is skipped without a pooled entry: part of it must
+        stay hidden.
+
+        With a coarser ``remainder_block`` the entries go on past ``nKB``, one per coarse block: a coarse block
+        the query block selects nothing of (and sees entirely) is one entry there, and its fine blocks are not
+        entries; the fine blocks of the other coarse blocks are pooled per ``block`` as above."""
         b = self.block
         nqb, nkb = keep.shape[-2:]
         pad, _ = self._decode_rows(nq, nk)
-        counts = block_counts(real_keys(mods.mask, nk), nk, b, keep.device)  # [b, nKB]
+        keys = real_keys(mods.mask, nk)
+        counts = block_counts(keys, nk, b, keep.device)  # [b, nKB]
         visible = fully_visible(nqb, nkb, b, nq, nk, mods.causal, pad, keep.device)
-        return ~keep & visible & (counts > 0)[:, None, None, :]
+        fine = ~keep & visible & (counts > 0)[:, None, None, :]
+        coarse = self._coarse_blocks()
+        if not coarse:
+            return fine
+        rb = coarse[0]
+        ratio, ncb = rb // b, cdiv(nk, rb)
+        touched = F.pad(keep, (0, ncb * ratio - nkb)).unflatten(-1, (ncb, ratio)).any(-1)  # [B, Hq, nQB, nCB]
+        coarse_counts = block_counts(keys, nk, rb, keep.device)
+        whole = ~touched & fully_visible(nqb, ncb, b, nq, nk, mods.causal, pad, keep.device, key_block=rb) \
+            & (coarse_counts > 0)[:, None, None, :]
+        fine = fine & ~whole.repeat_interleave(ratio, dim=-1)[..., :nkb]
+        return torch.cat([fine, whole], dim=-1)
+
+    def _coarse_blocks(self) -> tuple[int, ...]:
+        """The coarser pooled block sizes after ``block`` (``(remainder_block,)`` or none)."""
+        rb = self.remainder_block
+        return (rb,) if rb is not None and rb != self.block else ()
 
     def pooled_remainder(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, keep: Tensor) -> Remainder:
         """The :class:`Remainder` of a selection ``keep`` (bool ``[B, Hq, nQB, nKB]``): pooled keys and values
-        of every key block over its real keys, and the entries of :meth:`remainder_entries`."""
+        of every key block (then of every coarse block) over its real keys, and the entries of
+        :meth:`remainder_entries`."""
         check_poolable(self.name, mods, k.shape[-2])
         keys, values, log_count = pooled_keys_values(k, v, self.block, mods.mask)
+        for size in self._coarse_blocks():
+            more = pooled_keys_values(k, v, size, mods.mask)
+            keys, values = torch.cat([keys, more[0]], dim=-2), torch.cat([values, more[1]], dim=-2)
+            log_count = torch.cat([log_count, more[2]], dim=-1)
         entries = self.remainder_entries(keep, mods, q.shape[-2], k.shape[-2])
         return Remainder(keys, values, log_count, entries)
 
@@ -394,12 +450,21 @@ class TopKSpec(VariantSpec):
     def measured_pairs(self, q: Tensor, k: Tensor, mods: ScoreMods) -> Tensor:
         """(query, key) pairs scored per batch row and query head, float64 ``[B, Hq]``: the visible pairs of
         the selected blocks between real queries and real keys (padding excluded, causality applied), plus
-        one pair per pooled remainder entry of each real query."""
+        one pair per pooled remainder entry of each real query, plus the selection itself: every (query block,
+        key block) score of pooled rows holding a real token, each counted as half a pair (one ``D``-dot, where
+        a pair is a ``D``-dot and a ``Dv``-wide update)."""
         keep = self.select_blocks(q, k, mods)
         nq, nk = q.shape[-2], k.shape[-2]
         pad, _ = self._decode_rows(nq, nk)
         entries = self.remainder_entries(keep, mods, nq, nk) if self.remainder else None
-        return selected_pairs(keep, self.block, pad, nq, nk, mods, entries)
+        pairs = selected_pairs(keep, self.block, pad, nq, nk, mods, entries)
+        keys = real_keys(mods.mask, nk)
+        keys = torch.ones(1, nk, dtype=torch.bool, device=q.device) if keys is None else keys
+        queries = real_queries(keys, nq, nk, self_attention=nq == nk or self.decode)
+        queries = torch.ones(1, nq, dtype=torch.bool, device=q.device) if queries is None else queries
+        key_blocks = (block_counts(keys, nk, self.block, q.device) > 0).sum(-1).double()
+        query_blocks = (block_counts(F.pad(queries, (pad, 0)), nq + pad, self.block, q.device) > 0).sum(-1).double()
+        return pairs + (0.5 * key_blocks * query_blocks)[:, None].to(pairs.device)
 
     def _decode_rows(self, nq: int, nk: int) -> tuple[int, int]:
         """``decode_rows`` with ``decode=True``, ``(0, 0)`` (top-left) otherwise."""

@@ -32,6 +32,7 @@ SPECS = {
     "topk-density": TopKSpec(block=8, density=0.25, remainder=True),
     "topk-k-nolocal": TopKSpec(block=8, k=1, sinks=0, local=0, remainder=True),
     "topk-threshold": TopKSpec(block=16, threshold=0.5, remainder=True),
+    "topk-coarse": TopKSpec(block=4, density=0.25, remainder=True, remainder_block=16),
     "local-sinks": LocalSpec(window=5, sinks=2, remainder=True, remainder_block=8),
     "local-globals": LocalSpec(left=3, right=6, globals=3, remainder=True),
 }
@@ -57,8 +58,9 @@ def test_softcap_and_sinks(name):
     torch.testing.assert_close(spec.forward(q, k, v, mods), spec.reference(q, k, v, mods), rtol=1e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("spec", [TopKSpec(block=8, density=0.25, remainder=True, decode=True), SPECS["local-sinks"]],
-                         ids=["topk", "local"])
+@pytest.mark.parametrize("spec", [TopKSpec(block=8, density=0.25, remainder=True, decode=True), SPECS["local-sinks"],
+                                  TopKSpec(block=4, density=0.25, remainder=True, remainder_block=12, decode=True)],
+                         ids=["topk", "local", "topk-coarse"])
 def test_fewer_queries_than_keys(spec):
     gen = torch.Generator().manual_seed(2)
     q, k, v = torch.randn(2, 4, 11, 16, generator=gen), torch.randn(2, 2, 50, 16, generator=gen), \
@@ -102,6 +104,45 @@ def test_blocks_of_equal_keys_pool_exactly(causal):
         torch.testing.assert_close(spec.forward(q, k, v, mods), want, rtol=1e-5, atol=1e-5)
         without = TopKSpec(block=bs, k=1, sinks=0, local=1).forward(q, k, v, mods)
         assert (without - want).abs().max() > 1e-2  # the remainder is what makes it exact
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_coarse_blocks_of_equal_keys_pool_exactly(causal):
+    """The same check for ``remainder_block``: keys and values equal over each run of 16 positions, selection
+    blocks of 4. A coarse block the query block selects nothing of is one entry, the others' skipped fine blocks
+    are one entry each: both pool equal keys exactly, so the result is exact attention; the coarse pools must
+    skip the padding too."""
+    n, rb = 45, 16
+    gen = torch.Generator().manual_seed(9)
+    k = torch.randn(2, 2, 3, 1, 16, generator=gen).expand(2, 2, 3, rb, 16).reshape(2, 2, 48, 16)[:, :, :n].clone()
+    v = torch.randn(2, 2, 3, 1, 8, generator=gen).expand(2, 2, 3, rb, 8).reshape(2, 2, 48, 8)[:, :, :n].clone()
+    q = torch.randn(2, 4, n, 16, generator=gen)
+    mask = padding(n, (n, 21))
+    k[1, :, 21:] = 100 * torch.randn(2, n - 21, 16, generator=gen)
+    v[1, :, 21:] = 100 * torch.randn(2, n - 21, 8, generator=gen)
+    mods = ScoreMods(scale=0.4, causal=causal, mask=mask)
+    want = exact.reference(q, k, v, scale=0.4, causal=causal, mask=mask)
+    spec = TopKSpec(block=4, k=1, sinks=0, local=1, remainder=True, remainder_block=rb)
+    torch.testing.assert_close(spec.forward(q, k, v, mods), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(spec.reference(q, k, v, mods), want, rtol=1e-5, atol=1e-5)
+
+
+def test_coarse_remainder_entries_by_hand():
+    """32 keys, selection blocks of 4, remainder blocks of 16, each query block keeping its own block only:
+    it pools the 3 other fine blocks of its own coarse block and the other coarse block whole (4 entries where
+    fine pooling has 7)."""
+    q, k, _ = random_qkv(1, 1, 1, 32, 4, seed=7)
+    mods = ScoreMods(scale=0.5)
+    coarse = TopKSpec(block=4, k=1, sinks=0, local=1, remainder=True, remainder_block=16)
+    keep = coarse.select_blocks(q, k, mods)
+    entries = coarse.remainder_entries(keep, mods, 32, 32)
+    assert entries.shape == (1, 1, 8, 8 + 2)
+    assert entries[0, 0, 1].tolist() == [True, False, True, True, False, False, False, False] + [False, True]
+    assert entries[0, 0, 6].tolist() == [False] * 4 + [True, True, False, True] + [True, False]
+    # 8 query blocks x 4 queries x (4 kept keys + 4 entries), plus the selection's 8 x 8 half pairs
+    assert coarse.measured_pairs(q, k, mods).tolist() == [[8 * 4 * 8 + 32.0]]
+    fine = TopKSpec(block=4, k=1, sinks=0, local=1, remainder=True)
+    assert fine.measured_pairs(q, k, mods).tolist() == [[8 * 4 * (4 + 7) + 32.0]]
 
 
 # ----------------------------------------------------------------------------------- degenerate limits
@@ -160,6 +201,14 @@ def test_text_and_validation():
 
     for text in ("topk(density=0.25, remainder=True)", "local(window=8, remainder=True)"):
         assert str(parse_variant(text)) == text
+    assert str(TopKSpec(block=8, density=0.25, remainder=True, remainder_block=32)) == \
+        "topk(block=8, density=0.25, remainder=True, remainder_block=32)"
+    assert TopKSpec(block=8, density=0.25, remainder=True, remainder_block=8) == \
+        TopKSpec(block=8, density=0.25, remainder=True)  # the default spelled out
+    with pytest.raises(AttnccError, match="remainder_block needs remainder=True"):
+        TopKSpec(block=8, density=0.25, remainder_block=32)
+    with pytest.raises(AttnccError, match="must be a multiple of block"):
+        TopKSpec(block=8, density=0.25, remainder=True, remainder_block=20)
     with pytest.raises(AttnccError, match="remainder_block needs remainder=True"):
         LocalSpec(window=8, remainder_block=8)
     with pytest.raises(AttnccError, match="remainder must be True or False"):
@@ -187,6 +236,9 @@ def test_cost_counts_the_remainder():
     assert pooled.cost(s)["flops"] - base.cost(s)["flops"] == extra
     dense = exact.dense_attention_cost(s)["flops"]
     assert extra < dense / 32  # about 1/block of dense
+    # remainder_block=256: at most 16 coarse entries + 3 fine ones beside each of the 2 + 8 kept blocks
+    coarse = TopKSpec(density=0.125, remainder=True, remainder_block=256).cost(s)["flops"] - base.cost(s)["flops"]
+    assert coarse == 2 * 2 * 8 * 4096 * (16 + 10 * 3) * 128 + 2 * 2 * 4096 * 64
     local = LocalSpec(window=256, remainder=True).cost(s)["flops"] - LocalSpec(window=256).cost(s)["flops"]
     assert local == 2 * 2 * 8 * 4096 * (4096 // 16) * 128 + 2 * 2 * 4096 * 128
 
@@ -202,15 +254,19 @@ def test_topk_measured_pairs_by_hand():
     q, k, _ = tiny(8)  # 2 blocks of 4; the last 2 tokens are padding
     mask = padding(8, (6,))
     diag = TopKSpec(block=4, k=1, sinks=0, local=1)
+    # the selection scores 2 real query blocks x 2 real key blocks, each half a pair: 2 pairs in every case
     # query block 0: 4 real queries x 4 real keys; block 1: 2 x 2
-    assert diag.measured_pairs(q, k, ScoreMods(scale=0.5, mask=mask)).tolist() == [[20.0]]
+    assert diag.measured_pairs(q, k, ScoreMods(scale=0.5, mask=mask)).tolist() == [[20.0 + 2]]
     # causal: rows 0..3 see 1, 2, 3, 4 keys; rows 4, 5 see 1, 2 keys of their block
-    assert diag.measured_pairs(q, k, ScoreMods(scale=0.5, mask=mask, causal=True)).tolist() == [[13.0]]
+    assert diag.measured_pairs(q, k, ScoreMods(scale=0.5, mask=mask, causal=True)).tolist() == [[13.0 + 2]]
     pooled = TopKSpec(block=4, k=1, sinks=0, local=1, remainder=True)
     # + one pooled entry for each real query: 4 (block 0 pools block 1) + 2 (block 1 pools block 0)
-    assert pooled.measured_pairs(q, k, ScoreMods(scale=0.5, mask=mask)).tolist() == [[26.0]]
+    assert pooled.measured_pairs(q, k, ScoreMods(scale=0.5, mask=mask)).tolist() == [[26.0 + 2]]
     # causal: block 1 is in block 0's future (no entry); block 1 pools block 0 for its 2 real queries
-    assert pooled.measured_pairs(q, k, ScoreMods(scale=0.5, mask=mask, causal=True)).tolist() == [[15.0]]
+    assert pooled.measured_pairs(q, k, ScoreMods(scale=0.5, mask=mask, causal=True)).tolist() == [[15.0 + 2]]
+    # a third block of padding only is neither selected, pooled nor scored
+    q3, k3, _ = tiny(12)
+    assert pooled.measured_pairs(q3, k3, ScoreMods(scale=0.5, mask=padding(12, (6,)))).tolist() == [[26.0 + 2]]
 
 
 def test_local_measured_pairs_by_hand():
@@ -239,7 +295,8 @@ def test_measured_pairs_against_brute_force(causal):
     visible = torch.ones(n, n, dtype=torch.bool).tril() if causal else torch.ones(n, n, dtype=torch.bool)
     spec = TopKSpec(block=8, density=0.3)
     keep = block_keep_to_elements(spec.select_blocks(q, k, mods), 8, 8, n, n) & visible
-    torch.testing.assert_close(spec.measured_pairs(q, k, mods), brute_force_pairs(keep, real, real))
+    blocks = torch.tensor([[7.0 * 7.0], [4.0 * 4.0]], dtype=torch.float64)  # ceil(53 / 8), ceil(29 / 8) real blocks
+    torch.testing.assert_close(spec.measured_pairs(q, k, mods), brute_force_pairs(keep, real, real) + 0.5 * blocks)
     local = LocalSpec(left=4, right=2, sinks=3, globals=2)
     pattern = local.keep(torch.arange(n)[:, None], torch.arange(n)[None, :], causal) & visible
     torch.testing.assert_close(local.measured_pairs(q, k, mods),
