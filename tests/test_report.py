@@ -161,7 +161,8 @@ def test_measured_flops_on_a_padded_batch():
     width = 4 * 2 * (8 + 8)  # heads * 2 * (D + Dv)
     dense_real = width * (64 * 64 + 20 * 20)
     # diagonal blocks only: row 0 has 4 blocks of 16 x 16; row 1 a full block (16 x 16) and 4 real of block 1
-    diagonal = width * (4 * 16 * 16 + 16 * 16 + 4 * 4)
+    # plus the selection's block-pair scores, half a pair each: 4 x 4 real blocks in row 0, 2 x 2 in row 1
+    diagonal = width * (4 * 16 * 16 + 16 * 16 + 4 * 4 + (4 * 4 + 2 * 2) / 2)
     cm = attncc.compile(model, "topk(block=16, k=1, sinks=0, local=1)")
     with torch.no_grad():
         cm(x, mask)
