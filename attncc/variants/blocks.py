@@ -204,8 +204,11 @@ def block_sparse_attention(
         rem = None
         if pooled is not None:
             pk, pv, log_count, entries = pooled
-            rem = (pk[b0:b1], pv[b0:b1], log_count[b0:b1] if log_count.shape[0] > 1 else log_count,
-                   entries[slice(b0, b1) if entries.shape[0] > 1 else slice(None), :, c0:c1])
+            if pk.dim() == 6:  # per query block
+                rem = (pk[b0:b1, :, c0:c1], pv[b0:b1, :, c0:c1], log_count[b0:b1, :, c0:c1], entries[b0:b1, :, c0:c1])
+            else:
+                rem = (pk[b0:b1], pv[b0:b1], log_count[b0:b1] if log_count.shape[0] > 1 else log_count,
+                       entries[slice(b0, b1) if entries.shape[0] > 1 else slice(None), :, c0:c1])
         return _chunk(qs[b0:b1, :, c0:c1], kb[b0:b1], vb[b0:b1], kv_blocks[lb, :, c0:c1],
                       None if partial is None else partial[lb, :, c0:c1], c0, layout,
                       _batch_rows(mods, b0, b1, b), keep, g, per_head, rem)
@@ -258,10 +261,23 @@ def _layout_heads(layout: BlockLayout, b: int, hq: int, hkv: int) -> tuple[Tenso
 
 def _remainder_heads(remainder, b: int, hq: int, hkv: int, nqb: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A Remainder in the executor's layout: pooled keys ``[B, Hkv, nR, D]`` and values (float32), log counts
-    ``[b|1, 1, 1, 1, 1, nR]`` and entries ``[b|1, Hkv|1, nQB, g|1, nR]``."""
+    ``[b|1, 1, 1, 1, 1, nR]`` and entries ``[b|1, Hkv|1, nQB, g|1, nR]``; per query block (keys
+    ``[B, Hq, nQB, nR, D]``, log counts ``[B, Hq, nQB, nR]``): keys and values ``[B, Hkv, nQB, g, nR, D]`` and
+    log counts ``[B, Hkv, nQB, g, 1, nR]``."""
     g = hq // hkv
     keys, values = remainder.keys.float(), remainder.values.float()
     n_r = keys.shape[-2]
+    if keys.dim() == 5:  # pooled per query block (by key cluster)
+        if keys.shape[:4] != (b, hq, nqb, n_r) or values.shape[:4] != keys.shape[:4] \
+                or remainder.log_count.shape != (b, hq, nqb, n_r) or remainder.entries.shape != (b, hq, nqb, n_r):
+            raise AttnccError(f"block_sparse_attention: per-query-block remainder keys {tuple(keys.shape)} / "
+                              f"entries {tuple(remainder.entries.shape)} are not [B={b}, Hq={hq}, nQB={nqb}, nR]")
+
+        def grouped(t: Tensor) -> Tensor:  # [B, Hq, nQB, ...] -> [B, Hkv, nQB, g, ...]
+            return t.reshape(b, hkv, g, *t.shape[2:]).transpose(2, 3)
+
+        return (grouped(keys), grouped(values), grouped(remainder.log_count.float()).unsqueeze(-2),
+                grouped(remainder.entries))
     if keys.shape[:2] != (b, hkv) or values.shape[:3] != keys.shape[:3]:
         raise AttnccError(f"block_sparse_attention: remainder keys {tuple(keys.shape)} / values "
                           f"{tuple(values.shape)} are not [B={b}, Hkv={hkv}, nR, D]")
@@ -316,14 +332,20 @@ def _chunk_with_remainder(qs, s, keep_mask, vg, rem, mods, sink, per_head) -> Te
     pk, pv, log_count, entries = rem
     b, hkv, c, g, bq, d = qs.shape
     kk, n_r, dv = s.shape[-1], pk.shape[-2], pv.shape[-1]
-    sr = (qs.reshape(b, hkv, c * g * bq, d) @ pk.transpose(-1, -2)).view(b, hkv, c, g, bq, n_r)
+    if pk.dim() == 6:  # per query block: [B, Hkv, c, g, nR, D]
+        sr = qs @ pk.transpose(-1, -2)
+    else:
+        sr = (qs.reshape(b, hkv, c * g * bq, d) @ pk.transpose(-1, -2)).view(b, hkv, c, g, bq, n_r)
     if mods.softcap > 0:
         sr = mods.softcap * torch.tanh(sr / mods.softcap)
     sr = sr + log_count
     visible = torch.ones_like(s, dtype=torch.bool) if keep_mask is None else keep_mask.expand(s.shape)
     keep_all = torch.cat([visible, entries.unsqueeze(-2).expand(sr.shape)], dim=-1)
     p = masked_softmax(torch.cat([s, sr], dim=-1), keep_all, sink)
-    pr = (p[..., kk:].reshape(b, hkv, c * g * bq, n_r) @ pv).view(b, hkv, c, g, bq, dv)
+    if pv.dim() == 6:
+        pr = p[..., kk:] @ pv
+    else:
+        pr = (p[..., kk:].reshape(b, hkv, c * g * bq, n_r) @ pv).view(b, hkv, c, g, bq, dv)
     p = p[..., :kk]
     if per_head:
         return p @ vg + pr

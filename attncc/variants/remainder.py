@@ -124,6 +124,11 @@ class Remainder:
     entries: Tensor
 
 
+# Pooled per query block instead (``attncc.variants.clusters``): keys ``[B, Hq, nQB, nR, D]``, values
+# ``[B, Hq, nQB, nR, Dv]``, ``log_count`` and ``entries`` ``[B, Hq, nQB, nR]``: each query block its own
+# pooled entries; ``block_sparse_attention`` takes either form.
+
+
 def pooled_keys_values(k: Tensor, v: Tensor, block: int, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Pooled keys ``[B, Hkv, nKB, D]``, values ``[B, Hkv, nKB, Dv]`` (means over real keys) and ``log`` of
     the real-key counts ``[b, 1, nKB]`` (``-inf`` for a block of padding only)."""

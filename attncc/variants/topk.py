@@ -63,6 +63,7 @@ from attncc.variants.exact import masked_reference
 from attncc.variants.local import TOP_LEFT_CAUSAL
 from attncc.variants.registry import register_variant
 from attncc.variants.blocks import BlockLayout, block_sparse_attention
+from attncc.variants.clusters import KMEANS_PASSES, clustered_reference, clustered_remainder, key_clusters
 from attncc.variants.remainder import (
     Remainder, block_counts, check_poolable, fully_visible, pool_blocks, pooled_keys_values, real_keys, real_queries,
     remainder_reference,
@@ -132,6 +133,11 @@ class TopKSpec(VariantSpec):
     ``remainder_block`` keys of which a query block selects nothing becomes *one* pooled entry instead of
     ``remainder_block / block``; skipped blocks next to selected ones stay pooled per ``block``. The selection
     stays fine while the remainder costs about ``1 / remainder_block`` of dense."""
+    clusters: Optional[int] = None
+    """Pool the remainder by key *content* instead (``remainder=True`` only; ``attncc.variants.clusters``): the
+    keys are grouped into this many k-means clusters per (batch row, kv head), and each query block adds one
+    entry per cluster over that cluster's keys in the blocks it skips. Broad heads err far less than with
+    positional pools of the same number of entries."""
 
     listed: ClassVar[int] = 40
 
@@ -171,6 +177,12 @@ class TopKSpec(VariantSpec):
                                                       f"got {self.remainder_block}")
             if self.remainder_block == self.block:  # the default spelled out: one canonical text
                 object.__setattr__(self, "remainder_block", None)
+        if self.clusters is not None:
+            check_int(self, "clusters", self.clusters, minimum=1)
+            if not self.remainder:
+                raise self.invalid("clusters", "needs remainder=True")
+            if self.remainder_block is not None:
+                raise self.invalid("clusters", "pools by key content: give clusters or remainder_block, not both")
 
     def aligns_last_queries(self) -> bool:
         return self.decode
@@ -262,13 +274,28 @@ class TopKSpec(VariantSpec):
         if self.remainder:  # pooling v, and one pooled entry per (query, key block): about 1/block of dense
             out["flops"] = out["flops"] + s["B"] * s["Hkv"] * s["Nk"] * s["Dv"] \
                 + 2 * s["B"] * s["Hq"] * s["Nq"] * self._entries_bound(site) * (s["D"] + s["Dv"])
+        if self.clusters is not None:  # the k-means, and each query block's sums (total minus its kept blocks)
+            out["flops"] = out["flops"] + 2 * s["B"] * s["Hkv"] * KMEANS_PASSES * s["Nk"] * self.clusters * s["D"] \
+                + s["B"] * s["Hq"] * nqb * self._kept_bound(site) * self.clusters * (1 + s["D"] + s["Dv"])
         return out
+
+    def _kept_bound(self, site) -> sympy.Expr:
+        """Key blocks a query block keeps, an upper bound (every block for a threshold)."""
+        s = site_sizes(site)
+        nkb = sympy.ceiling(s["Nk"] / self.block)
+        if self.k is not None:
+            return sympy.Min(nkb, max(self.k, self.local + self.sinks))
+        if self.density is not None:
+            return sympy.Min(nkb, sympy.ceiling(sympy.nsimplify(self.density) * nkb) + self.local + self.sinks)
+        return nkb
 
     def _entries_bound(self, site) -> sympy.Expr:
         """Pooled entries per query, an upper bound: every key block, or with a coarser ``remainder_block`` one
-        per coarse block plus the fine blocks left beside each kept block."""
+        per coarse block plus the fine blocks left beside each kept block, or one per cluster."""
         s = site_sizes(site)
         nkb = sympy.ceiling(s["Nk"] / self.block)
+        if self.clusters is not None:
+            return sympy.Min(nkb * self.block, self.clusters)
         rb = self.remainder_block or self.block
         if rb == self.block:
             return nkb
@@ -392,6 +419,11 @@ class TopKSpec(VariantSpec):
         keep = block_keep_to_elements(keep_blocks, self.block, self.block, nq + pad, nk)[..., pad:, :]
         if not self.remainder:
             return masked_reference(q, k, v, mods, keep)
+        if self.clusters is not None:
+            check_poolable(self.name, mods, nk)
+            assign = key_clusters(k, real_keys(mods.mask, nk), self.clusters)
+            pooled = self._pooled_blocks(keep_blocks, mods, nq, nk)
+            return clustered_reference(q, k, v, mods, keep, pooled, self.block, assign, pad)
         entries = self.remainder_entries(keep_blocks, mods, nq, nk)
         return remainder_reference(q, k, v, mods, keep, self.block, entries, pad, self._coarse_blocks())
 
@@ -411,9 +443,7 @@ class TopKSpec(VariantSpec):
         nqb, nkb = keep.shape[-2:]
         pad, _ = self._decode_rows(nq, nk)
         keys = real_keys(mods.mask, nk)
-        counts = block_counts(keys, nk, b, keep.device)  # [b, nKB]
-        visible = fully_visible(nqb, nkb, b, nq, nk, mods.causal, pad, keep.device)
-        fine = ~keep & visible & (counts > 0)[:, None, None, :]
+        fine = self._pooled_blocks(keep, mods, nq, nk)
         coarse = self._coarse_blocks()
         if not coarse:
             return fine
@@ -426,6 +456,15 @@ class TopKSpec(VariantSpec):
         fine = fine & ~whole.repeat_interleave(ratio, dim=-1)[..., :nkb]
         return torch.cat([fine, whole], dim=-1)
 
+    def _pooled_blocks(self, keep: Tensor, mods: ScoreMods, nq: int, nk: int) -> Tensor:
+        """Bool ``[B, Hq, nQB, nKB]``: the key blocks each query block pools (skipped, holding a real key, seen
+        entirely by each of its queries)."""
+        nqb, nkb = keep.shape[-2:]
+        pad, _ = self._decode_rows(nq, nk)
+        counts = block_counts(real_keys(mods.mask, nk), nk, self.block, keep.device)  # [b, nKB]
+        visible = fully_visible(nqb, nkb, self.block, nq, nk, mods.causal, pad, keep.device)
+        return ~keep & visible & (counts > 0)[:, None, None, :]
+
     def _coarse_blocks(self) -> tuple[int, ...]:
         """The coarser pooled block sizes after ``block`` (``(remainder_block,)`` or none)."""
         rb = self.remainder_block
@@ -436,6 +475,9 @@ class TopKSpec(VariantSpec):
         of every key block (then of every coarse block) over its real keys, and the entries of
         :meth:`remainder_entries`."""
         check_poolable(self.name, mods, k.shape[-2])
+        if self.clusters is not None:
+            pooled = self._pooled_blocks(keep, mods, q.shape[-2], k.shape[-2])
+            return clustered_remainder(k, v, mods.mask, pooled, self.block, self.clusters)
         keys, values, log_count = pooled_keys_values(k, v, self.block, mods.mask)
         for size in self._coarse_blocks():
             more = pooled_keys_values(k, v, size, mods.mask)
@@ -456,7 +498,11 @@ class TopKSpec(VariantSpec):
         keep = self.select_blocks(q, k, mods)
         nq, nk = q.shape[-2], k.shape[-2]
         pad, _ = self._decode_rows(nq, nk)
-        entries = self.remainder_entries(keep, mods, nq, nk) if self.remainder else None
+        if self.clusters is not None:
+            entries = clustered_remainder(k, k[..., :1], mods.mask, self._pooled_blocks(keep, mods, nq, nk),
+                                          self.block, self.clusters).entries
+        else:
+            entries = self.remainder_entries(keep, mods, nq, nk) if self.remainder else None
         pairs = selected_pairs(keep, self.block, pad, nq, nk, mods, entries)
         keys = real_keys(mods.mask, nk)
         keys = torch.ones(1, nk, dtype=torch.bool, device=q.device) if keys is None else keys
@@ -464,7 +510,22 @@ class TopKSpec(VariantSpec):
         queries = torch.ones(1, nq, dtype=torch.bool, device=q.device) if queries is None else queries
         key_blocks = (block_counts(keys, nk, self.block, q.device) > 0).sum(-1).double()
         query_blocks = (block_counts(F.pad(queries, (pad, 0)), nq + pad, self.block, q.device) > 0).sum(-1).double()
-        return pairs + (0.5 * key_blocks * query_blocks)[:, None].to(pairs.device)
+        pairs = pairs + (0.5 * key_blocks * query_blocks)[:, None].to(pairs.device)
+        if self.clusters is not None:
+            pairs = pairs + self._clustering_pairs(keep, keys, queries, pad, q.shape[1] // k.shape[1])
+        return pairs
+
+    def _clustering_pairs(self, keep: Tensor, keys: Tensor, queries: Tensor, pad: int, group: int) -> Tensor:
+        """The clustered remainder's own work in pairs (a pair is ``2 (D + Dv)`` FLOPs; a distance or a sum of
+        ``D + Dv`` floats is half a pair), float64 ``[B, Hq]``: the k-means (``KMEANS_PASSES`` passes of a
+        distance per real key and cluster, per kv head, shared by its ``group`` query heads) and, per real
+        query block, its cluster sums as the total minus those of the blocks it keeps."""
+        c = self.clusters
+        kmeans = 0.5 * KMEANS_PASSES * keys.double().sum(-1) * c / group  # [b]
+        rows = F.pad(queries, (pad, 0))
+        blocks = F.pad(rows, (0, keep.shape[-2] * self.block - rows.shape[-1])).unflatten(-1, (-1, self.block)).any(-1)
+        kept = (keep.double().sum(-1) * blocks[:, None, :].double()).sum(-1)  # [B, Hq]: kept blocks of real q blocks
+        return kmeans[:, None].to(kept.device) + 0.5 * kept * c
 
     def _decode_rows(self, nq: int, nk: int) -> tuple[int, int]:
         """``decode_rows`` with ``decode=True``, ``(0, 0)`` (top-left) otherwise."""
