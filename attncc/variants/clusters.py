@@ -148,4 +148,14 @@ def clustered_reference(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, keep: 
     return out.to(q.dtype)
 
 
-__all__ = ["CLUSTER_ITERS", "KMEANS_PASSES", "cluster_block_sums", "clustered_reference", "clustered_remainder", "key_clusters"]
+def clustering_pairs(real_keys: Tensor, kept_blocks: Tensor, clusters: int, group: int) -> Tensor:
+    """The clustered remainder's own work in pairs (a pair is ``2 (D + Dv)`` FLOPs; a distance, or a sum of
+    ``D + Dv`` floats, is counted as half a pair), float64 ``[B, Hq]``: the k-means (``KMEANS_PASSES`` passes of
+    a distance per real key and cluster; ``real_keys`` ``[b]`` real keys per batch row; per kv head, shared by
+    its ``group`` query heads) and each query block's cluster sums, the total minus those of the key blocks it
+    visits (``kept_blocks`` float ``[B, Hq]``: visited blocks summed over the real query blocks)."""
+    kmeans = 0.5 * KMEANS_PASSES * real_keys.double() * clusters / group
+    return kmeans[:, None].to(kept_blocks.device) + 0.5 * kept_blocks.double() * clusters
+
+
+__all__ = ["CLUSTER_ITERS", "KMEANS_PASSES", "cluster_block_sums", "clustering_pairs", "clustered_reference", "clustered_remainder", "key_clusters"]

@@ -57,6 +57,9 @@ from attncc.variants.registry import register_variant
 from attncc.variants.blocks import (
     DEAD, MASKED, block_sparse_attention, dense_layout, dense_rows, gather_pairs, layout_from_block_mask, run_tasks,
 )
+from attncc.variants.clusters import (
+    KMEANS_PASSES, clustered_reference, clustered_remainder, clustering_pairs, key_clusters,
+)
 from attncc.variants.remainder import (
     Remainder, block_counts, check_poolable, fully_visible, pooled_keys_values, real_keys, remainder_reference,
 )
@@ -87,6 +90,9 @@ class LocalSpec(VariantSpec):
     pooled entry (see :meth:`remainder_layout`)."""
     remainder_block: int = 16
     """Block size of the remainder: query blocks and the pooled key blocks (``remainder=True`` only)."""
+    clusters: Optional[int] = None
+    """Pool the blocks outside the window by key *content* (``remainder=True`` only; ``attncc.variants.clusters``):
+    one entry per k-means cluster of the keys instead of one per block."""
 
     name: ClassVar[str] = "local"
     listed: ClassVar[int] = 10
@@ -121,6 +127,10 @@ class LocalSpec(VariantSpec):
         check_int(self, "remainder_block", self.remainder_block, minimum=1)
         if self.remainder_block != 16 and not self.remainder:
             raise self.invalid("remainder_block", "needs remainder=True")
+        if self.clusters is not None:
+            check_int(self, "clusters", self.clusters, minimum=1)
+            if not self.remainder:
+                raise self.invalid("clusters", "needs remainder=True")
 
     # ------------------------------------------------------------------------------------------ pattern
 
@@ -249,8 +259,15 @@ class LocalSpec(VariantSpec):
         if self.remainder:
             s = site_sizes(site)
             nkb = sympy.ceiling(s["Nk"] / self.remainder_block)
+            entries = nkb if self.clusters is None else sympy.Min(nkb, self.clusters)
             out["flops"] = out["flops"] + s["B"] * s["Hkv"] * s["Nk"] * (s["D"] + s["Dv"]) \
-                + 2 * s["B"] * s["Hq"] * s["Nq"] * nkb * (s["D"] + s["Dv"])
+                + 2 * s["B"] * s["Hq"] * s["Nq"] * entries * (s["D"] + s["Dv"])
+            if self.clusters is not None:  # the k-means, and each query block's sums (total minus its window)
+                visited = sympy.ceiling(sympy.Integer(sum(self.bounds(False)) + max(self.sinks, self.globals))
+                                        / self.remainder_block) + 2
+                out["flops"] = out["flops"] + 2 * s["B"] * s["Hkv"] * KMEANS_PASSES * s["Nk"] * self.clusters * s["D"] \
+                    + s["B"] * s["Hq"] * sympy.ceiling(s["Nq"] / self.remainder_block) * visited * self.clusters \
+                    * (1 + s["D"] + s["Dv"])
         return out
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods) -> Tensor:
@@ -280,6 +297,11 @@ class LocalSpec(VariantSpec):
         grid = F.pad(keep, (0, cdiv(nk, rb) * rb - nk, pad, cdiv(nq + pad, rb) * rb - nq - pad))
         visits = grid.unflatten(0, (-1, rb)).unflatten(-1, (-1, rb)).any(-1).any(1)
         entries = self._entries(visits, mods, nq + pad, nk, pad)
+        if self.clusters is not None:
+            check_poolable(self.name, mods, nk)
+            assign = key_clusters(k, real_keys(mods.mask, nk), self.clusters)
+            return clustered_reference(q, k, v, mods, keep, entries.expand(q.shape[0], q.shape[1], -1, -1), rb,
+                                       assign, pad)
         return remainder_reference(q, k, v, mods, keep, rb, entries, pad)
 
     # ----------------------------------------------------------------------------------------- remainder
@@ -334,8 +356,13 @@ class LocalSpec(VariantSpec):
         def keep(q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             return self.keep(q_idx + offset, kv_idx, mods.causal)
 
-        keys, values, log_count = pooled_keys_values(k, v, rb, mods.mask)
-        remainder = Remainder(keys, values, log_count, self._entries(visits, mods, nq + pad, nk, pad))
+        entries = self._entries(visits, mods, nq + pad, nk, pad)
+        if self.clusters is not None:
+            pooled = entries.expand(q.shape[0], q.shape[1], -1, -1)
+            remainder = clustered_remainder(k, v, mods.mask, pooled, rb, self.clusters)
+        else:
+            keys, values, log_count = pooled_keys_values(k, v, rb, mods.mask)
+            remainder = Remainder(keys, values, log_count, entries)
         if pad:
             q = F.pad(q, (0, 0, pad, 0))
             mods = replace(mods, mask=_front_rows(mods.mask, pad))
@@ -372,8 +399,21 @@ class LocalSpec(VariantSpec):
             rb = self.remainder_block
             pad = (nk - nq) % rb
             visits, _ = self.remainder_layout(nq, nk, mods.causal, q.device)
-            entries = self._entries(visits, mods, nq + pad, nk, pad)[:, 0].double().sum(-1)  # [b, nQB]
-            pairs = pairs + (entries[:, (torch.arange(nq, device=q.device) + pad) // rb] * queries).sum(-1)
+            entries = self._entries(visits, mods, nq + pad, nk, pad)  # [b, 1, nQB, nKB]
+            row_block = (torch.arange(nq, device=q.device) + pad) // rb
+            if self.clusters is None:
+                per_block = entries[:, 0].double().sum(-1)  # [b, nQB]
+                pairs = pairs + (per_block[:, row_block] * queries).sum(-1)
+            else:
+                pooled = entries.expand(q.shape[0], q.shape[1], -1, -1)
+                clustered = clustered_remainder(k, k[..., :1], mods.mask, pooled, rb, self.clusters).entries
+                per_query = (clustered.double().sum(-1)[:, :, row_block] * queries[:, None, :]).sum(-1)  # [B, Hq]
+                real_blocks = torch.zeros(queries.shape[0], visits.shape[0], dtype=torch.float64, device=q.device)
+                real_blocks.index_add_(1, row_block, queries)
+                visited = ((real_blocks > 0).double() * visits.double().sum(-1)).sum(-1)  # [b]
+                return (pairs[:, None] + per_query + clustering_pairs(
+                    keys.sum(-1), visited[:, None].expand(q.shape[0], q.shape[1]), self.clusters,
+                    q.shape[1] // k.shape[1])).clone()
         return pairs[:, None].expand(q.shape[0], q.shape[1]).clone()
 
 

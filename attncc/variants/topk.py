@@ -63,7 +63,7 @@ from attncc.variants.exact import masked_reference
 from attncc.variants.local import TOP_LEFT_CAUSAL
 from attncc.variants.registry import register_variant
 from attncc.variants.blocks import BlockLayout, block_sparse_attention
-from attncc.variants.clusters import KMEANS_PASSES, clustered_reference, clustered_remainder, key_clusters
+from attncc.variants.clusters import KMEANS_PASSES, clustered_reference, clustering_pairs, clustered_remainder, key_clusters
 from attncc.variants.remainder import (
     Remainder, block_counts, check_poolable, fully_visible, pool_blocks, pooled_keys_values, real_keys, real_queries,
     remainder_reference,
@@ -516,16 +516,11 @@ class TopKSpec(VariantSpec):
         return pairs
 
     def _clustering_pairs(self, keep: Tensor, keys: Tensor, queries: Tensor, pad: int, group: int) -> Tensor:
-        """The clustered remainder's own work in pairs (a pair is ``2 (D + Dv)`` FLOPs; a distance or a sum of
-        ``D + Dv`` floats is half a pair), float64 ``[B, Hq]``: the k-means (``KMEANS_PASSES`` passes of a
-        distance per real key and cluster, per kv head, shared by its ``group`` query heads) and, per real
-        query block, its cluster sums as the total minus those of the blocks it keeps."""
-        c = self.clusters
-        kmeans = 0.5 * KMEANS_PASSES * keys.double().sum(-1) * c / group  # [b]
+        """``clusters.clustering_pairs`` of this selection: the blocks each real query block keeps."""
         rows = F.pad(queries, (pad, 0))
         blocks = F.pad(rows, (0, keep.shape[-2] * self.block - rows.shape[-1])).unflatten(-1, (-1, self.block)).any(-1)
-        kept = (keep.double().sum(-1) * blocks[:, None, :].double()).sum(-1)  # [B, Hq]: kept blocks of real q blocks
-        return kmeans[:, None].to(kept.device) + 0.5 * kept * c
+        kept = (keep.double().sum(-1) * blocks[:, None, :].double()).sum(-1)  # [B, Hq]
+        return clustering_pairs(keys.sum(-1), kept, self.clusters, group)
 
     def _decode_rows(self, nq: int, nk: int) -> tuple[int, int]:
         """``decode_rows`` with ``decode=True``, ``(0, 0)`` (top-left) otherwise."""

@@ -12,6 +12,7 @@ from attncc.errors import AttnccError
 from attncc.variants import exact
 from attncc.variants.base import ScoreMods
 from attncc.variants.clusters import KMEANS_PASSES, key_clusters
+from attncc.variants.local import LocalSpec
 from attncc.variants.topk import TopKSpec
 from variant_helpers import random_qkv
 
@@ -56,6 +57,7 @@ SPECS = {
     "density": TopKSpec(block=8, density=0.25, remainder=True, clusters=6),
     "threshold": TopKSpec(block=4, threshold=0.5, remainder=True, clusters=3),
     "k-nolocal": TopKSpec(block=8, k=1, sinks=0, local=0, remainder=True, clusters=4),
+    "local": LocalSpec(window=5, sinks=2, remainder=True, remainder_block=8, clusters=4),
 }
 
 
@@ -102,6 +104,15 @@ def test_keys_of_few_kinds_pool_exactly(causal):
     torch.testing.assert_close(spec.forward(q, k, v, mods), want, rtol=1e-5, atol=1e-5)
     positional = TopKSpec(block=8, k=1, sinks=0, local=1, remainder=True).forward(q, k, v, mods)
     assert (positional - want).abs().max() > 1e-2
+    # local: the keys of a block its band touches but does not cover are neither attended nor pooled, so the
+    # result is exact attention over the band and the pooled blocks' keys (a dense mask, no clusters in it)
+    local = LocalSpec(window=3, remainder=True, remainder_block=8, clusters=3)
+    pos = torch.arange(n)
+    visits, _ = local.remainder_layout(n, n, causal)
+    pooled = local._entries(visits, mods, n, n, 0)[:, 0]  # [b, nQB, nKB]
+    seen = local.keep(pos[:, None], pos[None, :], causal) | pooled[:, pos // 8][:, :, pos // 8]
+    want_local = exact.reference(q, k, v, scale=0.4, causal=causal, mask=mask & seen[:, None])
+    torch.testing.assert_close(local.forward(q, k, v, mods), want_local, rtol=1e-5, atol=1e-5)
 
 
 def test_text_and_validation():
@@ -116,6 +127,9 @@ def test_text_and_validation():
         TopKSpec(block=8, density=0.125, remainder=True, remainder_block=32, clusters=16)
     with pytest.raises(AttnccError, match="clusters"):
         TopKSpec(block=8, density=0.125, remainder=True, clusters=0)
+    assert parse_variant("local(window=8, remainder=True, clusters=8)") == LocalSpec(window=8, remainder=True, clusters=8)
+    with pytest.raises(AttnccError, match="clusters needs remainder=True"):
+        LocalSpec(window=8, clusters=8)
 
 
 def test_measured_pairs_by_hand():
@@ -132,6 +146,21 @@ def test_measured_pairs_by_hand():
     kmeans = 0.5 * KMEANS_PASSES * 16 * 2  # distances of 16 keys to 2 centroids per pass
     sums = 0.5 * 4 * 1 * 2      # per query block: its 1 kept block's sums for 2 clusters
     assert spec.measured_pairs(q, k, mods).tolist() == [[kept + entries + selection + kmeans + sums]]
+
+
+def test_local_measured_pairs_by_hand():
+    """16 keys of 2 alternating kinds, window 1, remainder blocks of 4: each query sees 2-3 band keys, its block
+    pools the blocks it does not touch, and those hold both kinds: 2 entries per query."""
+    k, _ = distinct_keys(1, 1, 16, 4, 2, seed=0)
+    k[..., 0::2, :], k[..., 1::2, :] = k[..., 0:1, :], k[..., 1:2, :] + 1
+    q = torch.randn(1, 1, 16, 4, generator=torch.Generator().manual_seed(1))
+    spec = LocalSpec(window=1, remainder=True, remainder_block=4, clusters=2)
+    band = 14 * 3 + 2 * 2
+    entries = 16 * 2
+    kmeans = 0.5 * KMEANS_PASSES * 16 * 2
+    visited = 2 + 3 + 3 + 2    # the blocks each query block's band touches
+    sums = 0.5 * visited * 2
+    assert spec.measured_pairs(q, k, ScoreMods(scale=0.5)).tolist() == [[band + entries + kmeans + sums]]
 
 
 def test_cost_counts_the_clustering():
