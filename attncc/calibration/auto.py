@@ -114,32 +114,41 @@ def auto(max_error: float = 0.01, metric: Union[str, Metric] = "cosine", target_
 
 def default_menu(target_len: int) -> list[str]:
     """The candidates ``auto`` considers at ``target_len`` tokens: local windows with sinks (narrow ones also with
-    a pooled remainder), top-k over 8-token blocks by density and by softmax mass with a remainder pooled per
-    32 keys, top-k over 16-token blocks for the near-exact end, vertical-slash, and linear attention (which
-    enters a plan only where it is cheaper than exact and within budget).
+    a remainder pooled by position or by key cluster), top-k over 8-token blocks by density and by softmax mass,
+    plain, with a remainder pooled per 32 keys, or pooled by k-means cluster of the keys, vertical-slash, and
+    linear attention (which enters a plan only where it is cheaper than exact and within budget).
 
-    Why these: on all-MiniLM-L6-v2 (512 tokens) 8-token selection blocks erred 2-10x less than 16-token ones
-    at the same density, and a remainder pooled per 32 keys costs a quarter of one pooled per 8 for nearly the
-    same error; the candidates no plan chose at any budget there were left out (each one costs calibration
+    Why these, measured on all-MiniLM-L6-v2 at 512 tokens: 8-token selection blocks erred 2-10x less than
+    16-token ones at the same density; a remainder pooled per 32 keys costs a quarter of one pooled per 8 for
+    nearly the same error; pooling by key cluster halved the error of positional pools at the cheap end (the
+    last layer's broad heads); candidates no plan chose at any budget were left out (each costs calibration
     time)."""
     n = max(1, target_len)
     menu = []
-    for window, blocks in ((8, (32, 64)), (16, (32, 64)), (32, (64,)), (64, ()), (128, ())):
-        if 2 * window + 1 < n:
-            menu.append(f"local(window={window}, sinks=4)")
+    for window in (8, 16, 32, 64, 128):
+        if 2 * window + 1 >= n:
+            continue
+        menu.append(f"local(window={window}, sinks=4)")
+        if window <= 16:
             menu.extend(f"local(window={window}, sinks=4, remainder=True, remainder_block={block})"
-                        for block in blocks if 4 * block <= n)
+                        for block in ((32, 64) if window == 8 else (64,)) if 4 * block <= n)
+            menu.append(f"local(window={window}, sinks=4, remainder=True, remainder_block=8, clusters=8)")
     if n >= 64:
         coarse = ", remainder_block=32" if n >= 128 else ""
-        for density in (0.0625, 0.125, 0.25):
-            if density * n >= 8:
+        for density in (0.03125, 0.0625, 0.125, 0.25):
+            if density * n < 8:
+                continue
+            if density >= 0.0625:
                 menu.append(f"topk(block=8, density={density})")
+                menu.append(f"topk(block=8, density={density}, remainder=True, clusters=16)")
+            if density in (0.0625, 0.125):
                 menu.append(f"topk(block=8, density={density}, remainder=True{coarse})")
-        for threshold in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95):
+            if density <= 0.0625:
+                menu.append(f"topk(block=8, density={density}, remainder=True, clusters=8)")
+        for threshold in (0.3, 0.5, 0.7):
+            menu.append(f"topk(block=8, threshold={threshold}, remainder=True, clusters=16)")
+        for threshold in (0.8, 0.9, 0.95):
             menu.append(f"topk(block=8, threshold={threshold}, remainder=True{coarse})")
-        menu.append("topk(block=16, density=0.5, remainder=True)")
-        for threshold in (0.9, 0.95):
-            menu.append(f"topk(block=16, threshold={threshold}, remainder=True)")
     for columns in (32, 64):
         if 4 * columns < n:
             menu.append(f"vertical_slash(vertical={columns}, slash={columns})")

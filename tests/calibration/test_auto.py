@@ -91,7 +91,7 @@ def test_calibrate_refuses_empty_data():
 def test_the_default_menu_fits_the_length():
     short, long = default_menu(48), default_menu(4096)
     assert all("window=128" not in text for text in short)
-    assert any(text.startswith("topk(block=16") for text in long) and "linear" in long
+    assert any(text.startswith("topk(block=8") for text in long) and "linear" in long
 
 
 def test_where_every_candidate_is_slower_than_exact_every_site_stays_exact_and_the_plan_says_so(monkeypatch):

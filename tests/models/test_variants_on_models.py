@@ -133,6 +133,28 @@ def test_bert_linear(attn):
                                    valid(hidden(model(**inputs)), inputs["attention_mask"]), **TOL)
 
 
+@pytest.mark.parametrize("model_type, extra", [("bert", {}), ("llama", {"num_key_value_heads": 2})],
+                         ids=["bert", "llama-gqa-causal"])
+def test_clustered_remainder_on_models(model_type, extra):
+    """The remainder pooled by key cluster through the whole pipeline: as many clusters as keys puts every key
+    in a cluster of its own (farthest-point seeds), so top-k keeping one block per query block is then exact;
+    with 4 clusters it is an approximation, applied at every site with fewer FLOPs than exact."""
+    model = hf_model(model_type, **extra)
+    inputs = text_inputs()
+    am = inputs["attention_mask"]
+    exact = attncc.compile(model, "topk(block=8, k=1, remainder=True, clusters=64)", inputs, strict=True)
+    assert all(s.variant == "topk(block=8, k=1, remainder=True, clusters=64)" for s in exact.report().sites)
+    cm = attncc.compile(model, "topk(block=8, k=2, remainder=True, clusters=4)", inputs, strict=True)
+    with torch.no_grad():
+        want = valid(hidden(model(**inputs)), am)
+        torch.testing.assert_close(valid(hidden(exact(**inputs)), am), want, **TOL)
+        have = valid(hidden(cm(**inputs)), am)
+    assert torch.isfinite(have).all() and not torch.allclose(have, want, **TOL)
+    for site in cm.report().sites:
+        assert site.variant == "topk(block=8, k=2, remainder=True, clusters=4)"
+        assert site.rel_l2 is not None and 0 < site.rel_l2 < 1
+
+
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
