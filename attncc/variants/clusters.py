@@ -158,4 +158,7 @@ def clustering_pairs(real_keys: Tensor, kept_blocks: Tensor, clusters: int, grou
     return kmeans[:, None].to(kept_blocks.device) + 0.5 * kept_blocks.double() * clusters
 
 
-__all__ = ["CLUSTER_ITERS", "KMEANS_PASSES", "cluster_block_sums", "clustering_pairs", "clustered_reference", "clustered_remainder", "key_clusters"]
+__all__ = [
+    "CLUSTER_ITERS", "KMEANS_PASSES", "cluster_block_sums", "clustered_reference", "clustered_remainder",
+    "clustering_pairs", "key_clusters",
+]

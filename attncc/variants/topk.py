@@ -36,10 +36,14 @@ discrete choice); gradients flow through the attention over the chosen blocks.
 the block's real keys. Under causality only key blocks entirely visible to every query of the query block are
 pooled; a partly visible one (the diagonal, when ``local=0`` leaves it out) is skipped without an entry. A bias
 cannot be pooled (it differs per key): such sites are declined, as are masks other than key padding. With
-``density=1`` nothing is skipped and the result is exact attention.
+``density=1`` nothing is skipped and the result is exact attention. ``remainder_block=R`` (a multiple of
+``block``) pools each run of R keys a query block selects nothing of as one entry (the selection stays fine,
+the remainder costs about ``1 / R`` of dense); ``clusters=C`` pools the skipped keys by k-means cluster of the
+keys instead of by position (``attncc.variants.clusters``), one entry per cluster.
 
 ``measured_pairs`` counts what a call actually scored: the visible pairs of the selected blocks between real
-queries and real keys, plus one pair per pooled entry and real query (the report's measured FLOPs).
+queries and real keys, plus one pair per pooled entry and real query, plus the selection's block-pair scores
+(and, with ``clusters``, the k-means and the per-query-block sums): the report's measured FLOPs.
 """
 
 from __future__ import annotations
@@ -63,7 +67,9 @@ from attncc.variants.exact import masked_reference
 from attncc.variants.local import TOP_LEFT_CAUSAL
 from attncc.variants.registry import register_variant
 from attncc.variants.blocks import BlockLayout, block_sparse_attention
-from attncc.variants.clusters import KMEANS_PASSES, clustered_reference, clustering_pairs, clustered_remainder, key_clusters
+from attncc.variants.clusters import (
+    KMEANS_PASSES, clustered_reference, clustered_remainder, clustering_pairs, key_clusters,
+)
 from attncc.variants.remainder import (
     Remainder, block_counts, check_poolable, fully_visible, pool_blocks, pooled_keys_values, real_keys, real_queries,
     remainder_reference,

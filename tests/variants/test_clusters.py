@@ -127,7 +127,8 @@ def test_text_and_validation():
         TopKSpec(block=8, density=0.125, remainder=True, remainder_block=32, clusters=16)
     with pytest.raises(AttnccError, match="clusters"):
         TopKSpec(block=8, density=0.125, remainder=True, clusters=0)
-    assert parse_variant("local(window=8, remainder=True, clusters=8)") == LocalSpec(window=8, remainder=True, clusters=8)
+    local = LocalSpec(window=8, remainder=True, clusters=8)
+    assert parse_variant("local(window=8, remainder=True, clusters=8)") == local
     with pytest.raises(AttnccError, match="clusters needs remainder=True"):
         LocalSpec(window=8, clusters=8)
 
