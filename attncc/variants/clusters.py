@@ -15,8 +15,8 @@ with 32-key positional pools, and 0.29 at density 1/4 with those.
 
 Cost, per (batch, kv head): the k-means (``KMEANS_PASSES`` passes of ``Nk x C`` distances) and one pass summing
 keys and values per (key block, cluster); per query block its cluster sums, the total minus those of the blocks
-it keeps (what the measured FLOPs count; the torch path here does it as one matmul over the pooled blocks,
-simpler and no slower at these sizes on CPU); then one score per (query, cluster) entry.
+it keeps (what the measured FLOPs count; the torch path here does it as one dense matmul over the pooled
+blocks, which is simpler but does more work than that count); then one score per (query, cluster) entry.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attncc.util import cdiv
-from attncc.variants.base import ScoreMods
+from attncc.variants.base import ScoreMods, sink_rows, softmax_with_sink
 from attncc.variants.remainder import Remainder, real_keys
 from attncc.variants.score_mods import apply_mods
 
@@ -134,16 +134,8 @@ def clustered_reference(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, keep: 
     if mods.softcap > 0:
         sp = mods.softcap * torch.tanh(sp / mods.softcap)
     sp = (sp + count.clamp_min(1).log()).masked_fill(count < 0.5, float("-inf"))
-    scores = torch.cat([s, sp], dim=-1)
-    m = scores.amax(-1, keepdim=True)
-    sink = None
-    if mods.sinks is not None:
-        sink = mods.sinks.float().reshape(-1, 1, 1) if mods.sinks.numel() > 1 else mods.sinks.float().reshape(())
-        m = torch.maximum(m, sink)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(scores - m)
-    denom = p.sum(-1, keepdim=True) + (torch.exp(sink - m) if sink is not None else 0.0)
-    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+    # a row that sees nothing (every score -inf, no sink) gives zeros, as the executor does
+    p = softmax_with_sink(torch.cat([s, sp], dim=-1), sink_rows(mods.sinks, 1, hq, 1, 1)).nan_to_num(0.0)
     out = p[..., :nk] @ ve + (p[..., nk:, None] * pv).sum(-2)
     return out.to(q.dtype)
 

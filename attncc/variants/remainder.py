@@ -33,7 +33,7 @@ from torch import Tensor
 
 from attncc.errors import AttnccError
 from attncc.util import cdiv
-from attncc.variants.base import ScoreMods
+from attncc.variants.base import ScoreMods, sink_rows, softmax_with_sink
 from attncc.variants.exact import expand_kv_heads
 from attncc.variants.score_mods import apply_mods
 
@@ -201,16 +201,9 @@ def remainder_reference(q: Tensor, k: Tensor, v: Tensor, mods: ScoreMods, keep: 
     sp = sp.masked_fill(~entries[:, :, row_block, :], float("-inf"))
     scores = torch.cat([s, sp], dim=-1)
     values = torch.cat([ve.float().expand(*scores.shape[:2], nk, -1), pv.expand(*scores.shape[:2], nkb, -1)], dim=-2)
-    m = scores.amax(-1, keepdim=True)
-    sink = None
-    if mods.sinks is not None:
-        sink = mods.sinks.float().reshape(-1, 1, 1) if mods.sinks.numel() > 1 else mods.sinks.float().reshape(())
-        m = torch.maximum(m, sink)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(scores - m)
-    denom = p.sum(-1, keepdim=True) + (torch.exp(sink - m) if sink is not None else 0.0)
-    out = (p @ values) / torch.where(denom > 0, denom, torch.ones_like(denom))
-    return out.to(q.dtype)
+    # a row that sees nothing (every score -inf, no sink) gives zeros, as the executor does
+    p = softmax_with_sink(scores, sink_rows(mods.sinks, 1, scores.shape[1], 1, 1)).nan_to_num(0.0)
+    return (p @ values).to(q.dtype)
 
 
 __all__ = [

@@ -305,12 +305,7 @@ class TopKSpec(VariantSpec):
         rb = self.remainder_block or self.block
         if rb == self.block:
             return nkb
-        kept = sympy.Integer(max(self.blocks_kept(10 ** 9) if self.k is not None else 0, self.local + self.sinks))
-        if self.density is not None:
-            kept = kept + sympy.ceiling(sympy.nsimplify(self.density) * nkb)
-        elif self.threshold is not None:
-            return nkb
-        return sympy.Min(nkb, sympy.ceiling(s["Nk"] / rb) + kept * (rb // self.block - 1))
+        return sympy.Min(nkb, sympy.ceiling(s["Nk"] / rb) + self._kept_bound(site) * (rb // self.block - 1))
 
     # ----------------------------------------------------------------------------------------- selection
 
