@@ -14,11 +14,7 @@ from attncc.variants.base import ScoreMods
 from attncc.variants.clusters import KMEANS_PASSES, key_clusters
 from attncc.variants.local import LocalSpec
 from attncc.variants.topk import TopKSpec
-from variant_helpers import random_qkv
-
-
-def padding(n, lengths):
-    return (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).view(len(lengths), 1, 1, n)
+from variant_helpers import POOLED_CASES, key_padding, random_qkv
 
 
 def distinct_keys(b, h, n, d, kinds, seed):
@@ -32,7 +28,7 @@ def distinct_keys(b, h, n, d, kinds, seed):
 def test_key_clusters_find_distinct_keys_and_skip_padding():
     k, which = distinct_keys(2, 3, 40, 8, 4, seed=1)
     k = k + 0.01 * torch.randn(k.shape, generator=torch.Generator().manual_seed(2))
-    real = padding(40, (40, 25))[:, 0, 0]
+    real = key_padding(40, (40, 25))[:, 0, 0]
     assign = key_clusters(k, real, clusters=4)
     assert assign.shape == (2, 3, 40) and assign.dtype == torch.int64
     assert (assign[1, :, 25:] == -1).all() and (assign[:, :, :25] >= 0).all()
@@ -46,13 +42,6 @@ def test_key_clusters_find_distinct_keys_and_skip_padding():
     assert torch.equal(assign, key_clusters(k, real, clusters=4))  # deterministic
 
 
-CASES = [
-    # id, n, hq, hkv, causal, padded
-    ("n37-gqa-bidir", 37, 4, 2, False, False),
-    ("n37-gqa-causal-padded", 37, 4, 2, True, True),
-    ("n100-mha-bidir-padded", 100, 2, 2, False, True),
-    ("n100-mqa-causal", 100, 4, 1, True, False),
-]
 SPECS = {
     "density": TopKSpec(block=8, density=0.25, remainder=True, clusters=6),
     "threshold": TopKSpec(block=4, threshold=0.5, remainder=True, clusters=3),
@@ -62,11 +51,11 @@ SPECS = {
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-@pytest.mark.parametrize("n, hq, hkv, causal, padded", [pytest.param(*c[1:], id=c[0]) for c in CASES])
+@pytest.mark.parametrize("n, hq, hkv, causal, padded", [pytest.param(*c[1:], id=c[0]) for c in POOLED_CASES])
 def test_forward_matches_dense_reference(name, n, hq, hkv, causal, padded):
     spec = SPECS[name]
     q, k, v = random_qkv(2, hq, hkv, n, 16, dv=8, seed=n + hq)
-    mask = padding(n, (n, n // 3)) if padded else None
+    mask = key_padding(n, (n, n // 3)) if padded else None
     mods = ScoreMods(scale=0.3, causal=causal, mask=mask)
     out = spec.forward(q, k, v, mods)
     assert out.shape == (2, hq, n, 8)
@@ -77,13 +66,13 @@ def test_forward_matches_dense_reference(name, n, hq, hkv, causal, padded):
 def test_softcap_sinks_and_fewer_queries(name):
     spec = SPECS[name]
     q, k, v = random_qkv(2, 4, 2, 45, 16, seed=1)
-    mods = ScoreMods(scale=0.5, softcap=2.0, sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]), mask=padding(45, (45, 20)))
+    mods = ScoreMods(scale=0.5, softcap=2.0, sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]), mask=key_padding(45, (45, 20)))
     torch.testing.assert_close(spec.forward(q, k, v, mods), spec.reference(q, k, v, mods), rtol=1e-5, atol=2e-6)
     decode = TopKSpec(block=8, density=0.25, remainder=True, clusters=5, decode=True)
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 4, 11, 16, generator=gen), torch.randn(2, 2, 50, 16, generator=gen),
                torch.randn(2, 2, 50, 16, generator=gen))
-    mods = ScoreMods(scale=0.25, mask=padding(50, (50, 44)))
+    mods = ScoreMods(scale=0.25, mask=key_padding(50, (50, 44)))
     torch.testing.assert_close(decode.forward(q, k, v, mods), decode.reference(q, k, v, mods), rtol=1e-5, atol=2e-6)
 
 
@@ -96,7 +85,7 @@ def test_keys_of_few_kinds_pool_exactly(causal):
     k, _ = distinct_keys(2, 2, n, 16, 3, seed=4)
     gen = torch.Generator().manual_seed(5)
     q, v = torch.randn(2, 4, n, 16, generator=gen), torch.randn(2, 2, n, 8, generator=gen)
-    mask = padding(n, (n, 21))
+    mask = key_padding(n, (n, 21))
     k[1, :, 21:] = 100 * torch.randn(2, n - 21, 16, generator=gen)
     mods = ScoreMods(scale=0.4, causal=causal, mask=mask)
     want = exact.reference(q, k, v, scale=0.4, causal=causal, mask=mask)

@@ -14,20 +14,9 @@ from attncc.variants import exact
 from attncc.variants.base import ScoreMods
 from attncc.variants.local import LocalSpec
 from attncc.variants.topk import TopKSpec
-from variant_helpers import LargestTensor, random_qkv
+from variant_helpers import POOLED_CASES, LargestTensor, key_padding, random_qkv
 
 
-def padding(n, lengths):
-    return (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).view(len(lengths), 1, 1, n)
-
-
-CASES = [
-    # id, n, hq, hkv, causal, padded
-    ("n37-gqa-bidir", 37, 4, 2, False, False),
-    ("n37-gqa-causal-padded", 37, 4, 2, True, True),
-    ("n100-mha-bidir-padded", 100, 2, 2, False, True),
-    ("n100-mqa-causal", 100, 4, 1, True, False),
-]
 SPECS = {
     "topk-density": TopKSpec(block=8, density=0.25, remainder=True),
     "topk-k-nolocal": TopKSpec(block=8, k=1, sinks=0, local=0, remainder=True),
@@ -39,11 +28,11 @@ SPECS = {
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-@pytest.mark.parametrize("n, hq, hkv, causal, padded", [pytest.param(*c[1:], id=c[0]) for c in CASES])
+@pytest.mark.parametrize("n, hq, hkv, causal, padded", [pytest.param(*c[1:], id=c[0]) for c in POOLED_CASES])
 def test_forward_matches_dense_reference(name, n, hq, hkv, causal, padded):
     spec = SPECS[name]
     q, k, v = random_qkv(2, hq, hkv, n, 16, dv=8, seed=n + hq)
-    mask = padding(n, (n, n // 3)) if padded else None
+    mask = key_padding(n, (n, n // 3)) if padded else None
     mods = ScoreMods(scale=0.3, causal=causal, mask=mask)
     out = spec.forward(q, k, v, mods)
     assert out.shape == (2, hq, n, 8)
@@ -54,7 +43,7 @@ def test_forward_matches_dense_reference(name, n, hq, hkv, causal, padded):
 def test_softcap_and_sinks(name):
     spec = SPECS[name]
     q, k, v = random_qkv(2, 4, 2, 45, 16, seed=1)
-    mods = ScoreMods(scale=0.5, softcap=2.0, sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]), mask=padding(45, (45, 20)))
+    mods = ScoreMods(scale=0.5, softcap=2.0, sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]), mask=key_padding(45, (45, 20)))
     torch.testing.assert_close(spec.forward(q, k, v, mods), spec.reference(q, k, v, mods), rtol=1e-5, atol=2e-6)
 
 
@@ -65,7 +54,7 @@ def test_fewer_queries_than_keys(spec):
     gen = torch.Generator().manual_seed(2)
     q, k, v = torch.randn(2, 4, 11, 16, generator=gen), torch.randn(2, 2, 50, 16, generator=gen), \
         torch.randn(2, 2, 50, 16, generator=gen)
-    mods = ScoreMods(scale=0.25, mask=padding(50, (50, 44)))
+    mods = ScoreMods(scale=0.25, mask=key_padding(50, (50, 44)))
     torch.testing.assert_close(spec.forward(q, k, v, mods), spec.reference(q, k, v, mods), rtol=1e-5, atol=2e-6)
 
 
@@ -84,19 +73,28 @@ def test_gradients_match_reference():
 # --------------------------------------------------------------------------------- an independent check
 
 
+def equal_key_runs(run: int, seed: int, n: int = 45, real: int = 21):
+    """q ``[2, 4, n, 16]``, k ``[2, 2, n, 16]``, v ``[2, 2, n, 8]`` whose keys and values are equal over each run of
+    ``run`` positions, and a key-padding mask: row 1 has ``real`` real tokens and garbage (x100) keys and values
+    behind them, which no pool may take in."""
+    gen = torch.Generator().manual_seed(seed)
+    runs = 48 // run
+    k = torch.randn(2, 2, runs, 1, 16, generator=gen).expand(2, 2, runs, run, 16).reshape(2, 2, 48, 16)[:, :, :n]
+    v = torch.randn(2, 2, runs, 1, 8, generator=gen).expand(2, 2, runs, run, 8).reshape(2, 2, 48, 8)[:, :, :n]
+    k, v = k.clone(), v.clone()
+    q = torch.randn(2, 4, n, 16, generator=gen)
+    k[1, :, real:] = 100 * torch.randn(2, n - real, 16, generator=gen)
+    v[1, :, real:] = 100 * torch.randn(2, n - real, 8, generator=gen)
+    return q, k, v, key_padding(n, (n, real))
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_blocks_of_equal_keys_pool_exactly(causal):
     """A block whose real keys and values are all equal is one pooled entry with weight count * exp(score): top-k
     with a remainder (diagonal kept, every other visible block either kept or pooled) is then exact attention,
     whatever it selects; the padding's own keys and values (garbage here) must not enter the pools."""
-    n, bs = 45, 8
-    gen = torch.Generator().manual_seed(4)
-    k = torch.randn(2, 2, 6, 1, 16, generator=gen).expand(2, 2, 6, bs, 16).reshape(2, 2, 48, 16)[:, :, :n].clone()
-    v = torch.randn(2, 2, 6, 1, 8, generator=gen).expand(2, 2, 6, bs, 8).reshape(2, 2, 48, 8)[:, :, :n].clone()
-    q = torch.randn(2, 4, n, 16, generator=gen)
-    mask = padding(n, (n, 21))
-    k[1, :, 21:] = 100 * torch.randn(2, n - 21, 16, generator=gen)
-    v[1, :, 21:] = 100 * torch.randn(2, n - 21, 8, generator=gen)
+    bs = 8
+    q, k, v, mask = equal_key_runs(bs, seed=4)
     mods = ScoreMods(scale=0.4, causal=causal, mask=mask)
     want = exact.reference(q, k, v, scale=0.4, causal=causal, mask=mask)
     for spec in (TopKSpec(block=bs, k=1, sinks=0, local=1, remainder=True),
@@ -112,14 +110,8 @@ def test_coarse_blocks_of_equal_keys_pool_exactly(causal):
     blocks of 4. A coarse block the query block selects nothing of is one entry, the others' skipped fine blocks
     are one entry each: both pool equal keys exactly, so the result is exact attention; the coarse pools must
     skip the padding too."""
-    n, rb = 45, 16
-    gen = torch.Generator().manual_seed(9)
-    k = torch.randn(2, 2, 3, 1, 16, generator=gen).expand(2, 2, 3, rb, 16).reshape(2, 2, 48, 16)[:, :, :n].clone()
-    v = torch.randn(2, 2, 3, 1, 8, generator=gen).expand(2, 2, 3, rb, 8).reshape(2, 2, 48, 8)[:, :, :n].clone()
-    q = torch.randn(2, 4, n, 16, generator=gen)
-    mask = padding(n, (n, 21))
-    k[1, :, 21:] = 100 * torch.randn(2, n - 21, 16, generator=gen)
-    v[1, :, 21:] = 100 * torch.randn(2, n - 21, 8, generator=gen)
+    rb = 16
+    q, k, v, mask = equal_key_runs(rb, seed=9)
     mods = ScoreMods(scale=0.4, causal=causal, mask=mask)
     want = exact.reference(q, k, v, scale=0.4, causal=causal, mask=mask)
     spec = TopKSpec(block=4, k=1, sinks=0, local=1, remainder=True, remainder_block=rb)
@@ -151,7 +143,7 @@ def test_coarse_remainder_entries_by_hand():
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_degenerate_limits_are_exact(causal):
     q, k, v = random_qkv(2, 4, 2, 67, 16, seed=5)
-    mask = padding(67, (67, 30))
+    mask = key_padding(67, (67, 30))
     mods = ScoreMods(scale=0.3, causal=causal, mask=mask, softcap=3.0)
     want = exact.reference(q, k, v, scale=0.3, causal=causal, mask=mask, softcap=3.0)
     for spec in (TopKSpec(block=16, density=1.0, remainder=True), LocalSpec(window=67, remainder=True),
@@ -252,7 +244,7 @@ def tiny(n):
 
 def test_topk_measured_pairs_by_hand():
     q, k, _ = tiny(8)  # 2 blocks of 4; the last 2 tokens are padding
-    mask = padding(8, (6,))
+    mask = key_padding(8, (6,))
     diag = TopKSpec(block=4, k=1, sinks=0, local=1)
     # the selection scores 2 real query blocks x 2 real key blocks, each half a pair: 2 pairs in every case
     # query block 0: 4 real queries x 4 real keys; block 1: 2 x 2
@@ -266,14 +258,14 @@ def test_topk_measured_pairs_by_hand():
     assert pooled.measured_pairs(q, k, ScoreMods(scale=0.5, mask=mask, causal=True)).tolist() == [[15.0 + 2]]
     # a third block of padding only is neither selected, pooled nor scored
     q3, k3, _ = tiny(12)
-    assert pooled.measured_pairs(q3, k3, ScoreMods(scale=0.5, mask=padding(12, (6,)))).tolist() == [[26.0 + 2]]
+    assert pooled.measured_pairs(q3, k3, ScoreMods(scale=0.5, mask=key_padding(12, (6,)))).tolist() == [[26.0 + 2]]
 
 
 def test_local_measured_pairs_by_hand():
     q, k, _ = tiny(6)
     spec = LocalSpec(window=1)
     assert spec.measured_pairs(q, k, ScoreMods(scale=0.5)).tolist() == [[16.0]]  # 2 + 3 + 3 + 3 + 3 + 2
-    assert spec.measured_pairs(q, k, ScoreMods(scale=0.5, mask=padding(6, (4,)))).tolist() == [[10.0]]  # 2+3+3+2
+    assert spec.measured_pairs(q, k, ScoreMods(scale=0.5, mask=key_padding(6, (4,)))).tolist() == [[10.0]]  # 2+3+3+2
     assert spec.measured_pairs(q, k, ScoreMods(scale=0.5, causal=True)).tolist() == [[11.0]]
     assert LocalSpec(window=1, sinks=1).measured_pairs(q, k, ScoreMods(scale=0.5, causal=True)).tolist() == [[15.0]]
 
@@ -289,7 +281,7 @@ def test_measured_pairs_against_brute_force(causal):
 
     n = 53
     q, k, _ = random_qkv(2, 4, 2, n, 8, seed=8)
-    mask = padding(n, (n, 29))
+    mask = key_padding(n, (n, 29))
     real = mask[:, 0, 0]
     mods = ScoreMods(scale=0.3, causal=causal, mask=mask)
     visible = torch.ones(n, n, dtype=torch.bool).tril() if causal else torch.ones(n, n, dtype=torch.bool)

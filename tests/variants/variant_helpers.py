@@ -1,4 +1,5 @@
-"""Helpers shared by the variant tests: random inputs, a relative-RMS error, and a probe for the largest tensor."""
+"""Helpers shared by the variant tests: random inputs, key-padding masks, the pooled-remainder test shapes, a
+relative-RMS error, and a probe for the largest tensor."""
 
 from __future__ import annotations
 
@@ -17,6 +18,20 @@ def random_qkv(b, hq, hkv, n, d, dv=None, dtype=torch.float32, seed=0, nk=None):
     k = torch.randn(b, hkv, nk, d, generator=gen)
     v = torch.randn(b, hkv, nk, dv, generator=gen)
     return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def key_padding(n, lengths):
+    """Bool key-padding mask ``[len(lengths), 1, 1, n]``: row r keeps its first ``lengths[r]`` keys."""
+    return (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).view(len(lengths), 1, 1, n)
+
+
+POOLED_CASES = [
+    # id, n, hq, hkv, causal, padded: the shapes the pooled-remainder variants are checked on against their oracles
+    ("n37-gqa-bidir", 37, 4, 2, False, False),
+    ("n37-gqa-causal-padded", 37, 4, 2, True, True),
+    ("n100-mha-bidir-padded", 100, 2, 2, False, True),
+    ("n100-mqa-causal", 100, 4, 1, True, False),
+]
 
 
 def assert_gradients_match(spec, q, k, v, bias, weight, **mods):
